@@ -1,0 +1,5 @@
+import sys
+
+from fedseg.cli import main
+
+sys.exit(main())

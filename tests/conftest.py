@@ -1,0 +1,21 @@
+"""Shared test fixtures: where the real BraTS cases are, and tiny synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: ../shared beside the checkout (CI clones main with shared/ next to it); FEDSEG_SHARED overrides.
+SHARED = Path(os.environ.get("FEDSEG_SHARED", REPO.parent / "shared"))
+REAL = SHARED / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The read-only folder of real BraTS cases (never copied into the repo)."""
+    if not REAL.is_dir():
+        pytest.skip(f"real BraTS cases not found at {REAL} (set FEDSEG_SHARED)")
+    return REAL
