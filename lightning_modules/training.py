@@ -1,0 +1,170 @@
+"""Centralized and local-only training: datalist(s) in, a run folder with checkpoints out.
+
+A run folder has the same shape for every kind of run, so that ``fedseg compare`` and a reader
+without the tool can open it::
+
+    RUN/config.json              what was run (TrainConfig)
+    RUN/checkpoints/last.ckpt    resumes an interrupted run (written atomically by Lightning)
+    RUN/checkpoints/best.ckpt    best by val_dice
+    RUN/metrics.csv              one row per epoch (Lightning's CSVLogger)
+    RUN/results.json             best val_dice, epochs done, checkpoint paths
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from fedseg.lightning_modules.data.datalist import (
+    MODALITIES,
+    Datalist,
+    merge_datalists,
+    read_datalist,
+    write_json_atomic,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a centralized or local-only run needs; saved as ``config.json`` in the run."""
+
+    datalists: list[Path]
+    out: Path
+    data_root: Path | None = None
+    network: str = "unet"
+    features: int = 16
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+    modalities: tuple[str, ...] = MODALITIES
+    roi_size: tuple[int, int, int] = (128, 128, 128)
+    epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 2
+    num_workers: int = 0
+    seed: int = 0
+    accelerator: str = "auto"
+    cache_dir: Path | None = None
+    hd95: bool = True
+    check_data: bool = True
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def load_training_data(cfg: TrainConfig) -> Datalist:
+    """One site's datalist, or the union of several (centralized training)."""
+    datalists = [read_datalist(p, cfg.data_root) for p in cfg.datalists]
+    return datalists[0] if len(datalists) == 1 else merge_datalists(datalists)
+
+
+def make_trainer(
+    out: Path,
+    max_epochs: int,
+    *,
+    accelerator: str = "auto",
+    callbacks: list[pl.Callback] | None = None,
+    logger: Any = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> pl.Trainer:
+    """A Trainer with fedseg's defaults: mixed precision only where a GPU is present."""
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    return pl.Trainer(
+        default_root_dir=out,
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        precision="16-mixed" if on_gpu else "32-true",
+        callbacks=callbacks or [],
+        logger=logger if logger is not None else False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kwargs,
+    )
+
+
+def build_module(cfg: TrainConfig) -> Any:
+    from fedseg.lightning_modules.module import SegmentationModule
+
+    return SegmentationModule(
+        network=cfg.network,
+        in_channels=len(cfg.modalities),
+        features=cfg.features,
+        network_kwargs=cfg.network_kwargs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        max_epochs=cfg.epochs,
+        roi_size=cfg.roi_size,
+        hd95=cfg.hd95,
+    )
+
+
+def build_datamodule(cfg: TrainConfig, datalist: Datalist) -> Any:
+    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
+    from fedseg.lightning_modules.data.transforms import PreprocessConfig
+
+    preprocess = PreprocessConfig(modalities=tuple(cfg.modalities), roi_size=tuple(cfg.roi_size))
+    data_cfg = DataConfig(
+        preprocess=preprocess,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        cache_dir=cfg.cache_dir or cfg.out / "cache",
+    )
+    return SegDataModule(datalist, data_cfg)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) a run; returns the contents of ``results.json``."""
+    pl.seed_everything(cfg.seed, workers=True)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    datalist = load_training_data(cfg)
+    if not datalist.training:
+        raise ValueError(f"no training cases in {', '.join(map(str, cfg.datalists))}")
+    if cfg.check_data:
+        refuse_unchecked_data(datalist, cfg.datalists[0])
+    write_json_atomic(cfg.out / "config.json", cfg.to_json())
+
+    ckpt_dir = cfg.out / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val_dice", mode="max", save_last=True, save_top_k=1
+    )
+    trainer = make_trainer(
+        cfg.out,
+        cfg.epochs,
+        accelerator=cfg.accelerator,
+        callbacks=[best],
+        logger=CSVLogger(cfg.out, name="", version=""),
+        progress=cfg.progress,
+    )
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(build_module(cfg), datamodule=build_datamodule(cfg, datalist), ckpt_path=last if last.exists() else None)
+    results = {
+        "kind": "centralized" if len(cfg.datalists) > 1 else "local",
+        "epochs_done": trainer.current_epoch,
+        "best_val_dice": float(best.best_model_score) if best.best_model_score is not None else None,
+        "best_checkpoint": str(best.best_model_path) if best.best_model_path else None,
+        "last_checkpoint": str(last) if last.exists() else None,
+        "n_train_cases": len(datalist.training),
+        "n_val_cases": len(datalist.validation),
+    }
+    write_json_atomic(cfg.out / "results.json", results)
+    return results
+
+
+def refuse_unchecked_data(datalist: Datalist, source: Path) -> None:
+    """Raise ``DatasetCheckError`` (the full report) when the cases fail ``fedseg data check``."""
+    from fedseg.lightning_modules.data.check import DatasetCheckError, check_cases
+
+    report = check_cases(datalist.cases, datalist.data_root, source=source)
+    if not report.ok:
+        raise DatasetCheckError(report)
