@@ -1,0 +1,124 @@
+"""``fedseg data``: generate synthetic sites, split a pool of cases into sites, check a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedseg.cli import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="synthetic data, site splits and dataset checks")
+    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    synth = sub.add_parser(
+        "synth",
+        help="generate a synthetic multi-site dataset (BraTS 2021 layout + per-site datalists)",
+        description="Writes OUT/data/<case>/... (BraTS 2021 layout), OUT/datalists/site-N.json and "
+        "all.json, OUT/institutions.csv and OUT/synth.json. Sites differ in scanner and annotation style.",
+    )
+    synth.add_argument("--out", type=Path, required=True, help="output folder (empty, or an earlier synth output)")
+    synth.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    synth.add_argument("--cases", type=int, default=8, help="cases per site (default 8)")
+    synth.add_argument("--size", type=int, nargs="+", default=[48], help="volume size in voxels: one or three numbers (default 48)")
+    synth.add_argument("--val-fraction", type=float, default=0.25)
+    synth.add_argument("--heterogeneity", type=float, default=1.0, help="0 = identical sites, 1 = built-in profiles")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_synth)
+
+    split = sub.add_parser(
+        "split",
+        help="split one pool of cases into N sites with train/validation datalists",
+        description="Discovers the cases under DATA_ROOT (any supported layout) and writes one "
+        "datalist per site, all.json (the union, for centralized training) and summary.csv to OUT. "
+        "OUT must not be inside DATA_ROOT: source data is never written to.",
+    )
+    split.add_argument("data_root", type=Path)
+    split.add_argument("--out", type=Path, required=True)
+    split.add_argument("--sites", type=int, default=None, help="number of sites (institution mode: default one per institution)")
+    split.add_argument("--mode", choices=["iid", "unequal", "dirichlet", "institution"], default="iid")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--val-fraction", type=float, default=0.2)
+    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
+    split.add_argument("--sizes", type=float, nargs="+", default=None, help="unequal mode: relative site sizes")
+    split.add_argument("--institutions", type=Path, default=None, help="institution mode: CSV case_id,institution")
+    split.add_argument("--layout", default="auto")
+    split.set_defaults(func=_split)
+
+    check = sub.add_parser(
+        "check",
+        help="validate a dataset folder, case folder or datalist; non-zero exit on any problem",
+        description="Reads every file (headers and voxels) and reports each problem with its file. "
+        "Never writes to the dataset.",
+    )
+    check.add_argument("path", type=Path, help="dataset root, case folder, or datalist .json")
+    check.add_argument("--layout", default="auto")
+    check.add_argument("--data-root", type=Path, default=None, help="with a datalist: the root its paths are under")
+    check.add_argument("--convention", default=None, help="override the label convention (brats2021, brats2023, msd)")
+    check.set_defaults(func=_check)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate
+
+    size = args.size * 3 if len(args.size) == 1 else args.size
+    if len(size) != 3:
+        raise UserError("--size takes one or three numbers")
+    try:
+        cfg = SynthConfig(
+            n_sites=args.sites,
+            cases_per_site=args.cases,
+            val_fraction=args.val_fraction,
+            shape=tuple(size),
+            seed=args.seed,
+            heterogeneity=args.heterogeneity,
+        )
+        result = generate(cfg, args.out)
+    except SynthError as err:
+        raise UserError(str(err)) from None
+    print(result.summary())
+    return 0
+
+
+def _split(args: argparse.Namespace) -> int:
+    from fedseg.lightning_modules.data.layouts import LayoutError, discover
+    from fedseg.lightning_modules.data.splits import SplitError, format_summary, split_cases, write_split
+
+    try:
+        dataset = discover(args.data_root, args.layout)
+        if args.sites is None and args.mode != "institution":
+            raise UserError("--sites is required for this mode")
+        datalists = split_cases(
+            dataset.cases,
+            args.sites,
+            args.mode,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            alpha=args.alpha,
+            sizes=args.sizes,
+            institutions_csv=args.institutions,
+            data_root=dataset.root,
+        )
+        summary = write_split(datalists, args.out)
+    except (LayoutError, SplitError) as err:
+        raise UserError(str(err)) from None
+    print(format_summary(summary))
+    print(f"datalists written to {args.out}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fedseg.lightning_modules.data.check import check_dataset
+    from fedseg.lightning_modules.data.layouts import LayoutError
+    from fedseg.lightning_modules.labels import LabelError
+
+    try:
+        if args.data_root is not None:
+            report = check_dataset(args.data_root, args.layout, datalist=args.path, convention=args.convention)
+        else:
+            report = check_dataset(args.path, args.layout, convention=args.convention)
+    except (LayoutError, LabelError) as err:
+        raise UserError(str(err)) from None
+    print(report.format())
+    return 0 if report.ok else 1
