@@ -19,3 +19,14 @@ def real_data() -> Path:
     if not REAL.is_dir():
         pytest.skip(f"real BraTS cases not found at {REAL} (set FEDSEG_SHARED)")
     return REAL
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test tensors run faster on one thread than on two contending ones (2-core CI)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
