@@ -84,18 +84,26 @@ def guess_convention(values: list[int] | set[int]) -> str:
     return "brats2021" if 4 in set(values) else "brats2023"
 
 
-def _remap(label: Array, mapping: dict[int, int]) -> Array:
+def _remap(label: Array, mapping: dict[int, int]) -> tuple[Array, Array]:
+    """(remapped uint8 volume, mask of voxels whose value ``mapping`` does not know).
+
+    One comparison per known value: much faster than ``np.unique`` over a whole volume.
+    """
     if isinstance(label, torch.Tensor):
         src = torch.round(label).long() if label.is_floating_point() else label.long()
-        out = torch.zeros_like(src)
-        for old, new in mapping.items():
-            out[src == old] = new
-        return out.to(torch.uint8)
-    src = np.rint(label).astype(np.int64) if np.asarray(label).dtype.kind == "f" else label
-    out = np.zeros(np.shape(label), dtype=np.uint8)
+        out = torch.zeros(src.shape, dtype=torch.uint8, device=src.device)
+        known = torch.zeros(src.shape, dtype=torch.bool, device=src.device)
+    else:
+        arr = np.asarray(label)
+        src = np.rint(arr).astype(np.int64) if arr.dtype.kind == "f" else arr
+        out = np.zeros(src.shape, dtype=np.uint8)
+        known = np.zeros(src.shape, dtype=bool)
     for old, new in mapping.items():
-        out[src == old] = new
-    return out
+        hit = src == old
+        known |= hit
+        if new:
+            out[hit] = new
+    return out, ~known
 
 
 def to_internal(label: Array, convention: str, *, strict: bool = True) -> Array:
@@ -105,20 +113,19 @@ def to_internal(label: Array, convention: str, *, strict: bool = True) -> Array:
     voxels become background.
     """
     mapping = check_convention(convention)
-    if strict:
-        bad = invalid_values(label, convention)
-        if bad:
-            raise LabelError(
-                f"label values {bad} are not part of the {convention} convention "
-                f"(allowed: {sorted(mapping)})"
-            )
-    return _remap(label, mapping)
+    out, unknown = _remap(label, mapping)
+    if strict and unknown.any():
+        bad = unique_values(label[unknown])
+        raise LabelError(
+            f"label values {bad} are not part of the {convention} convention (allowed: {sorted(mapping)})"
+        )
+    return out
 
 
 def from_internal(label: Array, convention: str) -> Array:
     """Map an internal label volume back to ``convention`` (uint8)."""
     mapping = check_convention(convention)
-    return _remap(label, {internal: value for value, internal in mapping.items()})
+    return _remap(label, {internal: value for value, internal in mapping.items()})[0]
 
 
 def regions_from_internal(label: Array) -> Array:
