@@ -6,7 +6,8 @@ without the tool can open it::
     RUN/config.json              what was run (TrainConfig)
     RUN/checkpoints/last.ckpt    resumes an interrupted run (written atomically by Lightning)
     RUN/checkpoints/best.ckpt    best by val_dice
-    RUN/metrics.csv              one row per epoch (Lightning's CSVLogger)
+    RUN/metrics.csv              one row per epoch, kept across resumes (history.MetricsHistory)
+    RUN/curves.png               loss and Dice curves
     RUN/results.json             best val_dice, epochs done, checkpoint paths
 """
 
@@ -21,8 +22,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 
+from fedseg.lightning_modules.history import MetricsHistory, plot_curves, read_rows
 from fedseg.lightning_modules.data.datalist import (
     MODALITIES,
     Datalist,
@@ -43,6 +44,7 @@ class TrainConfig:
     features: int = 16
     network_kwargs: dict[str, Any] = field(default_factory=dict)
     modalities: tuple[str, ...] = MODALITIES
+    normalization: str = "zscore"
     roi_size: tuple[int, int, int] = (128, 128, 128)
     epochs: int = 50
     lr: float = 1e-3
@@ -106,16 +108,23 @@ def build_module(cfg: TrainConfig) -> Any:
         max_epochs=cfg.epochs,
         roi_size=cfg.roi_size,
         hd95=cfg.hd95,
+        preprocess=dataclasses.asdict(preprocess_config(cfg)),
+    )
+
+
+def preprocess_config(cfg: TrainConfig) -> Any:
+    from fedseg.lightning_modules.data.transforms import PreprocessConfig
+
+    return PreprocessConfig(
+        modalities=tuple(cfg.modalities), roi_size=tuple(cfg.roi_size), normalization=cfg.normalization
     )
 
 
 def build_datamodule(cfg: TrainConfig, datalist: Datalist) -> Any:
     from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
-    from fedseg.lightning_modules.data.transforms import PreprocessConfig
 
-    preprocess = PreprocessConfig(modalities=tuple(cfg.modalities), roi_size=tuple(cfg.roi_size))
     data_cfg = DataConfig(
-        preprocess=preprocess,
+        preprocess=preprocess_config(cfg),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         cache_dir=cfg.cache_dir or cfg.out / "cache",
@@ -123,8 +132,11 @@ def build_datamodule(cfg: TrainConfig, datalist: Datalist) -> Any:
     return SegDataModule(datalist, data_cfg)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) a run; returns the contents of ``results.json``."""
+def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
+    """Train (or resume from ``checkpoints/last.ckpt``) a run; returns ``results.json``'s contents.
+
+    ``loggers`` are extra Lightning loggers (e.g. W&B); the run folder's own files need none.
+    """
     pl.seed_everything(cfg.seed, workers=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
     datalist = load_training_data(cfg)
@@ -142,8 +154,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg.out,
         cfg.epochs,
         accelerator=cfg.accelerator,
-        callbacks=[best],
-        logger=CSVLogger(cfg.out, name="", version=""),
+        callbacks=[best, MetricsHistory(cfg.out / "metrics.csv")],
+        logger=loggers or False,
         progress=cfg.progress,
     )
     last = ckpt_dir / "last.ckpt"
@@ -158,6 +170,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "n_val_cases": len(datalist.validation),
     }
     write_json_atomic(cfg.out / "results.json", results)
+    plot_curves(read_rows(cfg.out / "metrics.csv"), cfg.out / "curves.png", title=f"{results['kind']} training")
     return results
 
 
