@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Consortium description -> NVFlare project.yml -> per-hospital startup kits (issue 6)."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Data layer: layouts, label conventions, datalists, site splits, synthetic sites, preprocessing."""

@@ -1,0 +1,210 @@
+"""The FedAvg job (with FedProx and FedOpt as options), built with NVFlare's recipes.
+
+One ``FedAvgJob`` describes the study (network, modalities, rounds, ...); ``build_recipe`` turns it
+into an NVFlare recipe that runs unchanged in the simulator, in POC mode and on real sites
+(only the environment differs), and ``export`` writes the job folder that
+``nvflare job submit -j`` takes. Nothing site-specific is in the job: each site reads its data
+location from its own configuration (``fedseg.app.site_config``).
+
+What the server runs:
+- fedavg: NVFlare's ``FedAvgRecipe`` (in-time weighted averaging; sites weigh their update by their
+  number of training cases);
+- fedprox: ``FedProxRecipe``: the same, plus the proximal term ``mu/2 ||w - w_global||^2`` that
+  NVFlare's Lightning patch adds to the site's gradients;
+- fedopt: ``FedOptRecipe``: the averaged update is applied by a server optimizer (SGD with momentum
+  by default, as in the FedOpt paper's FedAvgM; ``server_optimizer="adam"`` for FedAdam).
+Every variant ends with cross-site evaluation and keeps the best global model by ``val_dice``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.jobs import nvflare_compat
+
+ALGORITHMS = ("fedavg", "fedprox", "fedopt")
+APP_DIR = Path(__file__).resolve().parents[1] / "app"
+SITE_SCRIPT = "client.py"
+
+
+@dataclass
+class FedAvgJob:
+    """Arguments of a FedAvg-family job. Every field is a job argument (``fedseg jobs export``)."""
+
+    name: str = "fedavg"
+    algorithm: str = "fedavg"
+    min_clients: int = 2
+    rounds: int = 5
+    local_epochs: int = 1
+    network: str = "unet"
+    features: int = 16
+    norm: str = "instance"
+    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+    roi: tuple[int, int, int] = (128, 128, 128)
+    normalization: str = "zscore"
+    lr: float = 1e-3
+    batch_size: int = 2
+    num_workers: int = 0
+    hd95: bool = True
+    fedprox_mu: float = 0.01
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.6
+    cross_site_eval: bool = True
+    site_threads: int = 0
+    extra_script_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        self.modalities = tuple(self.modalities)
+        self.roi = tuple(int(r) for r in self.roi)  # type: ignore[assignment]
+
+    def script_args(self) -> str:
+        """Command-line arguments of the site script (``fedseg.app.client``)."""
+        args = [
+            f"--network {self.network}",
+            f"--features {self.features}",
+            f"--norm {self.norm}",
+            f"--modalities {' '.join(self.modalities)}",
+            f"--roi {' '.join(map(str, self.roi))}",
+            f"--normalization {self.normalization}",
+            f"--lr {self.lr}",
+            f"--local-epochs {self.local_epochs}",
+            f"--rounds {self.rounds}",
+            f"--batch-size {self.batch_size}",
+            f"--num-workers {self.num_workers}",
+        ]
+        if not self.hd95:
+            args.append("--no-hd95")
+        if self.site_threads:
+            args.append(f"--threads {self.site_threads}")
+        return " ".join(args + list(self.extra_script_args))
+
+    def server_model(self) -> dict[str, Any]:
+        """The global model as a class path + arguments: its keys equal the sites' LightningModule's."""
+        return {
+            "class_path": "fedseg.lightning_modules.module.SegmentationModule",
+            "args": {
+                "network": self.network,
+                "in_channels": len(self.modalities),
+                "features": self.features,
+                "network_kwargs": {"norm": self.norm},
+                "roi_size": list(self.roi),
+                "hd95": False,
+            },
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["modalities"], doc["roi"] = list(self.modalities), list(self.roi)
+        return doc
+
+
+@contextlib.contextmanager
+def in_app_dir() -> Iterator[None]:
+    """Work from inside ``app/`` while a recipe is built, exported or executed.
+
+    The recipe writes ``train_script`` into the job config verbatim and copies the file from the
+    working directory when the job is assembled (nvflare/job_config/script_runner.py, api.py): a
+    relative name is what a site must run (its copy in ``custom/``), so the name is resolved here.
+    """
+    previous = os.getcwd()
+    os.chdir(APP_DIR)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def build_recipe(job: FedAvgJob) -> Any:
+    """The NVFlare recipe for ``job`` (run it with ``recipe.execute(env)`` or export it)."""
+    nvflare_compat.apply()
+    from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+    from nvflare.client.config import ExchangeFormat
+    from nvflare.recipe.utils import add_cross_site_evaluation
+
+    from fedseg.app.metrics_receiver import JsonlMetricsReceiver
+
+    common: dict[str, Any] = dict(
+        name=job.name,
+        model=job.server_model(),
+        min_clients=job.min_clients,
+        num_rounds=job.rounds,
+        train_script=SITE_SCRIPT,
+        train_args=job.script_args(),
+        server_expected_format=ExchangeFormat.PYTORCH,
+    )
+    with in_app_dir():
+        if job.algorithm == "fedavg":
+            from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+            recipe = FedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **common)
+        elif job.algorithm == "fedprox":
+            from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
+
+            recipe = FedProxRecipe(key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.fedprox_mu, **common)
+        else:
+            recipe = _fedopt_recipe(job, common)
+
+    # Best model: the recipe's selector averages the sites' val_dice unweighted; weigh it by the
+    # same case counts as the aggregation (NUM_STEPS_CURRENT_ROUND carries them, see app/client.py).
+    _replace_server_component(recipe, "model_selector", IntimeModelSelector(key_metric="val_dice", weigh_by_local_iter=True))
+    _fed_job(recipe).to_server(JsonlMetricsReceiver(), id="fedseg_metrics_receiver")
+    # fedseg is installed at every site and on the server: never copy its modules into custom/.
+    _fed_job(recipe).set_app_packages(["fedseg"])
+    if job.cross_site_eval:
+        add_cross_site_evaluation(recipe, submit_model_timeout=600, validation_timeout=6000)
+    return recipe
+
+
+def _fedopt_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
+    from nvflare.app_opt.pt.recipes.fedopt import FedOptRecipe
+    from nvflare.fuel.utils.constants import FrameworkType
+
+    if job.server_optimizer == "adam":
+        optimizer = {"path": "torch.optim.Adam", "args": {"lr": job.server_lr, "betas": [0.9, 0.99]}}
+    else:
+        optimizer = {"path": "torch.optim.SGD", "args": {"lr": job.server_lr, "momentum": job.server_momentum}}
+    recipe = FedOptRecipe(device="cpu", optimizer_args=optimizer, **common)
+    # FedOptRecipe (2.9) lacks what add_cross_site_evaluation reads: the framework attribute
+    # (nvflare/recipe/utils.py) and the persistor id among the job's component ids.
+    recipe.framework = FrameworkType.PYTORCH
+    _fed_job(recipe).comp_ids.setdefault("persistor_id", "persistor")
+    return recipe
+
+
+def _fed_job(recipe: Any) -> Any:
+    # A recipe keeps its FedJob in the private ``_job`` (nvflare/recipe/spec.py); NVFlare's own
+    # recipe utilities reach it the same way. Server components can only be added through it.
+    return recipe._job
+
+
+def _replace_server_component(recipe: Any, comp_id: str, component: Any) -> None:
+    # Recipes expose no setter for the components BaseFedJob adds; the server app keeps them by id.
+    for app in _fed_job(recipe)._deploy_map.values():
+        config = getattr(app, "app_config", None)
+        if config is not None and hasattr(config, "workflows") and comp_id in getattr(config, "components", {}):
+            config.components[comp_id] = component
+            return
+    raise RuntimeError(f"server component {comp_id!r} not found in the recipe")
+
+
+def export(job: FedAvgJob, out_dir: Path) -> Path:
+    """Write the job folder ``out_dir/<job.name>`` for ``nvflare job submit -j``."""
+    recipe = build_recipe(job)
+    out_dir = Path(out_dir).resolve()
+    with in_app_dir():
+        recipe.export(str(out_dir))
+    return out_dir / job.name
+
+
+def execute(recipe: Any, env: Any) -> Any:
+    """``recipe.execute(env)`` (SimEnv, PocEnv or ProdEnv), returning NVFlare's ``Run``."""
+    with in_app_dir():
+        return recipe.execute(env)
