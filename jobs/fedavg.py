@@ -86,19 +86,23 @@ class FedAvgJob:
             args.append(f"--threads {self.site_threads}")
         return " ".join(args + list(self.extra_script_args))
 
+    def module_hparams(self) -> dict[str, Any]:
+        """``SegmentationModule`` arguments of the sites' model (also the server's global model)."""
+        return {
+            "network": self.network,
+            "in_channels": len(self.modalities),
+            "features": self.features,
+            "network_kwargs": {"norm": self.norm},
+            "lr": self.lr,
+            "max_epochs": self.rounds * self.local_epochs,
+            "roi_size": list(self.roi),
+            "hd95": self.hd95,
+            "preprocess": {"modalities": list(self.modalities), "roi_size": list(self.roi), "normalization": self.normalization},
+        }
+
     def server_model(self) -> dict[str, Any]:
         """The global model as a class path + arguments: its keys equal the sites' LightningModule's."""
-        return {
-            "class_path": "fedseg.lightning_modules.module.SegmentationModule",
-            "args": {
-                "network": self.network,
-                "in_channels": len(self.modalities),
-                "features": self.features,
-                "network_kwargs": {"norm": self.norm},
-                "roi_size": list(self.roi),
-                "hd95": False,
-            },
-        }
+        return {"class_path": "fedseg.lightning_modules.module.SegmentationModule", "args": self.module_hparams()}
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)

@@ -1,0 +1,133 @@
+"""The site training script that NVFlare runs at every hospital (the job's ``custom/client.py``).
+
+It is a plain Lightning script: the same ``SegmentationModule`` and ``SegDataModule`` as
+``fedseg train``, with the Trainer patched by NVFlare's Lightning client API. Per round it
+
+1. validates the received global model on the site's validation cases (these metrics drive the
+   server's best-model selection),
+2. trains ``--local-epochs`` epochs and sends the update, weighted by the site's number of
+   training cases,
+3. prints one progress line.
+
+It also answers the ``submit_model`` task of cross-site evaluation. The site's data is found
+through site-local configuration (``fedseg.app.site_config``), never through paths in the job.
+Only weights and scalar metrics leave the site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--network", default="unet")
+    p.add_argument("--features", type=int, default=16)
+    p.add_argument("--norm", default="instance")
+    p.add_argument("--modalities", nargs="+", default=["t1", "t1ce", "t2", "flair"])
+    p.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128])
+    p.add_argument("--normalization", default="zscore")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="total rounds: the cosine schedule spans rounds x local epochs")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-hd95", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def progress(line: str) -> None:
+    """One line to the site log (NVFlare redirects ``print``) and to the process console."""
+    print(line)
+    if sys.__stdout__ is not None and sys.stdout is not sys.__stdout__:
+        sys.__stdout__.write(line + "\n")
+        sys.__stdout__.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    import nvflare.client as flapi  # send / is_submit_model / is_evaluate: not re-exported below
+    import nvflare.client.lightning as flare
+    import torch
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from fedseg.app.site_config import load_site_config
+    from fedseg.lightning_modules.data.datalist import read_datalist
+    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
+    from fedseg.lightning_modules.data.transforms import PreprocessConfig
+    from fedseg.lightning_modules.module import SegmentationModule
+    from fedseg.lightning_modules.training import make_trainer, refuse_unchecked_data
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    flare.init()
+    site = flare.get_site_name()
+    config = load_site_config(site, script_file=__file__)
+    datalist = read_datalist(config.datalist, config.data_root)
+    refuse_unchecked_data(datalist, config.datalist)
+
+    preprocess = PreprocessConfig(
+        modalities=tuple(args.modalities), roi_size=tuple(args.roi), normalization=args.normalization
+    )
+    datamodule = SegDataModule(
+        datalist,
+        DataConfig(preprocess=preprocess, batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=config.cache_dir),
+    )
+    model = SegmentationModule(
+        network=args.network,
+        in_channels=len(args.modalities),
+        features=args.features,
+        network_kwargs={"norm": args.norm},
+        lr=args.lr,
+        max_epochs=args.rounds * args.local_epochs,
+        roi_size=tuple(args.roi),
+        hd95=not args.no_hd95,
+        preprocess=dataclasses.asdict(preprocess),
+    )
+    n_train = datamodule.n_train_cases
+    # FedAvg weighs an update by meta NUM_STEPS_CURRENT_ROUND; the Lightning callback fills it with
+    # the step count only when the module's __fl_meta__ lacks it. Weight by training cases instead.
+    model.__fl_meta__ = {"NUM_STEPS_CURRENT_ROUND": n_train, "n_train_cases": n_train}
+
+    trainer = make_trainer(
+        Path.cwd() / "lightning",
+        args.local_epochs,
+        logger=flare.logger(),  # every self.log() streams to the server as a scalar
+        progress=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    flare.patch(trainer)
+    progress(f"[fedseg] {site}: {n_train} training / {len(datalist.validation)} validation cases")
+
+    while flare.is_running():
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        if flapi.is_submit_model():  # cross-site evaluation asks for this site's model
+            flapi.send(FLModel(params=model.cpu().state_dict()))
+            continue
+        started = time.time()
+        global_metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
+        val_dice = global_metrics[0].get("val_dice", float("nan")) if global_metrics else float("nan")
+        if flapi.is_evaluate():  # cross-site evaluation: the callback has sent the metrics
+            progress(f"[fedseg] {site}: cross-site validation val_dice={val_dice:.4f}")
+            continue
+        trainer.fit(model, datamodule=datamodule)
+        loss = trainer.callback_metrics.get("train_loss")
+        progress(
+            f"[fedseg] round {input_model.current_round + 1}/{input_model.total_rounds} {site}: "
+            f"global val_dice={val_dice:.4f} train_loss={float(loss) if loss is not None else float('nan'):.4f} "
+            f"cases={n_train} {time.time() - started:.1f}s"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Turn what an NVFlare server wrote for a job into fedseg's run-folder results.
+
+Reads (paths inside the server's job folder: the simulator's ``server/simulate_job`` or a POC/real
+download's ``workspace``):
+
+- ``metrics/round_metrics.jsonl``: per round, each site's validation of the received global model;
+- ``metrics/site_metrics.jsonl``: every scalar the sites streamed (our ``JsonlMetricsReceiver``);
+- ``cross_site_val/cross_val_results.json``: every model scored on every site;
+- ``app_server/best_FL_global_model.pt`` and ``FL_global_model.pt``.
+
+Writes to the run folder::
+
+    RUN/results.json          final per-site x region table, cross-site matrix, per-round curve
+    RUN/results.csv           model, site, region, dice, iou, hd95 (one row each)
+    RUN/rounds.csv            round, site, every validation metric of the global model
+    RUN/val_dice_per_round.png
+    RUN/checkpoints/{best,final}_global.ckpt   Lightning checkpoints of the global models
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.lightning_modules.history import write_rows
+from fedseg.lightning_modules.labels import REGIONS
+
+FINAL_MODEL = "SRV_FL_global_model.pt"
+BEST_MODEL = "SRV_best_FL_global_model.pt"
+
+
+class ResultsError(RuntimeError):
+    """A server folder without the files a finished job leaves."""
+
+
+@dataclass
+class FederatedResults:
+    """The numbers of one federated job, as written to ``results.json``."""
+
+    rounds: list[dict[str, Any]]  # {"round", "site", <metric>: value} (site "mean" = weighted mean)
+    cross_site: dict[str, dict[str, dict[str, float]]]  # model -> site -> metrics
+    sites: list[str]
+    job: dict[str, Any] = field(default_factory=dict)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+    def final_table(self, model: str = FINAL_MODEL) -> list[dict[str, Any]]:
+        """Rows ``{site, region, dice, iou, hd95}`` of ``model`` on every site, plus mean and worst."""
+        rows = []
+        scores = self.cross_site.get(model, {})
+        for site in self.sites:
+            metrics = scores.get(site, {})
+            for region in (*REGIONS, "mean"):
+                suffix = "" if region == "mean" else f"_{region.lower()}"
+                rows.append(
+                    {
+                        "site": site,
+                        "region": region,
+                        "dice": metrics.get(f"val_dice{suffix}", math.nan),
+                        "iou": metrics.get(f"val_iou{suffix}", math.nan),
+                        "hd95": metrics.get(f"val_hd95{suffix}", math.nan),
+                    }
+                )
+        per_site = list(rows)
+        for region in (*REGIONS, "mean"):
+            of_region = [r for r in per_site if r["region"] == region]
+            if of_region:
+                rows.append({"site": "MEAN", "region": region, **_mean(of_region)})
+        for region in (*REGIONS, "mean"):
+            of_region = [r for r in per_site if r["region"] == region]
+            if of_region:
+                worst = min(of_region, key=lambda r: _nan_low(r["dice"]))
+                rows.append({"site": f"WORST ({worst['site']})", "region": region, **{k: worst[k] for k in ("dice", "iou", "hd95")}})
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "sites": self.sites,
+            "final_global_model": self.final_table(FINAL_MODEL),
+            "best_global_model": self.final_table(BEST_MODEL),
+            "cross_site_val_dice": {m: {s: v.get("val_dice") for s, v in by_site.items()} for m, by_site in self.cross_site.items()},
+            "rounds": self.rounds,
+            "checkpoints": self.checkpoints,
+        }
+
+
+def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for key in ("dice", "iou", "hd95"):
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        out[key] = sum(values) / len(values) if values else math.nan
+    return out
+
+
+def _nan_low(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def read_round_metrics(server_dir: Path) -> list[dict[str, Any]]:
+    """Per-round rows from ``metrics/round_metrics.jsonl`` (one per site, plus the weighted mean)."""
+    path = server_dir / "metrics" / "round_metrics.jsonl"
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        rnd = record.get("round")
+        for site in record.get("sites", []):
+            row = {"round": rnd, "site": site["name"], "weight": site.get("weight")}
+            row.update({m["name"]: m["value"] for m in site.get("metrics", [])})
+            rows.append(row)
+        mean = {m["name"]: m["value"] for m in record.get("aggregated_metrics", [])}
+        if mean:
+            rows.append({"round": rnd, "site": "mean", **mean})
+    return rows
+
+
+def read_cross_site(server_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``model -> site -> metrics`` from cross-site evaluation (NVFlare stores it site-first)."""
+    path = server_dir / "cross_site_val" / "cross_val_results.json"
+    if not path.exists():
+        return {}
+    by_site = json.loads(path.read_text())
+    by_model: dict[str, dict[str, dict[str, float]]] = {}
+    for site, models in by_site.items():
+        for model, metrics in (models or {}).items():
+            by_model.setdefault(model, {})[site] = metrics or {}
+    return by_model
+
+
+def global_checkpoint(pt_file: Path, hyper_parameters: dict[str, Any], out: Path) -> Path:
+    """Save NVFlare's global model file as a Lightning checkpoint that
+    ``SegmentationModule.load_from_checkpoint`` (and ``fedseg evaluate/predict``) read."""
+    import pytorch_lightning as pl
+    import torch
+
+    saved = torch.load(pt_file, map_location="cpu", weights_only=False)
+    state = saved.get("model", saved)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"state_dict": state, "hyper_parameters": hyper_parameters, "pytorch-lightning_version": pl.__version__}, tmp)
+    tmp.replace(out)
+    return out
+
+
+def collect_results(server_dir: Path, out: Path, *, job: dict[str, Any] | None = None, hyper_parameters: dict[str, Any] | None = None) -> FederatedResults:
+    """Read a finished job's server folder and write the run folder's results files."""
+    server_dir, out = Path(server_dir), Path(out)
+    if not (server_dir / "app_server").exists() and not (server_dir / "metrics").exists():
+        raise ResultsError(f"{server_dir}: not a server job folder (no app_server/ or metrics/)")
+    rounds = read_round_metrics(server_dir)
+    cross = read_cross_site(server_dir)
+    sites = sorted({r["site"] for r in rounds if r["site"] != "mean"} | {s for m in cross.values() for s in m})
+    results = FederatedResults(rounds=rounds, cross_site=cross, sites=sites, job=job or {})
+
+    if hyper_parameters is not None:
+        for name, file in (("best", "best_FL_global_model.pt"), ("final", "FL_global_model.pt")):
+            pt = server_dir / "app_server" / file
+            if pt.exists():
+                ckpt = global_checkpoint(pt, hyper_parameters, out / "checkpoints" / f"{name}_global.ckpt")
+                results.checkpoints[name] = str(ckpt)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results.to_json(), indent=2, default=str) + "\n")
+    table = [{"model": "final", **r} for r in results.final_table(FINAL_MODEL)]
+    table += [{"model": "best", **r} for r in results.final_table(BEST_MODEL)]
+    write_rows(out / "results.csv", table, first=("model", "site", "region", "dice", "iou", "hd95"))
+    if rounds:
+        write_rows(out / "rounds.csv", rounds, first=("round", "site", "val_dice"))
+        plot_rounds(results, out / "val_dice_per_round.png")
+    return results
+
+
+def plot_rounds(results: FederatedResults, out: Path) -> Path:
+    """val_dice of the global model per round, one line per site and the weighted mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n_rounds = max((r["round"] for r in results.rounds), default=0) + 1
+    final = results.cross_site.get(FINAL_MODEL, {})
+    for site in [*results.sites, "mean"]:
+        pts = [(r["round"], r["val_dice"]) for r in results.rounds if r["site"] == site and "val_dice" in r]
+        if site in final and "val_dice" in final[site]:
+            pts.append((n_rounds, final[site]["val_dice"]))  # the final model, scored in cross-site eval
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=site, linewidth=2.5 if site == "mean" else 1.2)
+    ax.set(xlabel="round (global model received)", ylabel="val_dice", ylim=(0, 1), title="global model on each site")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def format_table(results: FederatedResults, model: str = FINAL_MODEL) -> str:
+    """The final per-site x region table and the cross-site val_dice matrix, as text."""
+    lines = [f"{'site':<22}{'region':<8}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}", "-" * 56]
+    for r in results.final_table(model):
+        lines.append(f"{r['site']:<22}{r['region']:<8}{r['dice']:>8.4f}{r['iou']:>8.4f}{r['hd95']:>10.2f}")
+    if results.cross_site:
+        models = sorted(results.cross_site)
+        lines += ["", "cross-site val_dice (rows: model, columns: site whose data scored it)"]
+        lines.append(f"{'model':<30}" + "".join(f"{s:>12}" for s in results.sites))
+        for m in models:
+            cells = "".join(f"{results.cross_site[m].get(s, {}).get('val_dice', math.nan):>12.4f}" for s in results.sites)
+            lines.append(f"{m:<30}{cells}")
+    return "\n".join(lines)
