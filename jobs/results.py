@@ -190,6 +190,9 @@ def plot_rounds(results: FederatedResults, out: Path) -> Path:
         pts = [(r["round"], r["val_dice"]) for r in results.rounds if r["site"] == site and "val_dice" in r]
         if site in final and "val_dice" in final[site]:
             pts.append((n_rounds, final[site]["val_dice"]))  # the final model, scored in cross-site eval
+        elif site == "mean" and final:
+            scores = [m["val_dice"] for m in final.values() if "val_dice" in m]
+            pts.append((n_rounds, sum(scores) / len(scores)))  # unweighted: cross-site eval has no weights
         if pts:
             ax.plot(*zip(*pts), marker="o", label=site, linewidth=2.5 if site == "mean" else 1.2)
     ax.set(xlabel="round (global model received)", ylabel="val_dice", ylim=(0, 1), title="global model on each site")

@@ -49,7 +49,7 @@ def test_split_refuses_output_inside_source(tmp_path, capsys):
 
 
 def test_demo_generates_and_checks(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--sites", "2", "--cases", "2", "--size", "24"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--sites", "2", "--cases", "2", "--size", "24", "--data-only"]) == 0
     text = capsys.readouterr().out
     assert "OK: 4 cases" in text
     cfg = json.loads((tmp_path / "demo" / "synth" / "synth.json").read_text())
