@@ -69,8 +69,13 @@ def free_port(host: str = "") -> int:
 
 
 def port_in_use(port: int, host: str = "") -> bool:
-    """True when ``port`` cannot be bound (something listens on it)."""
+    """True when a server could not bind ``port`` now (something listens on it).
+
+    SO_REUSEADDR, as servers (gRPC) set it: connections of a stopped server that linger in
+    TIME_WAIT do not count, a listening socket does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -300,7 +305,8 @@ class PocDeployment:
 
     def site_job_logs(self, job_id: str) -> dict[str, Path]:
         """Each site's log of one job. They stay at the site (not part of the download)."""
-        return {s: self.site_kit(s) / job_id / "log.txt" for s in self.sites if (self.site_kit(s) / job_id / "log.txt").is_file()}
+        logs = {site: self.site_kit(site) / job_id / "log.txt" for site in self.sites}
+        return {site: path for site, path in logs.items() if path.is_file()}
 
     def stop(self, timeout: int = 180) -> int:
         """``nvflare poc stop``, then make sure no process of the deployment is left.
@@ -308,13 +314,14 @@ class PocDeployment:
         Returns the number of leftover processes that had to be killed (0 when the stop was clean).
         """
         with self._step("stop", "stopping server and sites"):
+            grace = 20.0  # the kits' start loops (sub_start.sh) exit within their 5 s poll after a shutdown
             try:
                 if (self.prod_dir / "server" / "startup").is_dir():
                     self._nvflare_json("stop", ["poc", "stop"], timeout=timeout)
             except (PocError, subprocess.SubprocessError, OSError) as err:
                 self.log(f"[poc] nvflare poc stop failed ({err}); killing the deployment's processes")
-            # The kits' start loops (sub_start.sh) exit within their 5 s poll after the shutdown.
-            left = self._wait_gone(deadline=time.monotonic() + 20)
+                grace = 0.0
+            left = self._wait_gone(deadline=time.monotonic() + grace)
             killed = self.kill_leftovers() if left else 0
             self._started = False
         self.leftovers_killed += killed
@@ -432,6 +439,7 @@ def run_poc(
     workspace: Path,
     timeout: int = 900,
     download_to: Path | None = None,
+    data_roots: Mapping[str, Path] | None = None,
     project: str = DEFAULT_PROJECT,
     log: Callable[[str], None] | None = None,
 ) -> PocResult:
@@ -439,14 +447,15 @@ def run_poc(
 
     ``site_datalists`` maps each site name to its datalist (the sites are its keys); ``workspace``
     is the deployment folder (see ``PocDeployment``); results go to ``download_to`` (default
-    ``workspace/download``). ``port=None`` picks a free port. Every POC process is stopped before
-    this returns or raises. The job's status is in the result (check ``result.ok``).
+    ``workspace/download``); ``data_roots`` optionally overrides a site's datalist data root.
+    ``port=None`` picks a free port. Every POC process is stopped before this returns or raises.
+    The job's status is in the result (check ``result.ok``).
     """
     started = time.perf_counter()
     with PocDeployment(workspace, tuple(site_datalists), port=port, project=project, log=log) as poc:
         poc.prepare()
         for site, datalist in site_datalists.items():
-            poc.install_site_config(site, datalist)
+            poc.install_site_config(site, datalist, (data_roots or {}).get(site))
         poc.start()
         job_id = poc.submit(job_dir)
         status = poc.wait(job_id, timeout=timeout)
@@ -486,9 +495,12 @@ def _last_json_object(text: str) -> dict[str, Any] | None:
 
 
 def _processes_matching(needles: Sequence[str]) -> list[tuple[int, str]]:
-    """``(pid, args)`` from ``ps`` for processes whose command line contains one of ``needles``."""
+    """``(pid, args)`` from ``ps`` for processes whose command line contains one of ``needles``.
+
+    ``-ww``: full command lines; without it ps cuts them at 80 columns when not on a terminal.
+    """
     own = {os.getpid(), os.getppid()}
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
     found = []
     for line in out.splitlines():
         pid_text, _, args = line.strip().partition(" ")
@@ -511,6 +523,7 @@ __all__ = [
     "PocDeployment",
     "PocError",
     "PocResult",
+    "check_site_names",
     "free_port",
     "port_in_use",
     "project_config",

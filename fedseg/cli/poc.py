@@ -1,0 +1,116 @@
+"""``fedseg poc``: a federated job on a real local NVFlare deployment (POC mode), start to finish."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedseg.cli import UserError
+from fedseg.cli.simulate import add_job_arguments, job_from_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    poc = subparsers.add_parser(
+        "poc",
+        help="run a federated job on a local NVFlare POC deployment (server + named sites as processes)",
+        description="Provisions an NVFlare POC project with the named sites (OUT/poc: kits, logs, an "
+        "isolated HOME), gives each site its data in its kit's local/fedseg_site.json, starts server "
+        "and sites, submits the job with `nvflare job submit`, waits, downloads the server's results "
+        "to OUT/download/<job id>/workspace, stops every POC process and writes OUT/results.json|csv, "
+        "rounds.csv, val_dice_per_round.png, checkpoints/{best,final}_global.ckpt and OUT/poc.json "
+        "(job id, status, timings). Without --datalists each site gets a small synthetic dataset "
+        "(OUT/synth).",
+    )
+    poc.add_argument("--out", type=Path, default=Path("runs/poc"), help="run folder (default runs/poc)")
+    poc.add_argument("--sites", nargs="+", default=["hospital-a", "hospital-b"], help="site names (default hospital-a hospital-b)")
+    poc.add_argument("--port", type=int, default=0, help="server port (FL and admin); default: a free port")
+    poc.add_argument("--datalists", type=Path, nargs="+", default=None, help="one datalist per site, in the order of --sites")
+    poc.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
+    poc.add_argument("--cases", type=int, default=4, help="synthetic cases per site (without --datalists)")
+    poc.add_argument("--size", type=int, default=32, help="synthetic volume size (without --datalists)")
+    poc.add_argument("--job-dir", type=Path, default=None, help="submit this exported job folder instead of exporting --job")
+    poc.add_argument("--timeout", type=int, default=1800, help="seconds the job may run (default 1800)")
+    add_job_arguments(poc, rounds=2, features=8, roi=32)
+    poc.set_defaults(func=run_poc_command)
+
+
+def _site_datalists(args: argparse.Namespace) -> dict[str, Path]:
+    """``site -> datalist``: the given files in --sites order, or one synthetic site per name."""
+    if args.datalists:
+        if len(args.datalists) != len(args.sites):
+            raise UserError(f"--datalists takes one file per site: {len(args.sites)} sites, {len(args.datalists)} files")
+        missing = [str(p) for p in args.datalists if not p.is_file()]
+        if missing:
+            raise UserError(f"datalist(s) not found: {', '.join(missing)}")
+        return dict(zip(args.sites, args.datalists))
+    from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate
+
+    try:
+        cfg = SynthConfig(n_sites=len(args.sites), cases_per_site=args.cases, shape=(args.size,) * 3)
+        result = generate(cfg, args.out / "synth")
+    except SynthError as err:
+        raise UserError(str(err)) from None
+    print(result.summary())
+    # Synthetic sites are site-1, site-2, ... in profile order; the k-th named hospital gets the k-th.
+    return dict(zip(args.sites, (result.datalists[p.name] for p in result.profiles)))
+
+
+def run_poc_command(args: argparse.Namespace) -> int:
+    from fedseg.jobs.poc import PocError, check_site_names, run_poc
+
+    try:
+        sites = check_site_names(args.sites)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.port and not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+    out = args.out.resolve()
+    args.out = out
+    datalists = _site_datalists(args)
+
+    job = None
+    if args.job_dir:
+        job_dir = args.job_dir.resolve()
+        if not (job_dir / "meta.json").is_file():
+            raise UserError(f"{job_dir}: not an exported NVFlare job folder (no meta.json)")
+    else:
+        from fedseg.jobs.fedavg import export
+
+        job = job_from_args(args, min_clients=len(sites), site_threads=1)
+        job_dir = export(job, out / "job")
+        (out / "job.json").write_text(json.dumps(job.to_json(), indent=2) + "\n")
+        print(f"exported {job.algorithm} ({job.rounds} rounds, {len(sites)} sites) to {job_dir}")
+
+    data_roots = {site: args.data_root for site in sites} if args.data_root else None
+    try:
+        result = run_poc(job_dir, datalists, port=args.port or None, workspace=out / "poc", timeout=args.timeout,
+                         download_to=out / "download", data_roots=data_roots)
+    except PocError as err:
+        raise UserError(f"POC run failed: {err}\n(deployment folder, logs and kits: {out / 'poc'})") from None
+    (out / "poc.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+
+    print(f"job {result.job_id}: {result.status}")
+    print("timings: " + ", ".join(f"{step} {s:.1f} s" for step, s in result.timings.items()))
+    print(f"server results (downloaded): {result.server_workspace}")
+    for site, log in result.site_logs.items():
+        print(f"{site} log: {log}")
+    if not result.ok:
+        print(f"the job did not complete; see {result.server_workspace / 'log.txt'} and the site logs above")
+        return 1
+    _collect(result.server_workspace, out, job, result)
+    return 0
+
+
+def _collect(server_dir: Path, out: Path, job, result) -> None:
+    """The run folder's results table from the downloaded server workspace (fedseg.jobs.results)."""
+    from fedseg.jobs.results import ResultsError, collect_results, format_table
+
+    job_info = {**(job.to_json() if job else {}), "environment": "poc", "job_id": result.job_id,
+                "status": result.status, "seconds": result.timings.get("total")}
+    try:
+        results = collect_results(server_dir, out, job=job_info, hyper_parameters=job.module_hparams() if job else None)
+    except ResultsError as err:
+        raise UserError(str(err)) from None
+    print(format_table(results))
+    print(f"results: {out}/results.json, results.csv, val_dice_per_round.png" + (", checkpoints/" if job else ""))
