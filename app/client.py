@@ -1,4 +1,4 @@
-"""The site training script that NVFlare runs at every hospital (the job's ``custom/client.py``).
+"""The site training script that NVFlare runs at every hospital (through ``site_entry.py``).
 
 It is a plain Lightning script: the same ``SegmentationModule`` and ``SegDataModule`` as
 ``fedseg train``, with the Trainer patched by NVFlare's Lightning client API. Per round it
@@ -69,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
-    config = load_site_config(site, script_file=__file__)
+    # NVFlare runs the job's custom/site_entry.py with it as sys.argv[0]: the search for the site's
+    # local/ folder starts there (and at the working directory, the site's kit root).
+    config = load_site_config(site, script_file=sys.argv[0] if sys.argv and sys.argv[0] else None)
     datalist = read_datalist(config.datalist, config.data_root)
     refuse_unchecked_data(datalist, config.datalist)
 

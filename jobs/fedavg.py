@@ -29,7 +29,7 @@ from fedseg.jobs import nvflare_compat
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt")
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
-SITE_SCRIPT = "client.py"
+SITE_SCRIPT = "site_entry.py"
 
 
 @dataclass

@@ -38,7 +38,7 @@ def test_checked_in_job_folders_are_up_to_date():
 def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):
     folder = export(FedAvgJob(name="tiny", roi=(32, 32, 32), features=8), tmp_path)
     custom = sorted(p.name for p in (folder / "app" / "custom").iterdir())
-    assert custom == ["client.py"]  # fedseg itself is not copied: it is installed at the sites
+    assert custom == ["site_entry.py"]  # fedseg itself is not copied: it is installed at the sites
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
     text = json.dumps(client) + json.dumps(server)

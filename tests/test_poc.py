@@ -86,7 +86,7 @@ def test_prepare_provisions_named_kits_in_an_isolated_home(tmp_path):
     assert (poc.admin_kit / "startup").is_dir()
     # A POC site runs its job script from <kit>/<job id>/app_<site>/custom/ with the kit as cwd:
     # the config the hospital admin installed is what it finds.
-    script = poc.site_kit("hospital-b") / "job-1" / "app_hospital-b" / "custom" / "client.py"
+    script = poc.site_kit("hospital-b") / "job-1" / "app_hospital-b" / "custom" / "site_entry.py"
     assert find_site_config("hospital-b", script) == written
     assert load_site_config("hospital-b", script).datalist == datalist.resolve()
     # nvflare poc prepare registered the kits in the deployment's own HOME, not the user's.
