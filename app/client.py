@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--fedper", action="store_true", help="keep the segmentation head at the site (FedPer)")
+    p.add_argument("--keep-norm-local", action="store_true", help="FedPer: keep normalization layers local too (FedBN)")
+    p.add_argument("--study", default="fedper", help="FedPer: the study whose head store this site uses")
     return p.parse_args(argv)
 
 
@@ -58,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
     from nvflare.app_common.abstract.fl_model import FLModel
 
-    from fedseg.app.site_config import load_site_config
+    from fedseg.app.fedper import SharedKeysFLCallback, personal_keys
+    from fedseg.app.head_store import FedPerHeadStore
+    from fedseg.app.site_config import default_head_store, load_site_config
     from fedseg.lightning_modules.data.datalist import read_datalist
     from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
     from fedseg.lightning_modules.data.transforms import PreprocessConfig
@@ -98,15 +103,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     # the step count only when the module's __fl_meta__ lacks it. Weight by training cases instead.
     model.__fl_meta__ = {"NUM_STEPS_CURRENT_ROUND": n_train, "n_train_cases": n_train}
 
+    callbacks, head_store, personal = [], None, []
+    if args.fedper:
+        # The head stays here: only shared keys are sent, the received encoder is loaded
+        # non-strictly (the head is kept), and the head lives in a site-local store.
+        personal = personal_keys(model, args.keep_norm_local)
+        shared = [k for k in model.state_dict() if k not in set(personal)]
+        callbacks.append(SharedKeysFLCallback(shared, load_state_dict_strict=False))
+        head_store = FedPerHeadStore(config.head_store or default_head_store(), args.study)
+        record = head_store.load_into(model, personal)
+        progress(
+            f"[fedseg] {site}: FedPer head "
+            + (f"reused from {head_store.path} (encoder round {record.encoder_round})" if record else "new (site new to the study)")
+        )
     trainer = make_trainer(
         Path.cwd() / "lightning",
         args.local_epochs,
+        callbacks=callbacks,
         logger=flare.logger(),  # every self.log() streams to the server as a scalar
         progress=False,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    flare.patch(trainer)
+    flare.patch(trainer, load_state_dict_strict=not args.fedper)
     progress(f"[fedseg] {site}: {n_train} training / {len(datalist.validation)} validation cases")
 
     while flare.is_running():
@@ -114,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if input_model is None:
             break
         if flapi.is_submit_model():  # cross-site evaluation asks for this site's model
-            flapi.send(FLModel(params=model.cpu().state_dict()))
+            state = model.cpu().state_dict()
+            flapi.send(FLModel(params={k: v for k, v in state.items() if k not in set(personal)}))
             continue
         started = time.time()
         global_metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -123,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             progress(f"[fedseg] {site}: cross-site validation val_dice={val_dice:.4f}")
             continue
         trainer.fit(model, datamodule=datamodule)
+        if head_store is not None:
+            head_store.save(model, personal, encoder_round=input_model.current_round, job_id=flare.get_job_id())
         loss = trainer.callback_metrics.get("train_loss")
         progress(
             f"[fedseg] round {input_model.current_round + 1}/{input_model.total_rounds} {site}: "

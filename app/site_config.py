@@ -11,7 +11,11 @@ small JSON file (``SiteConfig``), found in this order:
 
 Example ``fedseg_site.json``::
 
-    {"datalist": "/data/brats/site.json", "data_root": "/data/brats", "cache_dir": "/scratch/fedseg"}
+    {"datalist": "/data/brats/site.json", "data_root": "/data/brats", "cache_dir": "/scratch/fedseg",
+     "head_store": "/var/lib/fedseg/heads"}
+
+``head_store`` is where FedPer keeps this site's personal heads (one file per study); default
+``~/.local/share/fedseg/heads``.
 
 Relative paths are relative to the config file.
 """
@@ -39,6 +43,7 @@ class SiteConfig:
     datalist: Path
     data_root: Path | None = None
     cache_dir: Path | None = None
+    head_store: Path | None = None
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -55,14 +60,21 @@ class SiteConfig:
             value = doc.get(key)
             return (path.parent / value).resolve() if value else None
 
-        known = {"datalist", "data_root", "cache_dir"}
+        known = {"datalist", "data_root", "cache_dir", "head_store"}
         return cls(
             datalist=resolve("datalist"),  # type: ignore[arg-type]
             data_root=resolve("data_root"),
             cache_dir=resolve("cache_dir"),
+            head_store=resolve("head_store"),
             source=path,
             extra={k: v for k, v in doc.items() if k not in known},
         )
+
+
+def default_head_store() -> Path:
+    """Where FedPer heads live when the site config names no ``head_store``."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "fedseg" / "heads"
 
 
 def _walk_up(start: Path) -> list[Path]:

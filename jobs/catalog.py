@@ -18,6 +18,7 @@ STUDY_JOBS: dict[str, FedAvgJob] = {
     "fedavg": FedAvgJob(name="fedavg", algorithm="fedavg", rounds=50, features=16, roi=(128, 128, 128)),
     "fedprox": FedAvgJob(name="fedprox", algorithm="fedprox", rounds=50, features=16, roi=(128, 128, 128), fedprox_mu=0.01),
     "fedopt": FedAvgJob(name="fedopt", algorithm="fedopt", rounds=50, features=16, roi=(128, 128, 128)),
+    "fedper": FedAvgJob(name="fedper", algorithm="fedper", rounds=50, features=16, roi=(128, 128, 128)),
 }
 
 

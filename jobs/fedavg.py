@@ -12,7 +12,11 @@ What the server runs:
 - fedprox: ``FedProxRecipe``: the same, plus the proximal term ``mu/2 ||w - w_global||^2`` that
   NVFlare's Lightning patch adds to the site's gradients;
 - fedopt: ``FedOptRecipe``: the averaged update is applied by a server optimizer (SGD with momentum
-  by default, as in the FedOpt paper's FedAvgM; ``server_optimizer="adam"`` for FedAdam).
+  by default, as in the FedOpt paper's FedAvgM; ``server_optimizer="adam"`` for FedAdam);
+- fedper: ``FedAvgRecipe`` over the shared encoder only: the server model is
+  ``SegmentationEncoder`` (no head), each site keeps its head in a site-local store and sends only
+  shared keys, and a site-side ``ExcludeVars`` output filter strips the personal keys again
+  (``fedseg.app.fedper``); ``keep_norm_local`` keeps normalization layers local too (FedBN).
 Every variant ends with cross-site evaluation and keeps the best global model by ``val_dice``.
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 
 from fedseg.jobs import nvflare_compat
 
-ALGORITHMS = ("fedavg", "fedprox", "fedopt")
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper")
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
 SITE_SCRIPT = "site_entry.py"
 
@@ -56,6 +60,8 @@ class FedAvgJob:
     server_lr: float = 1.0
     server_momentum: float = 0.6
     cross_site_eval: bool = True
+    keep_norm_local: bool = False
+    study: str = ""
     site_threads: int = 0
     extra_script_args: list[str] = field(default_factory=list)
 
@@ -84,6 +90,10 @@ class FedAvgJob:
             args.append("--no-hd95")
         if self.site_threads:
             args.append(f"--threads {self.site_threads}")
+        if self.algorithm == "fedper":
+            args.append(f"--fedper --study {self.study or self.name}")
+            if self.keep_norm_local:
+                args.append("--keep-norm-local")
         return " ".join(args + list(self.extra_script_args))
 
     def module_hparams(self) -> dict[str, Any]:
@@ -101,8 +111,26 @@ class FedAvgJob:
         }
 
     def server_model(self) -> dict[str, Any]:
-        """The global model as a class path + arguments: its keys equal the sites' LightningModule's."""
+        """The global model as a class path + arguments: its keys equal the sites' LightningModule's
+        (for FedPer: the shared keys only)."""
+        if self.algorithm == "fedper":
+            args = {**self.module_hparams(), "keep_norm_local": self.keep_norm_local}
+            return {"class_path": "fedseg.app.fedper.SegmentationEncoder", "args": args}
         return {"class_path": "fedseg.lightning_modules.module.SegmentationModule", "args": self.module_hparams()}
+
+    def checkpoint_hparams(self) -> dict[str, Any]:
+        """Arguments of the global checkpoint's class (``server_model``'s)."""
+        return self.server_model()["args"]
+
+    def personal_keys(self) -> list[str]:
+        """Keys that never leave a site (empty unless FedPer)."""
+        if self.algorithm != "fedper":
+            return []
+        from fedseg.app.fedper import personal_keys
+        from fedseg.lightning_modules.module import SegmentationModule
+
+        hparams = {k: v for k, v in self.module_hparams().items() if k != "preprocess"}
+        return personal_keys(SegmentationModule(**hparams), self.keep_norm_local)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -144,27 +172,44 @@ def build_recipe(job: FedAvgJob) -> Any:
         train_args=job.script_args(),
         server_expected_format=ExchangeFormat.PYTORCH,
     )
-    with in_app_dir():
-        if job.algorithm == "fedavg":
-            from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-
-            recipe = FedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **common)
-        elif job.algorithm == "fedprox":
-            from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
-
-            recipe = FedProxRecipe(key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.fedprox_mu, **common)
-        else:
-            recipe = _fedopt_recipe(job, common)
-
-    # Best model: the recipe's selector averages the sites' val_dice unweighted; weigh it by the
-    # same case counts as the aggregation (NUM_STEPS_CURRENT_ROUND carries them, see app/client.py).
-    _replace_server_component(recipe, "model_selector", IntimeModelSelector(key_metric="val_dice", weigh_by_local_iter=True))
-    _fed_job(recipe).to_server(JsonlMetricsReceiver(), id="fedseg_metrics_receiver")
-    # fedseg is installed at every site and on the server: never copy its modules into custom/.
-    _fed_job(recipe).set_app_packages(["fedseg"])
-    if job.cross_site_eval:
-        add_cross_site_evaluation(recipe, submit_model_timeout=600, validation_timeout=6000)
+    with in_app_dir():  # adding filters re-assembles the client app, which reads the script too
+        recipe = _base_recipe(job, common)
+        # Best model: the recipe's selector averages the sites' val_dice unweighted; weigh it by the
+        # same case counts as the aggregation (NUM_STEPS_CURRENT_ROUND carries them, see app/client.py).
+        _replace_server_component(
+            recipe, "model_selector", IntimeModelSelector(key_metric="val_dice", weigh_by_local_iter=True)
+        )
+        _fed_job(recipe).to_server(JsonlMetricsReceiver(), id="fedseg_metrics_receiver")
+        # fedseg is installed at every site and on the server: never copy its modules into custom/.
+        _fed_job(recipe).set_app_packages(["fedseg"])
+        if job.algorithm == "fedper":
+            _add_fedper_guards(recipe, job)
+        if job.cross_site_eval:
+            add_cross_site_evaluation(recipe, submit_model_timeout=600, validation_timeout=6000)
     return recipe
+
+
+def _base_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
+    if job.algorithm in ("fedavg", "fedper"):
+        from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+        return FedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **common)
+    if job.algorithm == "fedprox":
+        from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
+
+        return FedProxRecipe(key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.fedprox_mu, **common)
+    return _fedopt_recipe(job, common)
+
+
+def _add_fedper_guards(recipe: Any, job: FedAvgJob) -> None:
+    """The second line of defence for the head, and the audit that shows it held."""
+    from nvflare.app_common.filters.exclude_vars import ExcludeVars
+
+    from fedseg.app.payload_audit import PayloadKeyAudit
+
+    # An explicit key list: a regex string would export a compiled re.Pattern (see the NVFlare notes).
+    recipe.add_client_output_filter(ExcludeVars(job.personal_keys()), tasks=["train", "submit_model"])
+    recipe.add_server_input_filter(PayloadKeyAudit(), tasks=["train", "submit_model", "validate"])
 
 
 def _fedopt_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:

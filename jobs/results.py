@@ -148,8 +148,19 @@ def global_checkpoint(pt_file: Path, hyper_parameters: dict[str, Any], out: Path
     return out
 
 
-def collect_results(server_dir: Path, out: Path, *, job: dict[str, Any] | None = None, hyper_parameters: dict[str, Any] | None = None) -> FederatedResults:
-    """Read a finished job's server folder and write the run folder's results files."""
+def collect_results(
+    server_dir: Path,
+    out: Path,
+    *,
+    job: dict[str, Any] | None = None,
+    hyper_parameters: dict[str, Any] | None = None,
+    encoder_only: bool = False,
+) -> FederatedResults:
+    """Read a finished job's server folder and write the run folder's results files.
+
+    With ``encoder_only`` (FedPer) the global checkpoints are named ``*_global_encoder.ckpt``: they
+    load with ``SegmentationEncoder``; ``fedseg personalize`` adds a site's head to make a full model.
+    """
     server_dir, out = Path(server_dir), Path(out)
     if not (server_dir / "app_server").exists() and not (server_dir / "metrics").exists():
         raise ResultsError(f"{server_dir}: not a server job folder (no app_server/ or metrics/)")
@@ -162,7 +173,8 @@ def collect_results(server_dir: Path, out: Path, *, job: dict[str, Any] | None =
         for name, file in (("best", "best_FL_global_model.pt"), ("final", "FL_global_model.pt")):
             pt = server_dir / "app_server" / file
             if pt.exists():
-                ckpt = global_checkpoint(pt, hyper_parameters, out / "checkpoints" / f"{name}_global.ckpt")
+                suffix = "_encoder" if encoder_only else ""
+                ckpt = global_checkpoint(pt, hyper_parameters, out / "checkpoints" / f"{name}_global{suffix}.ckpt")
                 results.checkpoints[name] = str(ckpt)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ Run folder::
 
     RUN/job.json                 the job's arguments
     RUN/site_configs/<site>.json
+    RUN/heads/<site>/<study>.pt  FedPer heads (site-local; in a real study they stay at the site)
     RUN/nvflare/<job>/...        NVFlare's simulator workspace (server and site logs)
     RUN/results.json, results.csv, rounds.csv, val_dice_per_round.png, checkpoints/  (jobs.results)
 """
@@ -32,8 +33,13 @@ def simulate(
     *,
     data_roots: dict[str, Path] | None = None,
     threads: int | None = None,
+    head_stores: Path | None = None,
 ) -> FederatedResults:
-    """Run ``job`` in the simulator with one site per datalist; returns the collected results."""
+    """Run ``job`` in the simulator with one site per datalist; returns the collected results.
+
+    ``head_stores``: folder of the sites' FedPer head stores (``<folder>/<site>/``), default
+    ``RUN/heads``; pass the same folder to a later job of the study to reuse the heads.
+    """
     from nvflare.recipe import SimEnv
 
     run_dir = Path(run_dir).resolve()
@@ -42,7 +48,8 @@ def simulate(
     configs = run_dir / "site_configs"
     for site, datalist in site_datalists.items():
         root = (data_roots or {}).get(site)
-        write_site_config(configs / f"{site}.json", datalist, root, cache_dir=run_dir / "cache" / site)
+        heads = Path(head_stores or run_dir / "heads").resolve() / site
+        write_site_config(configs / f"{site}.json", datalist, root, cache_dir=run_dir / "cache" / site, head_store=heads)
 
     recipe = build_recipe(job)
     env = SimEnv(
@@ -62,4 +69,6 @@ def simulate(
             os.environ[ENV_VAR] = previous
     server_dir = run_dir / "nvflare" / job.name / "server" / "simulate_job"
     job_info: dict[str, Any] = {**job.to_json(), "environment": "simulator", "seconds": round(time.time() - started, 1)}
-    return collect_results(server_dir, run_dir, job=job_info, hyper_parameters=job.module_hparams())
+    return collect_results(
+        server_dir, run_dir, job=job_info, hyper_parameters=job.checkpoint_hparams(), encoder_only=job.algorithm == "fedper"
+    )

@@ -32,7 +32,7 @@ def test_checked_in_job_folders_are_up_to_date():
     from fedseg.jobs.catalog import STUDY_JOBS, stale_jobs
 
     assert stale_jobs() == [], "run `fedseg jobs export` and commit jobs/<name>/"
-    assert set(STUDY_JOBS) == {"fedavg", "fedprox", "fedopt"}
+    assert set(STUDY_JOBS) == {"fedavg", "fedprox", "fedopt", "fedper"}
 
 
 def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):

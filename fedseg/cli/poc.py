@@ -109,7 +109,13 @@ def _collect(server_dir: Path, out: Path, job, result) -> None:
     job_info = {**(job.to_json() if job else {}), "environment": "poc", "job_id": result.job_id,
                 "status": result.status, "seconds": result.timings.get("total")}
     try:
-        results = collect_results(server_dir, out, job=job_info, hyper_parameters=job.module_hparams() if job else None)
+        results = collect_results(
+            server_dir,
+            out,
+            job=job_info,
+            hyper_parameters=job.checkpoint_hparams() if job else None,
+            encoder_only=bool(job and job.algorithm == "fedper"),
+        )
     except ResultsError as err:
         raise UserError(str(err)) from None
     print(format_table(results))

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from fedseg.cli import UserError
 
-ALGORITHMS = ("fedavg", "fedprox", "fedopt")
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper")
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features: int, roi: int) -> None:
     """Arguments of a FedAvg-family job (shared by simulate, poc and jobs export)."""
-    parser.add_argument("--job", choices=ALGORITHMS, default="fedavg", help="fedavg, fedprox (client proximal term) or fedopt (server optimizer)")
+    parser.add_argument("--job", choices=ALGORITHMS, default="fedavg", help="fedavg, fedprox (client proximal term), fedopt (server optimizer) or fedper (personal heads)")
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--network", default="unet")

@@ -1,0 +1,97 @@
+"""FedPer: a shared encoder averaged on the server, a personal head that each site keeps.
+
+Which keys are personal comes from the network registry (``networks.partition_keys``): the head
+(expanding path and output layer), plus the normalization layers with ``keep_norm_local`` (the
+FedBN variant). The head never leaves its site; this is enforced three times:
+
+1. the server's model is ``SegmentationEncoder``, a ``SegmentationModule`` without its personal
+   parameters, so the server never sends, aggregates or checkpoints a head;
+2. the site sends only shared keys (``SharedKeysFLCallback``, whatever the server sent);
+3. the job adds a site-side output filter (NVFlare's ``ExcludeVars`` with the explicit personal
+   keys) on every result a site returns.
+The server's ``PayloadKeyAudit`` records the keys of every payload it receives, so a run can show it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_opt.lightning.api import FLCallback
+
+from fedseg.lightning_modules.module import SegmentationModule
+from fedseg.lightning_modules.networks import partition_keys
+
+
+def personal_keys(module: SegmentationModule, keep_norm_local: bool = False) -> list[str]:
+    """State-dict keys of ``module`` that stay at the site (head, and norm layers for FedBN)."""
+    parts = partition_keys(module.network, module.network.state_dict().keys(), prefix="")
+    personal = set(parts.head) | (set(parts.norm) if keep_norm_local else set())
+    return sorted(f"network.{k}" for k in personal)
+
+
+class SegmentationEncoder(SegmentationModule):
+    """The server's FedPer model: a ``SegmentationModule`` whose personal parameters are removed.
+
+    Its ``state_dict`` has exactly the shared keys of the sites' modules (same names), so NVFlare's
+    persistor holds and checkpoints the encoder only. It is a container, not a runnable network.
+    """
+
+    def __init__(self, keep_norm_local: bool = False, **module_args: Any) -> None:
+        super().__init__(**module_args)
+        self.keep_norm_local = keep_norm_local
+        for key in personal_keys(self, keep_norm_local):
+            owner_path, _, name = key.rpartition(".")
+            owner = self.get_submodule(owner_path)
+            owner._parameters.pop(name, None)
+            owner._buffers.pop(name, None)
+
+
+class SharedKeysFLCallback(FLCallback):
+    """NVFlare's Lightning callback, sending only the shared keys of the site's model.
+
+    ``flare.patch`` keeps an ``FLCallback`` already on the Trainer, so placing this one there first
+    makes every update the site sends encoder-only, whatever the job or the server asked for.
+    """
+
+    def __init__(self, shared_keys: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shared_keys = set(shared_keys)
+
+    def _send_model(self, output_model: FLModel) -> None:
+        if output_model.params:
+            output_model.params = {k: v for k, v in output_model.params.items() if k in self.shared_keys}
+        super()._send_model(output_model)
+
+
+def shared_state(module: SegmentationModule, keep_norm_local: bool = False) -> dict[str, Any]:
+    """The module's state dict without its personal keys (what a FedPer site may send)."""
+    personal = set(personal_keys(module, keep_norm_local))
+    return {k: v for k, v in module.state_dict().items() if k not in personal}
+
+
+def personalize(encoder_checkpoint: Path | str, head_file: Path | str, out: Path | str) -> Path:
+    """A site's personalized model: the global encoder checkpoint plus the site's stored head,
+    saved as a full ``SegmentationModule`` checkpoint (``fedseg evaluate`` / ``predict`` take it).
+
+    Runs at the site: the head file is the site's own ``FedPerHeadStore`` file.
+    """
+    import torch
+
+    encoder = torch.load(encoder_checkpoint, map_location="cpu", weights_only=False)
+    head = torch.load(head_file, map_location="cpu", weights_only=False)
+    hparams = {k: v for k, v in encoder["hyper_parameters"].items() if k != "keep_norm_local"}
+    module = SegmentationModule(**hparams)
+    expected = set(module.state_dict())
+    state = {**encoder["state_dict"], **head["state"]}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{head_file} does not complete {encoder_checkpoint}: missing {missing[:3]}, unexpected {extra[:3]}")
+    module.load_state_dict(state, strict=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({**encoder, "state_dict": module.state_dict(), "hyper_parameters": hparams, "fedper_head": head["record"]}, tmp)
+    tmp.replace(out)
+    return out

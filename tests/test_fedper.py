@@ -1,0 +1,117 @@
+"""FedPer: encoder-only server, heads that never leave their site, a head store that outlives jobs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedseg.app.fedper import SegmentationEncoder, personal_keys, personalize, shared_state
+from fedseg.app.head_store import FedPerHeadStore
+from fedseg.jobs.fedavg import FedAvgJob
+from fedseg.lightning_modules.module import SegmentationModule
+from fedseg.lightning_modules.networks import partition_keys
+
+TINY = dict(network="unet", in_channels=4, features=4, roi_size=(16, 16, 16), hd95=False)
+
+
+def test_server_model_holds_exactly_the_shared_keys():
+    module = SegmentationModule(**TINY)
+    parts = partition_keys(module.network)
+    head = {f"network.{k}" for k in parts.head}
+    assert set(personal_keys(module)) == head
+    assert set(SegmentationEncoder(**TINY).state_dict()) == set(module.state_dict()) - head
+    fedbn = SegmentationEncoder(keep_norm_local=True, **TINY).state_dict()
+    norm = {f"network.{k}" for k in parts.norm}
+    assert norm and not (set(fedbn) & (head | norm))
+    assert set(shared_state(module)) == set(module.state_dict()) - head
+
+
+def test_head_store_round_trip_is_atomic_and_refuses_another_network(tmp_path):
+    module = SegmentationModule(**TINY)
+    keys = personal_keys(module)
+    store = FedPerHeadStore(tmp_path / "heads", "study-1")
+    assert store.record() is None and store.load_into(module, keys) is None  # new site: fresh head
+    store.save(module, keys, encoder_round=3, job_id="job-a")
+    assert [p.name for p in (tmp_path / "heads").iterdir()] == ["study-1.pt"]  # no temporary left
+    other = SegmentationModule(**TINY)
+    conv = next(k for k in keys if module.state_dict()[k].ndim > 1)  # randomly initialized
+    assert not torch.equal(other.state_dict()[conv], module.state_dict()[conv])
+    record = store.load_into(other, keys)
+    assert record.encoder_round == 3 and record.job_id == "job-a"
+    assert all(torch.equal(other.state_dict()[k], module.state_dict()[k]) for k in keys)
+    wider = SegmentationModule(**{**TINY, "features": 8})
+    with pytest.raises(ValueError, match="shapes differ"):
+        store.load_into(wider, personal_keys(wider))
+    with pytest.raises(ValueError, match="study name"):
+        FedPerHeadStore(tmp_path, "../escape")
+
+
+def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
+    from fedseg.jobs.fedavg import export
+
+    job = FedAvgJob(name="fp", algorithm="fedper", features=4, roi=(16, 16, 16))
+    folder = export(job, tmp_path)
+    client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
+    server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+    filters = [f for group in client["task_result_filters"] for f in group["filters"]]
+    exclude = [f for f in filters if f["path"].endswith("ExcludeVars")]
+    assert exclude and sorted(exclude[0]["args"]["exclude_vars"]) == sorted(job.personal_keys())
+    assert "--fedper" in client["executors"][0]["executor"]["args"]["task_script_args"]
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    assert "SegmentationEncoder" in json.dumps(persistor)
+
+
+def _site_log(run, site):
+    return (run / "nvflare" / "fedper" / site / "log.txt").read_text()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp_path):
+    from fedseg.jobs.simulate import simulate
+    from fedseg.lightning_modules.data.synth import SynthConfig, generate
+
+    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
+    job = FedAvgJob(name="fedper", algorithm="fedper", rounds=2, features=8, roi=(32, 32, 32), hd95=False, site_threads=1)
+    head_keys = set(job.personal_keys())
+    heads = tmp_path / "heads"  # site-local, outside every job's run folder
+    run1 = tmp_path / "run1"
+    results = simulate(job, synth.datalists, run1, head_stores=heads)
+
+    server = run1 / "nvflare" / "fedper" / "server" / "simulate_job"
+    payloads = [json.loads(l) for l in (server / "metrics" / "payload_keys.jsonl").read_text().splitlines()]
+    trained = [p for p in payloads if p["task"] == "train"]
+    assert {p["site"] for p in trained} == {"site-1", "site-2"} and len(trained) == 4
+    assert all(p["keys"] for p in trained)
+    assert not any(head_keys & set(p["keys"]) for p in payloads), "a head key reached the server"
+    for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
+        saved = torch.load(server / "app_server" / name, weights_only=False)["model"]
+        assert saved and not (head_keys & set(saved))
+
+    # personalized metrics: each site scored global encoder + its own head, every round
+    per_site = [r for r in results.rounds if r["site"] != "mean"]
+    assert {(r["round"], r["site"]) for r in per_site} == {(0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")}
+    assert all("val_dice_et" in r for r in per_site)
+    final = results.cross_site["SRV_FL_global_model.pt"]
+    assert set(final) == {"site-1", "site-2"}
+
+    stores = {s: FedPerHeadStore(heads / s, "fedper") for s in ("site-1", "site-2")}
+    first = {s: st.record() for s, st in stores.items()}
+    assert all(r.encoder_round == 1 and set(r.keys) == head_keys for r in first.values())
+    assert "FedPer head new" in _site_log(run1, "site-1")
+
+    # the site's personalized model = global encoder + its head, usable by evaluate/predict
+    model_file = personalize(results.checkpoints["final"], stores["site-1"].path, tmp_path / "site-1.ckpt")
+    model = SegmentationModule.load_from_checkpoint(model_file, map_location="cpu")
+    head_state = torch.load(stores["site-1"].path, weights_only=False)["state"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in head_state.items())
+
+    # a new job of the same study, new process: each site picks its head up again
+    run2 = tmp_path / "run2"
+    simulate(FedAvgJob(**{**job.to_json(), "rounds": 1}), synth.datalists, run2, head_stores=heads)
+    assert "FedPer head reused" in (run2 / "nvflare" / "fedper" / "site-2" / "log.txt").read_text()
+    second = stores["site-2"].record()
+    # saved again by the new job (the simulator names every job "simulate_job"), at its round 0
+    assert second.saved_at > first["site-2"].saved_at and second.encoder_round == 0
