@@ -208,8 +208,10 @@ def _add_fedper_guards(recipe: Any, job: FedAvgJob) -> None:
     from fedseg.app.payload_audit import PayloadKeyAudit
 
     # An explicit key list: a regex string would export a compiled re.Pattern (see the NVFlare notes).
-    recipe.add_client_output_filter(ExcludeVars(job.personal_keys()), tasks=["train", "submit_model"])
-    recipe.add_server_input_filter(PayloadKeyAudit(), tasks=["train", "submit_model", "validate"])
+    # Every task's results (tasks=["*"]; NVFlare keeps task lists as sets, so naming several would
+    # also make the export's order vary); results that carry no weights pass through unchanged.
+    recipe.add_client_output_filter(ExcludeVars(job.personal_keys()), tasks=["*"])
+    recipe.add_server_input_filter(PayloadKeyAudit(), tasks=["*"])
 
 
 def _fedopt_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
