@@ -34,6 +34,8 @@ from fedseg.jobs import nvflare_compat
 ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper")
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
 SITE_SCRIPT = "site_entry.py"
+#: every task whose results a site returns: FedPer filters and audits each of them
+FEDPER_TASKS = ("train", "validate", "submit_model")
 
 
 @dataclass
@@ -208,10 +210,12 @@ def _add_fedper_guards(recipe: Any, job: FedAvgJob) -> None:
     from fedseg.app.payload_audit import PayloadKeyAudit
 
     # An explicit key list: a regex string would export a compiled re.Pattern (see the NVFlare notes).
-    # Every task's results (tasks=["*"]; NVFlare keeps task lists as sets, so naming several would
-    # also make the export's order vary); results that carry no weights pass through unchanged.
-    recipe.add_client_output_filter(ExcludeVars(job.personal_keys()), tasks=["*"])
-    recipe.add_server_input_filter(PayloadKeyAudit(), tasks=["*"])
+    # One registration per task: NVFlare matches filters by exact task name ("*" matches nothing,
+    # nvflare/apis/utils/task_utils.py) and keeps a task list as a set, which would make the
+    # exported order vary. Results without weights (validate metrics) pass ExcludeVars unchanged.
+    for task in FEDPER_TASKS:
+        recipe.add_client_output_filter(ExcludeVars(job.personal_keys()), tasks=[task])
+        recipe.add_server_input_filter(PayloadKeyAudit(), tasks=[task])
 
 
 def _fedopt_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:

@@ -55,9 +55,17 @@ def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
     folder = export(job, tmp_path)
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
-    filters = [f for group in client["task_result_filters"] for f in group["filters"]]
-    exclude = [f for f in filters if f["path"].endswith("ExcludeVars")]
-    assert exclude and sorted(exclude[0]["args"]["exclude_vars"]) == sorted(job.personal_keys())
+    from fedseg.jobs.fedavg import FEDPER_TASKS
+
+    excluded = {
+        task: f["args"]["exclude_vars"]
+        for group in client["task_result_filters"]
+        for task in group["tasks"]
+        for f in group["filters"]
+        if f["path"].endswith("ExcludeVars")
+    }
+    assert set(excluded) == set(FEDPER_TASKS)  # exact task names: NVFlare has no wildcard here
+    assert all(sorted(keys) == sorted(job.personal_keys()) for keys in excluded.values())
     assert "--fedper" in client["executors"][0]["executor"]["args"]["task_script_args"]
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     assert "SegmentationEncoder" in json.dumps(persistor)
