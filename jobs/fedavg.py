@@ -64,6 +64,9 @@ class FedAvgJob:
     cross_site_eval: bool = True
     keep_norm_local: bool = False
     study: str = ""
+    #: seconds a site waits before asking for its next task (NVFlare's server.task_request_interval,
+    #: default 2); a short job on a laptop spends most of each round in this wait
+    task_poll_interval: float = 2.0
     site_threads: int = 0
     extra_script_args: list[str] = field(default_factory=list)
 
@@ -186,6 +189,8 @@ def build_recipe(job: FedAvgJob) -> Any:
         _fed_job(recipe).set_app_packages(["fedseg"])
         if job.algorithm == "fedper":
             _add_fedper_guards(recipe, job)
+        if job.task_poll_interval != 2.0:
+            recipe.add_server_config({"server": {"task_request_interval": job.task_poll_interval}})
         if job.cross_site_eval:
             add_cross_site_evaluation(recipe, submit_model_timeout=600, validation_timeout=6000)
     return recipe

@@ -26,6 +26,11 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
     parser.add_argument("--fedprox-mu", type=float, default=0.01)
     parser.add_argument("--server-optimizer", choices=["sgd", "adam"], default="sgd", help="fedopt: server optimizer")
     parser.add_argument("--server-lr", type=float, default=1.0, help="fedopt: server learning rate")
+    parser.add_argument("--keep-norm-local", action="store_true", help="fedper: keep normalization layers local too (FedBN)")
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.5,
+        help="seconds a site waits before asking for its next task (NVFlare's default 2 s dominates short local runs)",
+    )
 
 
 def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | None = None, site_threads: int = 0):
@@ -53,6 +58,8 @@ def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | Non
             server_optimizer=args.server_optimizer,
             server_lr=args.server_lr,
             site_threads=site_threads,
+            keep_norm_local=args.keep_norm_local,
+            task_poll_interval=args.poll_interval,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
