@@ -68,6 +68,8 @@ class FedAvgJob:
     #: default 2); a short job on a laptop spends most of each round in this wait
     task_poll_interval: float = 2.0
     site_threads: int = 0
+    #: W&B tracking on the server: "off", "offline" or "online" (fedseg.app.wandb_receiver)
+    wandb: str = "off"
     extra_script_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -75,6 +77,8 @@ class FedAvgJob:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}")
         self.modalities = tuple(self.modalities)
         self.roi = tuple(int(r) for r in self.roi)  # type: ignore[assignment]
+        if self.wandb not in ("off", "offline", "online"):
+            raise ValueError(f"unknown W&B mode {self.wandb!r}; known: off, offline, online")
 
     def script_args(self) -> str:
         """Command-line arguments of the site script (``fedseg.app.client``)."""
@@ -137,6 +141,14 @@ class FedAvgJob:
         hparams = {k: v for k, v in self.module_hparams().items() if k != "preprocess"}
         return personal_keys(SegmentationModule(**hparams), self.keep_norm_local)
 
+    def wandb_config(self) -> dict[str, Any]:
+        """The W&B run config: the job's arguments, with the keys centralized runs share
+        (``fedseg.lightning_modules.tracking.SHARED_CONFIG_KEYS``)."""
+        from fedseg.lightning_modules.tracking import sanitize_config
+
+        doc = {k: v for k, v in self.to_json().items() if k not in ("wandb", "extra_script_args")}
+        return sanitize_config({**doc, "kind": self.algorithm, "epochs": self.rounds * self.local_epochs})
+
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["modalities"], doc["roi"] = list(self.modalities), list(self.roi)
@@ -185,6 +197,11 @@ def build_recipe(job: FedAvgJob) -> Any:
             recipe, "model_selector", IntimeModelSelector(key_metric="val_dice", weigh_by_local_iter=True)
         )
         _fed_job(recipe).to_server(JsonlMetricsReceiver(), id="fedseg_metrics_receiver")
+        if job.wandb != "off":
+            from fedseg.app.wandb_receiver import FedsegWandBReceiver
+
+            receiver = FedsegWandBReceiver(run_name=job.name, run_config=job.wandb_config(), mode=job.wandb)
+            _fed_job(recipe).to_server(receiver, id="fedseg_wandb_receiver")
         # fedseg is installed at every site and on the server: never copy its modules into custom/.
         _fed_job(recipe).set_app_packages(["fedseg"])
         if job.algorithm == "fedper":

@@ -10,6 +10,7 @@ Run folder::
     RUN/site_configs/<site>.json
     RUN/heads/<site>/<study>.pt  FedPer heads (site-local; in a real study they stay at the site)
     RUN/nvflare/<job>/...        NVFlare's simulator workspace (server and site logs)
+    RUN/wandb/offline-run-*      one W&B run per site, with ``job.wandb != "off"`` (server-side receiver)
     RUN/results.json, results.csv, rounds.csv, val_dice_per_round.png, checkpoints/  (jobs.results)
 """
 
@@ -57,16 +58,19 @@ def simulate(
         num_threads=threads or len(site_datalists),
         workspace_root=str(run_dir / "nvflare"),
     )
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(configs)  # the simulated sites inherit it
+    # the simulated sites inherit the site configs; the server's W&B receiver writes RUN/wandb
+    overrides = {ENV_VAR: str(configs), **({"WANDB_DIR": str(run_dir)} if job.wandb != "off" else {})}
+    previous = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     started = time.time()
     try:
         execute(recipe, env)
     finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     server_dir = run_dir / "nvflare" / job.name / "server" / "simulate_job"
     job_info: dict[str, Any] = {**job.to_json(), "environment": "simulator", "seconds": round(time.time() - started, 1)}
     return collect_results(

@@ -9,6 +9,7 @@ without the tool can open it::
     RUN/metrics.csv              one row per epoch, kept across resumes (history.MetricsHistory)
     RUN/curves.png               loss and Dice curves
     RUN/results.json             best val_dice, epochs done, checkpoint paths
+    RUN/wandb/offline-run-*      W&B run, with ``wandb="offline"`` (``lightning_modules.tracking``)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fedseg.lightning_modules.history import MetricsHistory, plot_curves, read_rows
+from fedseg.lightning_modules.tracking import make_wandb_logger
 from fedseg.lightning_modules.data.datalist import (
     MODALITIES,
     Datalist,
@@ -57,6 +59,8 @@ class TrainConfig:
     hd95: bool = True
     check_data: bool = True
     progress: bool = True
+    #: W&B tracking: "off", "offline" (RUN/wandb, upload later with `wandb sync`) or "online"
+    wandb: str = "off"
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
@@ -145,6 +149,8 @@ def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
     if cfg.check_data:
         refuse_unchecked_data(datalist, cfg.datalists[0])
     write_json_atomic(cfg.out / "config.json", cfg.to_json())
+    wandb_logger = make_wandb_logger(cfg)
+    loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
 
     ckpt_dir = cfg.out / "checkpoints"
     best = ModelCheckpoint(
@@ -159,7 +165,14 @@ def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
         progress=cfg.progress,
     )
     last = ckpt_dir / "last.ckpt"
-    trainer.fit(build_module(cfg), datamodule=build_datamodule(cfg, datalist), ckpt_path=last if last.exists() else None)
+    if wandb_logger is not None:  # the case count a federated site's W&B run carries per round
+        wandb_logger.log_metrics({"n_train_cases": len(datalist.training)}, step=0)
+    try:
+        trainer.fit(build_module(cfg), datamodule=build_datamodule(cfg, datalist), ckpt_path=last if last.exists() else None)
+    finally:
+        if wandb_logger is not None:
+            # WandbLogger leaves its run open (a later WandbLogger in this process would reuse it)
+            wandb_logger.experiment.finish()
     results = {
         "kind": "centralized" if len(cfg.datalists) > 1 else "local",
         "epochs_done": trainer.current_epoch,

@@ -28,6 +28,11 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
     parser.add_argument("--server-lr", type=float, default=1.0, help="fedopt: server learning rate")
     parser.add_argument("--keep-norm-local", action="store_true", help="fedper: keep normalization layers local too (FedBN)")
     parser.add_argument(
+        "--wandb", choices=["off", "offline", "online"], default="off",
+        help="Weights & Biases tracking on the server, one run per site (sites need no credentials): "
+        "offline writes W&B runs for `wandb sync`; online needs WANDB_API_KEY on the server",
+    )
+    parser.add_argument(
         "--poll-interval", type=float, default=0.5,
         help="seconds a site waits before asking for its next task (NVFlare's default 2 s dominates short local runs)",
     )
@@ -60,6 +65,7 @@ def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | Non
             site_threads=site_threads,
             keep_norm_local=args.keep_norm_local,
             task_poll_interval=args.poll_interval,
+            wandb=getattr(args, "wandb", "off"),
         )
     except ValueError as err:
         raise UserError(str(err)) from None

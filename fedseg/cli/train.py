@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     train.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-volume cache (default OUT/cache)")
     train.add_argument("--no-hd95", action="store_true", help="skip HD95 during validation (faster on CPU)")
+    train.add_argument(
+        "--wandb", choices=["off", "offline", "online"], default="off",
+        help="Weights & Biases tracking: offline writes OUT/wandb (upload later with `wandb sync`); "
+        "online needs WANDB_API_KEY in the environment",
+    )
     train.set_defaults(func=run_train)
 
 
@@ -64,6 +69,7 @@ def run_train(args: argparse.Namespace) -> int:
         accelerator=args.accelerator,
         cache_dir=args.cache_dir,
         hd95=not args.no_hd95,
+        wandb=args.wandb,
     )
     try:
         results = train(cfg)

@@ -1,0 +1,139 @@
+"""Server component: the sites' streamed metrics as W&B runs, one per site and job, grouped by job.
+
+Built on NVFlare's ``WandBReceiver`` (nvflare/app_opt/tracking/wandb/wandb_receiver.py): one
+``wandb`` process per site, named ``"{site}-{job_id}-{name}"`` in group ``"{name}-{job_id}"``.
+Sites need neither W&B credentials nor internet: their ``flare.logger()`` metrics reach the server
+through NVFlare, and only the server talks to W&B. What this subclass changes:
+
+- offline unless asked for ``online`` *and* ``WANDB_API_KEY`` is set on the server (no login
+  attempt otherwise); the key is never part of the job;
+- runs are written under ``$WANDB_DIR`` (W&B's own variable; ``fedseg simulate`` sets it to the run
+  folder) or else the server's job folder, as ``<dir>/wandb/offline-run-*``;
+- each site's number of training cases (``n_train_cases``, from the meta of its accepted update,
+  see ``app/client.py``) is logged with its round's metrics;
+- only scalars are forwarded (no text, images or parameters that could name a case or a file),
+  the config is stripped of anything path-like, and W&B's system metadata is off
+  (``fedseg.lightning_modules.tracking.PRIVATE_SETTINGS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from multiprocessing import Process, Queue
+from typing import Any
+
+from nvflare.apis.analytix import AnalyticsData, AnalyticsDataType, LogWriterName
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_constant import ProcessType, ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_opt.tracking.wandb.wandb_receiver import WandBReceiver, WandBTask, _get_job_id_tag
+
+from fedseg.lightning_modules.tracking import API_KEY_ENV, PRIVATE_SETTINGS, PROJECT, online_allowed, sanitize_config
+
+_SCALAR_TYPES = (AnalyticsDataType.METRIC, AnalyticsDataType.METRICS, AnalyticsDataType.PARAMETER, AnalyticsDataType.PARAMETERS)
+
+
+class FedsegWandBReceiver(WandBReceiver):
+    """NVFlare's W&B receiver, offline by default, with fedseg's privacy settings.
+
+    ``run_config``: the job's arguments (``FedAvgJob.wandb_config()``); ``job_type``: the W&B job
+    type (``"federated"``).
+    """
+
+    def __init__(
+        self,
+        run_name: str = "fedseg",
+        project: str = PROJECT,
+        run_config: dict[str, Any] | None = None,
+        mode: str = "offline",
+        job_type: str = "federated",
+        process_timeout: float = 30.0,
+    ):
+        if mode not in ("offline", "online"):
+            raise ValueError(f"W&B receiver mode must be 'offline' or 'online', got {mode!r}")
+        self.run_name = run_name
+        self.project = project
+        self.run_config = sanitize_config(run_config or {})
+        self.job_type = job_type
+        wandb_args = {"project": project, "name": run_name, "job_type": job_type, "settings": dict(PRIVATE_SETTINGS)}
+        previous = os.environ.get("WANDB_MODE")
+        super().__init__(wandb_args=wandb_args, mode=mode, process_timeout=process_timeout)
+        # The base class sets WANDB_MODE for the whole process; the mode is passed to wandb.init instead.
+        if previous is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = previous
+
+    def initialize(self, fl_ctx: FLContext) -> None:
+        # Re-implements WandBReceiver.initialize: the base puts one shared, mutated dict on every
+        # site's queue (pickled later by the queue's feeder thread, so a site can get another's
+        # name) and calls wandb.login, which needs network; here each site gets its own copy.
+        if fl_ctx.get_process_type() == ProcessType.SERVER_JOB:
+            site_names = [c.name for c in fl_ctx.get_engine().get_clients()]
+        else:
+            site_names = [fl_ctx.get_identity_name()]
+        if not site_names or not all(site_names):
+            raise RuntimeError("W&B receiver: no site names in this job")
+        self.fl_ctx = fl_ctx
+        if self.mode == "online" and not online_allowed():
+            self.log_warning(fl_ctx, f"W&B online mode needs {API_KEY_ENV} on the server; logging offline instead")
+            self.mode = "offline"
+        root = os.environ.get("WANDB_DIR") or fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        os.makedirs(root, exist_ok=True)
+        job_id = _get_job_id_tag(fl_ctx)
+        for site in site_names:
+            args = {
+                **copy.deepcopy(self.wandb_args),
+                "name": f"{site}-{job_id}-{self.run_name}",
+                "group": f"{self.run_name}-{job_id}",
+                "mode": self.mode,
+                "dir": root,
+                "config": {**self.run_config, "job_id": job_id, "client": site, "run_name": self.run_name},
+            }
+            queue: Queue = Queue()
+            queue.put(WandBTask(task_owner=site, task_type="init", task_data=args, step=0))
+            self.queues[site] = queue
+            self.processes[site] = Process(target=self._process_queue_tasks, args=(queue,))
+            self.processes[site].start()
+        self.log_info(fl_ctx, f"W&B ({self.mode}) runs for {', '.join(site_names)} under {root}/wandb")
+        time.sleep(0.2)
+
+    def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str) -> None:
+        """Forward the numeric scalars of a METRIC(S)/PARAMETER(S) record; drop everything else."""
+        data = AnalyticsData.from_dxo(from_shareable(shareable), receiver=LogWriterName.WANDB)
+        if not data or data.data_type not in _SCALAR_TYPES:
+            return
+        values = data.value if isinstance(data.value, dict) else {data.tag: data.value}
+        scalars = {
+            str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        queue = self.get_task_queue(record_origin)
+        if scalars and queue is not None:
+            queue.put(WandBTask(task_owner=record_origin, task_type="log", task_data=scalars, step=data.step))
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        super().handle_event(event_type, fl_ctx)
+        if event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
+            self._log_case_count(fl_ctx)
+
+    def _log_case_count(self, fl_ctx: FLContext) -> None:
+        # The update's meta is not streamed as a metric; the server sees it when it accepts the update.
+        result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
+        if not isinstance(result, Shareable):
+            return
+        site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, None)
+        try:
+            meta = FLModelUtils.from_shareable(result).meta or {}
+        except Exception:  # not a model update (nothing to count)
+            return
+        n_cases = meta.get("n_train_cases")
+        queue = self.get_task_queue(site)
+        if queue is not None and isinstance(n_cases, (int, float)):
+            # no step: the receiver adds it to the site's current round (its latest streamed step)
+            queue.put(WandBTask(task_owner=site, task_type="log", task_data={"n_train_cases": float(n_cases)}, step=None))
