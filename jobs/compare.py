@@ -1,0 +1,533 @@
+"""Centralized vs local-only vs federated training on the same sites, at the same compute budget.
+
+Every method trains the same network with the same optimizer settings, and every training case
+passes through the network the same number of times, ``rounds x local_epochs``:
+
+- centralized: one run on the union of the sites' training cases for ``R x E`` epochs;
+- local: each site alone, for ``R x E`` epochs (one model per site);
+- fedavg / fedprox / fedopt / fedper: ``R`` rounds of ``E`` local epochs in NVFlare's simulator.
+
+Every cosine schedule spans ``R x E`` epochs (the FL sites' ``max_epochs`` is the same product).
+
+Scoring: each method's FINAL model (not its best) on each site's OWN validation cases. A federated
+job's final global model is what NVFlare's cross-site evaluation scores (``SRV_FL_global_model.pt``);
+for FedPer that is the global encoder with the scoring site's own head, i.e. the personalized score.
+Centralized and local runs are scored by ``evaluate_checkpoint`` on their ``last.ckpt`` (local:
+site k's model on site k). Picking ``best.ckpt`` instead would select on the very cases it is scored
+on, an advantage the federated final model does not get. Both paths compute ``RegionMetrics``
+through the ``"val"`` transforms and sliding-window inference; the mean region is the per-case
+mean of ET, TC and WT averaged over cases, which is both ``val_dice`` and evaluate's "overall".
+
+Run folder::
+
+    OUT/comparison.json, comparison.csv   method, site, region (ET, TC, WT, mean), dice, iou, hd95;
+                                          per method also site "MEAN" and "WORST (<site>)"
+    OUT/comparison.png                    mean Dice per site per method (grouped bars)
+    OUT/verdict.txt                       who won on which site; FedPer vs FedAvg per site
+    OUT/centralized/                      a ``fedseg train`` run folder, eval/<site>/ its scores
+    OUT/local/<site>/                     a ``fedseg train`` run folder per site, eval/ its scores
+    OUT/<fl method>/                      a ``fedseg simulate`` run folder
+    OUT/<method>/scores.json              the method's per-site scores: present = method done
+
+Resumable: a method whose ``scores.json`` exists (made with the same settings and sites) is not
+run again; a different setting is an error rather than a silent mix. An interrupted centralized or
+local run resumes from its ``last.ckpt``; an interrupted federated run starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.lightning_modules.data.datalist import read_datalist, write_json_atomic
+from fedseg.lightning_modules.labels import REGIONS
+
+#: ``jobs.fedavg.ALGORITHMS``, spelled out so that importing this module (``fedseg --help``)
+#: stays light: that module pulls NVFlare in (tests/test_compare.py checks that they agree)
+FL_METHODS: tuple[str, ...] = ("fedavg", "fedprox", "fedopt", "fedper")
+METHODS: tuple[str, ...] = ("centralized", "local", *FL_METHODS)
+DEFAULT_METHODS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedper")
+#: regions of the tables: the three scoring regions, then their per-case mean (``val_dice``)
+TABLE_REGIONS: tuple[str, ...] = (*REGIONS, "mean")
+SCORE_METRICS: tuple[str, ...] = ("dice", "iou", "hd95")
+SCORES_FILE = "scores.json"
+#: the cross-site entry of a federated job's final global model
+FINAL_MODEL = "SRV_FL_global_model.pt"
+
+Scores = dict[str, dict[str, dict[str, float]]]  # site -> region -> metric -> value
+
+
+class ComparisonError(ValueError):
+    """Bad methods, sites or settings, or a run folder made with other settings (the message says which)."""
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """What every method shares: the network, the optimizer and the budget ``rounds x local_epochs``."""
+
+    rounds: int = 10
+    local_epochs: int = 2
+    network: str = "unet"
+    features: int = 8
+    norm: str = "instance"
+    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+    roi: tuple[int, int, int] = (48, 48, 48)
+    normalization: str = "zscore"
+    lr: float = 3e-3
+    batch_size: int = 2
+    hd95: bool = True
+    #: seed of centralized and local training (the FL sites start from the server's initial model)
+    seed: int = 0
+    #: FedPer variant: keep normalization layers local too (FedBN)
+    keep_norm_local: bool = False
+    fedprox_mu: float = 0.01
+    #: seconds a simulated site waits between task requests (NVFlare's 2 s dominates short runs)
+    poll_interval: float = 0.5
+    #: torch threads per simulated site
+    site_threads: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        object.__setattr__(self, "roi", tuple(int(r) for r in self.roi))
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ComparisonError(f"rounds and local_epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
+        if len(self.roi) != 3:
+            raise ComparisonError(f"roi needs three sizes, got {self.roi}")
+
+    @property
+    def epochs(self) -> int:
+        """The budget: how often every training case passes through the network, in every method."""
+        return self.rounds * self.local_epochs
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def train_config(self, datalists: list[Path], out: Path, data_root: Path | None) -> Any:
+        """The ``TrainConfig`` of a centralized (several datalists) or local-only run."""
+        from fedseg.lightning_modules.training import TrainConfig
+
+        return TrainConfig(
+            datalists=datalists,
+            out=out,
+            data_root=data_root,
+            network=self.network,
+            features=self.features,
+            network_kwargs={"norm": self.norm},
+            modalities=self.modalities,
+            normalization=self.normalization,
+            roi_size=self.roi,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            hd95=self.hd95,
+            progress=False,
+        )
+
+    def job(self, algorithm: str, n_sites: int) -> Any:
+        """The ``FedAvgJob`` of a federated method: ``rounds`` rounds of ``local_epochs`` epochs."""
+        from fedseg.jobs.fedavg import FedAvgJob
+
+        return FedAvgJob(
+            name=algorithm,
+            algorithm=algorithm,
+            min_clients=n_sites,
+            rounds=self.rounds,
+            local_epochs=self.local_epochs,
+            network=self.network,
+            features=self.features,
+            norm=self.norm,
+            modalities=self.modalities,
+            roi=self.roi,
+            normalization=self.normalization,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            hd95=self.hd95,
+            fedprox_mu=self.fedprox_mu,
+            keep_norm_local=self.keep_norm_local,
+            task_poll_interval=self.poll_interval,
+            site_threads=self.site_threads,
+        )
+
+
+@dataclass
+class MethodScores:
+    """One method's scores on every site's own validation cases (``OUT/<method>/scores.json``)."""
+
+    method: str
+    scores: Scores
+    seconds: float
+    source: str  # which model was scored, and how
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return _finite(dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> MethodScores:
+        doc = json.loads(path.read_text())
+        scores = {s: {r: {m: _nan(v) for m, v in ms.items()} for r, ms in rs.items()} for s, rs in doc["scores"].items()}
+        return cls(doc["method"], scores, doc["seconds"], doc["source"], doc.get("fingerprint", {}))
+
+
+@dataclass
+class ComparisonResults:
+    """Every method's scores on every site; the tables, plot and verdict are made from these."""
+
+    out: Path
+    sites: list[str]
+    methods: dict[str, MethodScores]
+    settings: CompareSettings
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def mean_dice(self, method: str, site: str) -> float:
+        """Dice averaged over ET, TC and WT (``val_dice``) of ``method`` on ``site``'s own cases."""
+        return self.methods[method].scores[site]["mean"]["dice"]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """``method, site, region, dice, iou, hd95``: per site, then the site mean and the worst site."""
+        rows: list[dict[str, Any]] = []
+        for method, ms in self.methods.items():
+            per_site = [{"method": method, "site": s, "region": r, **ms.scores[s][r]} for s in self.sites for r in TABLE_REGIONS]
+            rows += per_site
+            for region in TABLE_REGIONS:
+                of_region = [r for r in per_site if r["region"] == region]
+                rows.append({"method": method, "site": "MEAN", "region": region,
+                             **{m: _nanmean([r[m] for r in of_region]) for m in SCORE_METRICS}})
+            for region in TABLE_REGIONS:
+                worst = min((r for r in per_site if r["region"] == region), key=lambda r: _nan_low(r["dice"]))
+                rows.append({"method": method, "site": f"WORST ({worst['site']})", "region": region,
+                             **{m: worst[m] for m in SCORE_METRICS}})
+        return rows
+
+    def winner(self, site: str) -> str:
+        """The method with the highest mean Dice on ``site``."""
+        return max(self.methods, key=lambda m: _nan_low(self.mean_dice(m, site)))
+
+    def format_table(self) -> str:
+        """Mean Dice per method (rows) and site (columns), the site mean and the worst site; then per region."""
+        width = max(12, *(len(s) + 2 for s in self.sites))
+        head = f"{'method':<14}" + "".join(f"{s:>{width}}" for s in self.sites) + f"{'mean':>9}  worst site"
+        lines = ["mean Dice (ET, TC, WT averaged) of each method's final model on each site's own validation cases",
+                 head, "-" * len(head)]
+        for method in self.methods:
+            dice = [self.mean_dice(method, s) for s in self.sites]
+            worst = min(range(len(dice)), key=lambda i: _nan_low(dice[i]))
+            lines.append(f"{method:<14}" + "".join(f"{d:>{width}.4f}" for d in dice)
+                         + f"{_nanmean(dice):>9.4f}  {dice[worst]:.4f} ({self.sites[worst]})")
+        lines += ["", "Dice per region", f"{'method':<14}{'region':<8}" + "".join(f"{s:>{width}}" for s in self.sites)]
+        for method, ms in self.methods.items():
+            for region in REGIONS:
+                lines.append(f"{method:<14}{region:<8}" + "".join(f"{ms.scores[s][region]['dice']:>{width}.4f}" for s in self.sites))
+        lines += ["", "wall time: " + ", ".join(f"{m} {ms.seconds:.0f} s" for m, ms in self.methods.items())]
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        """In words: the winner on every site, the best method overall, and FedPer vs FedAvg per site."""
+        s = self.settings
+        lines = [
+            f"Budget: every training case seen {s.epochs} times per method "
+            f"({s.rounds} rounds x {s.local_epochs} local epochs); scores: final models, mean Dice over ET/TC/WT "
+            "on each site's own validation cases.",
+        ]
+        for site in self.sites:
+            ranked = sorted(self.methods, key=lambda m: -_nan_low(self.mean_dice(m, site)))
+            best = ranked[0]
+            others = ", ".join(f"{m} {self.mean_dice(m, site):.4f} ({self.mean_dice(m, site) - self.mean_dice(best, site):+.4f})"
+                               for m in ranked[1:])
+            lines.append(f"{site}: {best} wins with {self.mean_dice(best, site):.4f}" + (f"; then {others}." if others else "."))
+        means = {m: _nanmean([self.mean_dice(m, st) for st in self.sites]) for m in self.methods}
+        worsts = {m: min(_nan_low(self.mean_dice(m, st)) for st in self.sites) for m in self.methods}
+        top_mean, top_worst = max(means, key=lambda m: _nan_low(means[m])), max(worsts, key=worsts.get)
+        lines.append(f"Across sites: {top_mean} has the best mean ({means[top_mean]:.4f}), "
+                     f"{top_worst} the best worst site ({worsts[top_worst]:.4f}).")
+        if "fedper" in self.methods and "fedavg" in self.methods:
+            diffs = {st: self.mean_dice("fedper", st) - self.mean_dice("fedavg", st) for st in self.sites}
+            wins = sum(d > 0 for d in diffs.values())
+            per_site = "; ".join(
+                f"{st} {self.mean_dice('fedper', st):.4f} vs {self.mean_dice('fedavg', st):.4f} "
+                f"({d:+.4f}, {_better(d, 'FedPer', 'FedAvg')})" for st, d in diffs.items()
+            )
+            lines.append(f"FedPer vs FedAvg: {per_site}.")
+            lines.append(f"FedPer beats FedAvg on {wins} of {len(diffs)} sites; mean difference "
+                         f"{_nanmean(list(diffs.values())):+.4f}.")
+            # per region: a site whose raters draw one region differently should gain on that region
+            by_region = "; ".join(
+                f"{st} " + " ".join(
+                    f"{r} {self.methods['fedper'].scores[st][r]['dice'] - self.methods['fedavg'].scores[st][r]['dice']:+.4f}"
+                    for r in REGIONS
+                )
+                for st in self.sites
+            )
+            lines.append(f"FedPer - FedAvg Dice per region: {by_region}.")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return _finite({
+            "sites": self.sites,
+            "settings": self.settings.to_json(),
+            "budget_epochs_per_case": self.settings.epochs,
+            "scoring": "final model of every method on each site's own validation cases",
+            "methods": {m: {"source": ms.source, "seconds": ms.seconds} for m, ms in self.methods.items()},
+            "rows": self.rows(),
+            "winners": {s: self.winner(s) for s in self.sites},
+        })
+
+    def write(self) -> dict[str, Path]:
+        """``comparison.json|csv|png`` and ``verdict.txt`` in ``out``."""
+        from fedseg.lightning_modules.history import write_rows, write_text_atomic
+
+        self.files["json"] = write_json_atomic(self.out / "comparison.json", self.to_json())
+        csv_path = self.out / "comparison.csv"
+        write_rows(csv_path, self.rows(), first=("method", "site", "region", *SCORE_METRICS))
+        self.files["csv"] = csv_path
+        self.files["png"] = plot_comparison(self, self.out / "comparison.png")
+        verdict = self.out / "verdict.txt"
+        write_text_atomic(verdict, self.verdict() + "\n")
+        self.files["verdict"] = verdict
+        return self.files
+
+
+def compare(
+    site_datalists: Mapping[str, Path | str],
+    out: Path | str,
+    settings: CompareSettings | None = None,
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    data_root: Path | str | None = None,
+    progress: Callable[[str], None] = print,
+    **overrides: Any,
+) -> ComparisonResults:
+    """Train and score every method in ``methods`` on the sites ``{name: datalist}`` into ``out``.
+
+    ``overrides`` replace fields of ``settings`` (``compare(sites, out, rounds=2, features=8)``).
+    ``data_root`` overrides every datalist's data root. See the module docstring for the budget,
+    the scoring rule and the run folder.
+    """
+    settings = dataclasses.replace(settings or CompareSettings(), **overrides)
+    out = Path(out).resolve()
+    methods = _check_methods(methods)
+    sites = {name: Path(p).resolve() for name, p in site_datalists.items()}
+    root = Path(data_root).resolve() if data_root is not None else None
+    _check_sites(sites, root)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"settings": settings.to_json(), "sites": {k: str(v) for k, v in sites.items()},
+                   "data_root": str(root) if root else None}
+
+    done: dict[str, MethodScores] = {}
+    for i, method in enumerate(methods, 1):
+        run_dir = out / method
+        previous = _finished(run_dir, fingerprint)
+        if previous is not None:
+            progress(f"[compare] {i}/{len(methods)} {method}: done earlier ({run_dir / SCORES_FILE}), not run again")
+            done[method] = previous
+            continue
+        progress(f"[compare] {i}/{len(methods)} {method}: {_plan(method, settings, len(sites))} -> {run_dir}")
+        started = time.time()
+        if method == "centralized":
+            scores, source = _run_centralized(sites, run_dir, settings, root)
+        elif method == "local":
+            scores, source = _run_local(sites, run_dir, settings, root, progress)
+        else:
+            scores, source = _run_federated(method, sites, run_dir, settings, root)
+        result = MethodScores(method, scores, round(time.time() - started, 1), source, fingerprint)
+        write_json_atomic(run_dir / SCORES_FILE, result.to_json())
+        done[method] = result
+        dice = "  ".join(f"{s} {scores[s]['mean']['dice']:.4f}" for s in sites)
+        progress(f"[compare] {i}/{len(methods)} {method}: {result.seconds:.0f} s; mean Dice {dice}")
+
+    results = ComparisonResults(out, list(sites), done, settings)
+    results.write()
+    return results
+
+
+def _plan(method: str, s: CompareSettings, n_sites: int) -> str:
+    if method == "centralized":
+        return f"one model on the union of {n_sites} sites' cases, {s.epochs} epochs"
+    if method == "local":
+        return f"one model per site on its own cases, {s.epochs} epochs each"
+    return f"{s.rounds} rounds x {s.local_epochs} local epochs on {n_sites} simulated sites"
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    methods = list(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ComparisonError(f"unknown methods {unknown or '(none given)'}; known: {', '.join(METHODS)}")
+    return methods
+
+
+def _check_sites(sites: dict[str, Path], data_root: Path | None) -> None:
+    """Every site must have training and validation cases: the score is on its own validation cases."""
+    if len(sites) < 2:
+        raise ComparisonError(f"a comparison needs at least 2 sites, got {len(sites)}")
+    for name, path in sites.items():
+        datalist = read_datalist(path, data_root)
+        if not datalist.training or not datalist.validation:
+            raise ComparisonError(
+                f"{path}: site {name} has {len(datalist.training)} training and {len(datalist.validation)} "
+                "validation cases; every site needs both"
+            )
+
+
+def _finished(run_dir: Path, fingerprint: dict[str, Any]) -> MethodScores | None:
+    """The method's earlier scores, if it finished with the same settings; an error if with others."""
+    path = run_dir / SCORES_FILE
+    if not path.exists():
+        return None
+    previous = MethodScores.read(path)
+    if previous.fingerprint != fingerprint:
+        changed = sorted(
+            k for part in ("settings", "sites") for k in {**fingerprint[part], **previous.fingerprint.get(part, {})}
+            if fingerprint[part].get(k) != previous.fingerprint.get(part, {}).get(k)
+        ) or ["data_root"]
+        raise ComparisonError(
+            f"{path}: made with other settings or sites (differs in: {', '.join(changed)}); "
+            f"use a new output folder or delete {run_dir}"
+        )
+    return previous
+
+
+def _train_and_score(
+    datalists: list[Path], run_dir: Path, settings: CompareSettings, data_root: Path | None,
+    score_on: dict[str, Path],
+) -> Scores:
+    """Train (or resume) a run, then score its final model (``last.ckpt``) on each given site."""
+    from fedseg.lightning_modules.evaluation import evaluate_checkpoint
+    from fedseg.lightning_modules.training import train
+
+    cfg = settings.train_config(datalists, run_dir, data_root)
+    config_file = run_dir / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text()) != cfg.to_json():
+        raise ComparisonError(f"{config_file}: an unfinished run with other settings; delete {run_dir} to start it again")
+    results = train(cfg)
+    last = results.get("last_checkpoint")
+    if not last or results["epochs_done"] < settings.epochs:
+        raise ComparisonError(f"{run_dir}: training stopped after {results['epochs_done']} of {settings.epochs} epochs")
+    metrics = ("dice", "iou", "hd95") if settings.hd95 else ("dice", "iou")
+    scores: Scores = {}
+    for site, datalist in score_on.items():
+        evaluation = evaluate_checkpoint(last, datalist, out=run_dir / "eval" / site, split="validation",
+                                         data_root=data_root, metrics=metrics)
+        regions = evaluation.summary["regions"]
+        scores[site] = {
+            region: {m: regions["overall" if region == "mean" else region][m]["mean"] if m in metrics else math.nan
+                     for m in SCORE_METRICS}
+            for region in TABLE_REGIONS
+        }
+    return scores
+
+
+def _run_centralized(sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None) -> tuple[Scores, str]:
+    scores = _train_and_score(list(sites.values()), run_dir, s, root, sites)
+    return scores, "centralized/checkpoints/last.ckpt, evaluate_checkpoint on each site's validation cases"
+
+
+def _run_local(
+    sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None, progress: Callable[[str], None]
+) -> tuple[Scores, str]:
+    scores: Scores = {}
+    for site, datalist in sites.items():
+        progress(f"[compare]   local {site}: {s.epochs} epochs on its own cases -> {run_dir / site}")
+        scores.update(_train_and_score([datalist], run_dir / site, s, root, {site: datalist}))
+    return scores, "local/<site>/checkpoints/last.ckpt, evaluate_checkpoint on that site's validation cases"
+
+
+def _run_federated(
+    method: str, sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None
+) -> tuple[Scores, str]:
+    from fedseg.jobs.simulate import simulate
+
+    if run_dir.exists() and any(run_dir.iterdir()):
+        # An unfinished job cannot be resumed (and FedPer heads from it must not leak into a new one).
+        if not (run_dir / "job.json").exists():
+            raise ComparisonError(f"{run_dir}: exists, is not empty and is not a fedseg simulate run folder")
+        shutil.rmtree(run_dir)
+    roots = {site: root for site in sites} if root else None
+    results = simulate(s.job(method, len(sites)), sites, run_dir, data_roots=roots)
+    final = results.cross_site.get(FINAL_MODEL, {})
+    missing = [site for site in sites if "val_dice" not in final.get(site, {})]
+    if missing:
+        raise ComparisonError(
+            f"{run_dir}: cross-site evaluation has no score of the final global model on {', '.join(missing)} "
+            f"(see the site logs under {run_dir / 'nvflare' / method})"
+        )
+    scores = {
+        site: {
+            region: {m: float(final[site].get(f"val_{m}" + ("" if region == "mean" else f"_{region.lower()}"), math.nan))
+                     for m in SCORE_METRICS}
+            for region in TABLE_REGIONS
+        }
+        for site in sites
+    }
+    what = "global encoder + the site's own head" if method == "fedper" else "global model"
+    return scores, f"{method}: cross-site evaluation of the final {what} ({FINAL_MODEL}) on each site's validation cases"
+
+
+def plot_comparison(results: ComparisonResults, out: Path) -> Path:
+    """Grouped bars: mean Dice (over ET, TC, WT) of every method on every site, and their mean."""
+    # The object-oriented API with an Agg canvas, as in evaluation.py: no pyplot global state.
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = [*results.sites, "mean"]
+    methods = list(results.methods)
+    width = 0.8 / len(methods)
+    fig = Figure(figsize=(2 + 1.6 * len(groups), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, method in enumerate(methods):
+        dice = [results.mean_dice(method, s) for s in results.sites]
+        values = [*dice, _nanmean(dice)]
+        bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=method)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(x, groups)
+    ax.set(ylabel="mean Dice (ET, TC, WT)", ylim=(0, 1.2),  # headroom for the legend
+           title=f"final models on each site's own validation cases ({results.settings.epochs} epochs per case)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncols=len(methods), loc="upper center", fontsize=8)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def _better(diff: float, a: str, b: str) -> str:
+    if math.isnan(diff):
+        return "no score"
+    if abs(diff) < 5e-5:
+        return "tie"
+    return f"{a} better" if diff > 0 else f"{b} better"
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def _nan_low(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def _nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _finite(document: Any) -> Any:
+    """NaN -> None, so the JSON stays standard."""
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, dict):
+        return {k: _finite(v) for k, v in document.items()}
+    if isinstance(document, (list, tuple)):
+        return [_finite(v) for v in document]
+    if isinstance(document, Path):
+        return str(document)
+    return document

@@ -1,0 +1,147 @@
+"""fedseg compare: every method on the same sites and budget, scored on each site's own cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from fedseg.jobs.compare import (
+    FL_METHODS,
+    TABLE_REGIONS,
+    CompareSettings,
+    ComparisonError,
+    ComparisonResults,
+    MethodScores,
+    compare,
+)
+
+
+def _scores(per_site_mean: dict[str, float]) -> dict:
+    """Scores whose regions are mean +- 0.1 (ET low, WT high), so the mean region is the given value."""
+    out = {}
+    for site, mean in per_site_mean.items():
+        regions = {"ET": mean - 0.1, "TC": mean, "WT": mean + 0.1}
+        out[site] = {r: {"dice": d, "iou": d / (2 - d), "hd95": math.nan} for r, d in regions.items()}
+        out[site]["mean"] = {"dice": mean, "iou": sum(d / (2 - d) for d in regions.values()) / 3, "hd95": math.nan}
+    return out
+
+
+def test_tables_and_verdict_from_scores(tmp_path):
+    methods = {
+        "local": MethodScores("local", _scores({"site-1": 0.50, "site-2": 0.40}), 1.0, "test"),
+        "fedavg": MethodScores("fedavg", _scores({"site-1": 0.60, "site-2": 0.55}), 1.0, "test"),
+        "fedper": MethodScores("fedper", _scores({"site-1": 0.58, "site-2": 0.65}), 1.0, "test"),
+    }
+    results = ComparisonResults(tmp_path, ["site-1", "site-2"], methods, CompareSettings(rounds=3, local_epochs=2))
+    assert results.winner("site-1") == "fedavg" and results.winner("site-2") == "fedper"
+
+    rows = results.rows()
+    mean = {r["method"]: r["dice"] for r in rows if r["site"] == "MEAN" and r["region"] == "mean"}
+    assert mean == pytest.approx({"local": 0.45, "fedavg": 0.575, "fedper": 0.615})
+    worst = {r["method"]: (r["site"], r["dice"]) for r in rows if r["site"].startswith("WORST") and r["region"] == "mean"}
+    assert worst == {"local": ("WORST (site-2)", pytest.approx(0.40)), "fedavg": ("WORST (site-2)", pytest.approx(0.55)),
+                     "fedper": ("WORST (site-1)", pytest.approx(0.58))}
+
+    verdict = results.verdict()
+    assert "every training case seen 6 times" in verdict
+    assert "site-1: fedavg wins with 0.6000" in verdict and "site-2: fedper wins with 0.6500" in verdict
+    assert "site-1 0.5800 vs 0.6000 (-0.0200, FedAvg better)" in verdict
+    assert "site-2 0.6500 vs 0.5500 (+0.1000, FedPer better)" in verdict
+    assert "FedPer beats FedAvg on 1 of 2 sites; mean difference +0.0400" in verdict
+    assert "fedper has the best mean (0.6150), fedper the best worst site (0.5800)" in verdict
+    assert "per region: site-1 ET -0.0200 TC -0.0200 WT -0.0200; site-2 ET +0.1000" in verdict
+
+    files = results.write()
+    with files["csv"].open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 * (2 + 2) * 4  # methods x (sites + MEAN + WORST) x regions
+    assert {(r["method"], r["site"], r["region"]) for r in table} >= {
+        (m, s, reg) for m in methods for s in ("site-1", "site-2") for reg in TABLE_REGIONS
+    }
+    assert files["png"].stat().st_size > 5000
+    assert files["verdict"].read_text().strip() == verdict
+
+
+def test_bad_methods_and_settings_are_refused(tmp_path):
+    from fedseg.jobs.fedavg import ALGORITHMS
+
+    assert FL_METHODS == ALGORITHMS  # spelled out in compare.py to keep `fedseg --help` light
+    with pytest.raises(ComparisonError, match="unknown methods.*'fedsgd'"):
+        compare({"a": tmp_path / "a.json", "b": tmp_path / "b.json"}, tmp_path / "out", methods=["fedsgd"])
+    with pytest.raises(ComparisonError, match="rounds and local_epochs"):
+        CompareSettings(rounds=0)
+    with pytest.raises(TypeError):
+        compare({}, tmp_path / "out", epochs=3)  # not a setting: the budget is rounds x local_epochs
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path, capsys):
+    from fedseg.cli import main
+    from fedseg.jobs.results import FINAL_MODEL
+    from fedseg.lightning_modules.data.synth import SynthConfig, generate
+    from fedseg.lightning_modules.evaluation import evaluate_checkpoint
+
+    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
+    sites = dict(synth.datalists)
+    out = tmp_path / "cmp"
+    settings = CompareSettings(rounds=2, local_epochs=1, features=8, roi=(32, 32, 32), hd95=False)
+    lines: list[str] = []
+    results = compare(sites, out, settings, progress=lines.append)
+
+    # every method x site x region, overlap scores in [0, 1]
+    with (out / "comparison.csv").open() as f:
+        table = list(csv.DictReader(f))
+    got = {(r["method"], r["site"], r["region"]) for r in table}
+    methods = ("centralized", "local", "fedavg", "fedper")
+    assert got >= {(m, s, reg) for m in methods for s in sites for reg in TABLE_REGIONS}
+    for r in table:
+        assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["iou"]) <= 1.0, r
+        assert r["hd95"] == "nan"  # hd95 off
+    verdict = (out / "verdict.txt").read_text()
+    assert all(f"{s}: " in verdict for s in sites) and "FedPer vs FedAvg" in verdict
+    assert json.loads((out / "comparison.json").read_text())["budget_epochs_per_case"] == 2
+    assert (out / "comparison.png").stat().st_size > 5000
+
+    # the same budget: centralized and local ran R x E epochs; the FL jobs R rounds of E epochs
+    for run in (out / "centralized", out / "local" / "site-1", out / "local" / "site-2"):
+        assert json.loads((run / "results.json").read_text())["epochs_done"] == 2
+    for method in ("fedavg", "fedper"):
+        job = json.loads((out / method / "job.json").read_text())
+        assert (job["algorithm"], job["rounds"], job["local_epochs"]) == (method, 2, 1)
+    # local-only: site k's own model, scored on site k only
+    assert sorted(p.name for p in (out / "local" / "site-1" / "eval").iterdir()) == ["site-1"]
+
+    # one metric definition: evaluate_checkpoint of FedAvg's final global model on a site's validation
+    # cases reproduces the site's cross-site val_dice_* (what the FL rows come from)
+    cross = json.loads((out / "fedavg" / "results.json").read_text())["final_global_model"]
+    for site, datalist in sites.items():
+        check = evaluate_checkpoint(out / "fedavg" / "checkpoints" / "final_global.ckpt", datalist,
+                                    out=tmp_path / "check" / site, metrics=("dice", "iou"))
+        for region in TABLE_REGIONS:
+            ours = check.summary["regions"]["overall" if region == "mean" else region]["dice"]["mean"]
+            assert results.methods["fedavg"].scores[site][region]["dice"] == pytest.approx(ours, abs=1e-5)
+            assert any(r["site"] == site and r["region"] == region and r["dice"] == pytest.approx(ours, abs=1e-5)
+                       for r in cross)
+    assert FINAL_MODEL in results.methods["fedper"].source
+
+    # resumable: a second run (here through the CLI) trains nothing and reproduces the scores
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("scores.json", "last.ckpt", "final_global_encoder.ckpt")}
+    assert len(stamps) == 4 + 3 + 1  # four methods' scores, three last.ckpt, FedPer's encoder
+    capsys.readouterr()
+    argv = ["compare", "--out", str(out), "--datalists", *map(str, sites.values()), "--rounds", "2",
+            "--local-epochs", "1", "--features", "8", "--roi", "32", "--no-hd95"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("not run again") == 4
+    assert "mean Dice (ET, TC, WT averaged)" in printed and "FedPer beats FedAvg on" in printed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "comparison.json").read_text())["rows"]
+    assert again == json.loads(json.dumps(results.to_json()))["rows"]
+
+    # other settings in the same folder are refused, naming what differs
+    with pytest.raises(ComparisonError, match="differs in: rounds"):
+        compare(sites, out, settings, methods=["centralized"], rounds=3)
