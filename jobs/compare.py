@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedseg.lightning_modules.data.datalist import read_datalist, write_json_atomic
+from fedseg.lightning_modules.data.datalist import json_safe, read_datalist, write_json_atomic
 from fedseg.lightning_modules.labels import REGIONS
 
 #: ``jobs.fedavg.ALGORITHMS``, spelled out so that importing this module (``fedseg --help``)
@@ -168,7 +168,7 @@ class MethodScores:
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return _finite(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     @classmethod
     def read(cls, path: Path) -> MethodScores:
@@ -270,7 +270,7 @@ class ComparisonResults:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return _finite({
+        return json_safe({
             "sites": self.sites,
             "settings": self.settings.to_json(),
             "budget_epochs_per_case": self.settings.epochs,
@@ -519,15 +519,3 @@ def _nan_low(x: float) -> float:
 def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
-
-def _finite(document: Any) -> Any:
-    """NaN -> None, so the JSON stays standard."""
-    if isinstance(document, float):
-        return document if math.isfinite(document) else None
-    if isinstance(document, dict):
-        return {k: _finite(v) for k, v in document.items()}
-    if isinstance(document, (list, tuple)):
-        return [_finite(v) for v in document]
-    if isinstance(document, Path):
-        return str(document)
-    return document

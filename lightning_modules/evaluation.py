@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedseg.lightning_modules.data.datalist import Case, Datalist, read_datalist, write_json_atomic
+from fedseg.lightning_modules.data.datalist import Case, Datalist, json_safe, read_datalist, write_json_atomic
 from fedseg.lightning_modules.data.transforms import build_transforms, case_to_item
 from fedseg.lightning_modules.inference import (
     InferenceError,
@@ -249,20 +249,9 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     columns = ["case_id", "region", *metrics]
     result.files["per_case_csv"] = write_rows_csv(rows, out / "per_case.csv", columns)
-    result.files["per_case_json"] = write_json_atomic(out / "per_case.json", _finite(rows))
-    result.files["summary_json"] = write_json_atomic(out / "summary.json", _finite(summary))
+    result.files["per_case_json"] = write_json_atomic(out / "per_case.json", json_safe(rows))
+    result.files["summary_json"] = write_json_atomic(out / "summary.json", json_safe(summary))
     for path in plot_region_boxes(rows, metrics, out, title=f"{datalist_path.name} {split}"):
         result.files[path.stem] = path
     return result
-
-
-def _finite(document: Any) -> Any:
-    """NaN/inf -> None, so the JSON stays standard (``json.dump`` would write ``NaN``)."""
-    if isinstance(document, float):
-        return document if math.isfinite(document) else None
-    if isinstance(document, dict):
-        return {k: _finite(v) for k, v in document.items()}
-    if isinstance(document, (list, tuple)):
-        return [_finite(v) for v in document]
-    return document
 

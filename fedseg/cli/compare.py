@@ -47,13 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def site_datalists(args: argparse.Namespace) -> dict[str, Path]:
     """Given datalists keyed by file stem, or synthetic sites in OUT/synth (reused when it matches)."""
     if args.datalists:
-        missing = [str(p) for p in args.datalists if not p.is_file()]
-        if missing:
-            raise UserError(f"datalist(s) not found: {', '.join(missing)}")
-        names = [p.stem for p in args.datalists]
-        if len(set(names)) != len(names):
-            raise UserError("datalist file names must differ: each file's stem names its site")
-        return dict(zip(names, args.datalists))
+        from fedseg.cli.simulate import named_datalists
+
+        return named_datalists(args.datalists)
     from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate, is_synth_output, load_synth_config
 
     folder = args.out / "synth"

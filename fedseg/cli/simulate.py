@@ -89,16 +89,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.set_defaults(func=run_simulate)
 
 
+def named_datalists(paths: list[Path]) -> dict[str, Path]:
+    """``{site: datalist}`` with each file's stem as its site's name (site-1.json -> site-1)."""
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"datalist(s) not found: {', '.join(missing)}")
+    names = [p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise UserError("datalist file names must differ: each file's stem names its site")
+    return dict(zip(names, paths))
+
+
 def site_datalists(args: argparse.Namespace) -> dict[str, Path]:
     """Given datalists keyed by file stem, or fresh synthetic sites in OUT/synth."""
     if args.datalists:
-        missing = [str(p) for p in args.datalists if not p.is_file()]
-        if missing:
-            raise UserError(f"datalist(s) not found: {', '.join(missing)}")
-        names = [p.stem for p in args.datalists]
-        if len(set(names)) != len(names):
-            raise UserError("datalist file names must differ: each file's stem names its site")
-        return dict(zip(names, args.datalists))
+        return named_datalists(args.datalists)
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
 
     result = generate(SynthConfig(n_sites=args.sites, cases_per_site=args.cases, shape=(args.size,) * 3), args.out / "synth")

@@ -26,6 +26,7 @@ entries so that the same datalist works wherever a site mounts its data (site-lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -130,6 +131,20 @@ class Datalist:
             "validation": [c.to_entry() for c in self.validation],
             "meta": self.meta,
         }
+
+
+def json_safe(document: Any) -> Any:
+    """NaN/inf -> None and paths -> str, so a document dumps as standard JSON (``json.dump``
+    would write ``NaN``)."""
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, dict):
+        return {k: json_safe(v) for k, v in document.items()}
+    if isinstance(document, (list, tuple)):
+        return [json_safe(v) for v in document]
+    if isinstance(document, Path):
+        return str(document)
+    return document
 
 
 def write_json_atomic(path: Path | str, document: Any) -> Path:
