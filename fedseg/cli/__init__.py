@@ -21,6 +21,15 @@ class UserError(Exception):
     """A problem the user can fix (bad path, bad dataset, bad option): printed without a traceback."""
 
 
+def three_ints(values: Sequence[int], option: str) -> tuple[int, int, int]:
+    """An option that takes one number (a cube) or three (x y z), e.g. ``--roi 128``."""
+    if len(values) == 1:
+        return (int(values[0]),) * 3
+    if len(values) != 3:
+        raise UserError(f"{option} takes one or three numbers")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedseg",

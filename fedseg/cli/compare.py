@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedseg.cli import UserError
+from fedseg.cli import UserError, three_ints
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,9 +73,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.check import DatasetCheckError
     from fedseg.lightning_modules.data.datalist import DatalistError
 
-    roi = args.roi * 3 if len(args.roi) == 1 else args.roi
-    if len(roi) != 3:
-        raise UserError("--roi takes one or three numbers")
+    roi = three_ints(args.roi, "--roi")
     datalists = site_datalists(args)
     try:
         settings = CompareSettings(

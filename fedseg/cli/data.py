@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedseg.cli import UserError
+from fedseg.cli import UserError, three_ints
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,9 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate
 
-    size = args.size * 3 if len(args.size) == 1 else args.size
-    if len(size) != 3:
-        raise UserError("--size takes one or three numbers")
+    size = three_ints(args.size, "--size")
     try:
         cfg = SynthConfig(
             n_sites=args.sites,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedseg.cli import UserError
+from fedseg.cli import UserError, three_ints
 
 ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper")
 
@@ -41,9 +41,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
 def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | None = None, site_threads: int = 0):
     from fedseg.jobs.fedavg import FedAvgJob
 
-    roi = args.roi * 3 if len(args.roi) == 1 else args.roi
-    if len(roi) != 3:
-        raise UserError("--roi takes one or three numbers")
+    roi = three_ints(args.roi, "--roi")
     try:
         return FedAvgJob(
             name=name or args.job,
