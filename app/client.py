@@ -9,6 +9,10 @@ It is a plain Lightning script: the same ``SegmentationModule`` and ``SegDataMod
    training cases,
 3. prints one progress line.
 
+A crash inside a round (an exception, an out-of-memory, a bad case, a ``fault_drill`` of the site
+config) is reported to the server as this site's failure for that round (no weights, the error's
+class only) and the site takes the next round as usual; see ``fedseg.app.resilient_fedavg``.
+
 It also answers the ``submit_model`` task of cross-site evaluation. The site's data is found
 through site-local configuration (``fedseg.app.site_config``), never through paths in the job.
 Only weights and scalar metrics leave the site.
@@ -20,8 +24,10 @@ import argparse
 import dataclasses
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -61,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
     from nvflare.app_common.abstract.fl_model import FLModel
 
+    from fedseg.app.fault_drill import FaultDrill
     from fedseg.app.fedper import SharedKeysFLCallback, personal_keys
     from fedseg.app.head_store import FedPerHeadStore
     from fedseg.app.site_config import default_head_store, load_site_config
@@ -104,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.__fl_meta__ = {"NUM_STEPS_CURRENT_ROUND": n_train, "n_train_cases": n_train}
 
     callbacks, head_store, personal = [], None, []
+    drill = FaultDrill.from_site_config(config.extra, config.source)
+    if drill is not None:
+        callbacks.append(drill)
+        progress(f"[fedseg] {site}: fault drill on: training fails in round(s) {sorted(drill.raise_in_rounds)}")
     if args.fedper:
         # The head stays here: only shared keys are sent, the received encoder is loaded
         # non-strictly (the head is kept), and the head lives in a site-local store.
@@ -137,20 +148,60 @@ def main(argv: Sequence[str] | None = None) -> None:
             flapi.send(FLModel(params={k: v for k, v in state.items() if k not in set(personal)}))
             continue
         started = time.time()
-        global_metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
-        val_dice = global_metrics[0].get("val_dice", float("nan")) if global_metrics else float("nan")
-        if flapi.is_evaluate():  # cross-site evaluation: the callback has sent the metrics
-            progress(f"[fedseg] {site}: cross-site validation val_dice={val_dice:.4f}")
+        round_no = (input_model.current_round or 0) + 1  # None for cross-site evaluation tasks
+        round_name = f"round {round_no}/{input_model.total_rounds}"
+        if drill is not None:
+            drill.current_round = round_no
+        try:
+            global_metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
+            val_dice = global_metrics[0].get("val_dice", float("nan")) if global_metrics else float("nan")
+            if flapi.is_evaluate():  # cross-site evaluation: the callback has sent the metrics
+                progress(f"[fedseg] {site}: cross-site validation val_dice={val_dice:.4f}")
+                continue
+            trainer.fit(model, datamodule=datamodule)
+        except Exception as err:  # noqa: BLE001 - any crash of this round is this site's failure for the round
+            # The traceback stays in the site's log; the server learns only the error class (a message
+            # may hold file paths or case ids), and the site takes the next round's task as usual.
+            traceback.print_exc()
+            report_round_failure(trainer, err, evaluate=flapi.is_evaluate())
+            if head_store is not None:
+                head_store.load_into(model, personal)  # drop the half-trained head of the failed round
+            progress(f"[fedseg] {round_name} {site}: FAILED ({type(err).__name__}, traceback in the site log); "
+                     "reported to the server, the site stays in the study")
             continue
-        trainer.fit(model, datamodule=datamodule)
         if head_store is not None:
             head_store.save(model, personal, encoder_round=input_model.current_round, job_id=flare.get_job_id())
         loss = trainer.callback_metrics.get("train_loss")
         progress(
-            f"[fedseg] round {input_model.current_round + 1}/{input_model.total_rounds} {site}: "
+            f"[fedseg] {round_name} {site}: "
             f"global val_dice={val_dice:.4f} train_loss={float(loss) if loss is not None else float('nan'):.4f} "
             f"cases={n_train} {time.time() - started:.1f}s"
         )
+
+
+def report_round_failure(trainer: Any, err: BaseException, evaluate: bool) -> None:
+    """Answer the current task with "this site failed this round" and make the site ready for the next.
+
+    The answer carries no weights and only the error's class name under ``SITE_FAILURE_KEY``;
+    ``fedseg.app.resilient_fedavg.ResilientFedAvg`` leaves the site out of the round and names it.
+    """
+    import nvflare.client as flapi
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+    from nvflare.app_opt.lightning.api import FLCallback
+
+    from fedseg.app.resilient_fedavg import SITE_FAILURE_KEY
+
+    meta = {SITE_FAILURE_KEY: type(err).__name__, "NUM_STEPS_CURRENT_ROUND": 0}
+    if evaluate:
+        answer = FLModel(metrics={}, meta=meta)
+    else:
+        answer = FLModel(params={}, params_type=ParamsType.FULL, meta=meta)
+    flapi.send(answer)
+    # The Lightning patch's callback still holds the failed round (received model, round start);
+    # reset it as its own on_train_end does after a send, so the next round starts clean.
+    for callback in trainer.callbacks:
+        if isinstance(callback, FLCallback):
+            callback.reset_state(trainer)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ What the server runs:
   shared keys, and a site-side ``ExcludeVars`` output filter strips the personal keys again
   (``fedseg.app.fedper``); ``keep_norm_local`` keeps normalization layers local too (FedBN).
 Every variant ends with cross-site evaluation and keeps the best global model by ``val_dice``.
+
+Resilience (fedavg, fedprox, fedper): the server controller is ``ResilientFedAvg``
+(``fedseg.app.resilient_fedavg``): a round ends when every site answered or ``round_timeout``
+passed, a failed or silent site is left out of that round and named in
+``metrics/participation.jsonl``, and fewer than ``min_sites_per_round`` answers stop the job with
+the reason. ``resume_from`` continues a study from its last global checkpoint with the rounds
+already done counted (``fedseg.jobs.resume``). FedOpt keeps NVFlare's own controller.
 """
 
 from __future__ import annotations
@@ -70,6 +77,12 @@ class FedAvgJob:
     site_threads: int = 0
     #: W&B tracking on the server: "off", "offline" or "online" (fedseg.app.wandb_receiver)
     wandb: str = "off"
+    #: seconds a round waits for the sites (0: for ever); set it above the slowest site's round
+    round_timeout: int = 7200
+    #: fewest sites whose results a round may average (0: min_clients); fewer stop the job
+    min_sites_per_round: int = 0
+    #: continue a study from this global checkpoint or run folder (fedseg.jobs.resume)
+    resume_from: str = ""
     extra_script_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -79,6 +92,16 @@ class FedAvgJob:
         self.roi = tuple(int(r) for r in self.roi)  # type: ignore[assignment]
         if self.wandb not in ("off", "offline", "online"):
             raise ValueError(f"unknown W&B mode {self.wandb!r}; known: off, offline, online")
+        if self.round_timeout < 0 or self.min_sites_per_round < 0:
+            raise ValueError("round_timeout and min_sites_per_round must be >= 0")
+        if self.min_sites_per_round > self.min_clients:
+            raise ValueError(f"min_sites_per_round ({self.min_sites_per_round}) exceeds min_clients ({self.min_clients}): "
+                             "a round could never have enough sites")
+
+    @property
+    def min_sites(self) -> int:
+        """Fewest answering sites a round may average."""
+        return self.min_sites_per_round or self.min_clients
 
     def script_args(self) -> str:
         """Command-line arguments of the site script (``fedseg.app.client``)."""
@@ -189,8 +212,12 @@ def build_recipe(job: FedAvgJob) -> Any:
         train_args=job.script_args(),
         server_expected_format=ExchangeFormat.PYTORCH,
     )
+    start_round = 0
+    if job.resume_from:
+        start_round, common["initial_ckpt"] = _resume(job)
+        common["num_rounds"] = job.rounds - start_round
     with in_app_dir():  # adding filters re-assembles the client app, which reads the script too
-        recipe = _base_recipe(job, common)
+        recipe = _base_recipe(job, common, start_round)
         # Best model: the recipe's selector averages the sites' val_dice unweighted; weigh it by the
         # same case counts as the aggregation (NUM_STEPS_CURRENT_ROUND carries them, see app/client.py).
         _replace_server_component(
@@ -209,19 +236,42 @@ def build_recipe(job: FedAvgJob) -> Any:
         if job.task_poll_interval != 2.0:
             recipe.add_server_config({"server": {"task_request_interval": job.task_poll_interval}})
         if job.cross_site_eval:
-            add_cross_site_evaluation(recipe, submit_model_timeout=600, validation_timeout=6000)
+            # A vanished site must not hold up the evaluation either: its tasks time out like a round.
+            timeout = job.round_timeout or None
+            add_cross_site_evaluation(recipe, submit_model_timeout=timeout or 600, validation_timeout=timeout or 6000)
     return recipe
 
 
-def _base_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
+def _resume(job: FedAvgJob) -> tuple[int, str]:
+    """Rounds done and the checkpoint path for the recipe's ``initial_ckpt``.
+
+    A path relative to the working directory (``app/`` while a recipe is built) makes NVFlare
+    bundle the file into the server app's custom/ folder (nvflare/recipe/utils.py,
+    ``prepare_initial_ckpt``), so the job carries its starting point to POC and real servers.
+    """
+    from fedseg.jobs.resume import find_resume_point
+
+    point = find_resume_point(Path(job.resume_from))
+    if point.rounds_done >= job.rounds:
+        raise ValueError(f"{point.checkpoint} already holds {point.rounds_done} rounds; the job has {job.rounds}: "
+                         "nothing left to resume (raise rounds to train more)")
+    return point.rounds_done, os.path.relpath(point.checkpoint, APP_DIR)
+
+
+def _base_recipe(job: FedAvgJob, common: dict[str, Any], start_round: int = 0) -> Any:
+    resilience = dict(round_timeout=job.round_timeout, min_sites=job.min_sites, start_round=start_round)
     if job.algorithm in ("fedavg", "fedper"):
-        from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+        from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
 
-        return FedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **common)
+        return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **resilience, **common)
     if job.algorithm == "fedprox":
-        from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
+        from fedseg.jobs.resilient_recipes import ResilientFedProxRecipe
 
-        return FedProxRecipe(key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.fedprox_mu, **common)
+        return ResilientFedProxRecipe(
+            key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.fedprox_mu, **resilience, **common
+        )
+    if start_round:
+        raise ValueError("resume_from is supported for fedavg, fedprox and fedper (FedOpt keeps NVFlare's controller)")
     return _fedopt_recipe(job, common)
 
 

@@ -35,11 +35,13 @@ def simulate(
     data_roots: dict[str, Path] | None = None,
     threads: int | None = None,
     head_stores: Path | None = None,
+    site_settings: dict[str, dict[str, Any]] | None = None,
 ) -> FederatedResults:
     """Run ``job`` in the simulator with one site per datalist; returns the collected results.
 
     ``head_stores``: folder of the sites' FedPer head stores (``<folder>/<site>/``), default
     ``RUN/heads``; pass the same folder to a later job of the study to reuse the heads.
+    ``site_settings``: more entries of a site's own config (e.g. ``{"site-2": {"fault_drill": ...}}``).
     """
     from nvflare.recipe import SimEnv
 
@@ -50,7 +52,8 @@ def simulate(
     for site, datalist in site_datalists.items():
         root = (data_roots or {}).get(site)
         heads = Path(head_stores or run_dir / "heads").resolve() / site
-        write_site_config(configs / f"{site}.json", datalist, root, cache_dir=run_dir / "cache" / site, head_store=heads)
+        extra = (site_settings or {}).get(site, {})
+        write_site_config(configs / f"{site}.json", datalist, root, cache_dir=run_dir / "cache" / site, head_store=heads, **extra)
 
     recipe = build_recipe(job)
     env = SimEnv(

@@ -1,0 +1,259 @@
+"""Server workflow: FedAvg whose rounds end on time and survive a site that fails or vanishes.
+
+NVFlare 2.9's ``FedAvg`` sends each round's training task without a timeout, and in its default
+error mode a site's error result panics the job: one crashed hospital stopped the whole study
+(``FINISHED:EXECUTION_EXCEPTION``) and one vanished hospital left it RUNNING for good.
+``ResilientFedAvg`` keeps NVFlare's in-time weighted averaging, persistor, events and model
+selection, and changes only how a round ends:
+
+- the round's task goes to every site that is not known to be disconnected, with a timeout of
+  ``round_timeout`` seconds (0: no timeout, NVFlare's behaviour);
+- the round ends when every site answered or the timeout passed; a site that reported a failure
+  (``SITE_FAILURE_KEY`` in its result's meta, see ``fedseg.app.client``), returned an error, or
+  did not answer in time is left out of that round's average and named in the report; it gets
+  the next round's task like every other site, so it is back as soon as it answers again;
+- with fewer than ``min_sites`` usable answers the job stops (a system panic naming the sites
+  and the reason) instead of averaging too few sites or waiting for ever;
+- ``start_round`` > 0 resumes a study: the persistor's initial checkpoint is the last global
+  model, and the rounds already done are counted (``total_rounds`` stays the study's).
+
+Every round appends one line to ``<run dir>/metrics/participation.jsonl`` and the end of the run
+writes ``metrics/participation_summary.json``: which sites answered, failed (with the exception
+class the site reported, never its message, which may hold paths) or were missing, per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
+from nvflare.app_common.workflows.base_fedavg import _get_client_name
+from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.fuel.utils.log_utils import center_message
+
+#: meta key of a site's result that says "this site failed this round" (value: the error class)
+SITE_FAILURE_KEY = "fedseg_site_failure"
+REPORT_DIR = "metrics"
+ROUND_REPORT = "participation.jsonl"
+SUMMARY_REPORT = "participation_summary.json"
+
+
+class ResilientFedAvg(FedAvg):
+    """NVFlare's ``FedAvg`` with a round timeout, a minimum of answering sites and a report.
+
+    Args:
+        round_timeout: seconds a round waits for the sites' results (0: no limit).
+        min_sites: fewest usable results a round may average; below it the job stops.
+        *args, **kwargs: NVFlare ``FedAvg`` arguments (``num_rounds``, ``start_round``, ...).
+    """
+
+    def __init__(self, *args: Any, round_timeout: int = 0, min_sites: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if int(round_timeout) < 0:
+            raise ValueError(f"round_timeout must be >= 0 seconds, got {round_timeout}")
+        if int(min_sites) < 1:
+            raise ValueError(f"min_sites must be >= 1, got {min_sites}")
+        self.round_timeout = int(round_timeout)
+        self.min_sites = int(min_sites)
+        # A site's error result is that site's failure for the round, never the job's: the round
+        # decides with min_sites (BaseModelController would otherwise panic on the first error).
+        self._ignore_result_error = True
+        self._failed: dict[str, str] = {}
+        self._answered: list[str] = []
+        self._history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ the workflow
+
+    def run(self) -> None:
+        self.info(center_message("Start FedAvg (fedseg: round timeout, minimum sites, report)."))
+        last_round = self.start_round + self.num_rounds
+        self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, last_round, private=True, sticky=False)
+        model = self._initial_model()
+        if model is None:  # the persistor panicked (e.g. the resume checkpoint is missing)
+            return
+        model.start_round, model.total_rounds = self.start_round, last_round
+        if self.start_round:
+            self.info(f"Resuming the study at round {self.start_round + 1} of {last_round}: "
+                      f"{self.start_round} round(s) already done")
+        status, reason = "completed", ""
+        for self.current_round in range(self.start_round, last_round):
+            model.current_round = self.current_round
+            self.fl_ctx.set_prop(AppConstants.CURRENT_ROUND, self.current_round, private=True, sticky=False)
+            self.event(AppEventType.ROUND_STARTED)
+            targets = self._live_sites()
+            started = time.monotonic()
+            if len(targets) >= self.min_sites:
+                self._run_round(model, targets)
+            if self.abort_signal.triggered:
+                self.info("Abort signal triggered. Finishing FedAvg.")
+                status, reason = "aborted", "the job was aborted"
+                break
+            record = self._record_round(targets, time.monotonic() - started)
+            if len(self._answered) < self.min_sites:
+                status = "stopped"
+                reason = (
+                    f"round {self.current_round + 1}: only {len(self._answered)} of the {self.min_sites} sites "
+                    f"needed answered ({self._describe(record)}); the study stops here"
+                )
+                break
+            self.event(AppEventType.BEFORE_AGGREGATION)
+            aggregate = self._get_aggregated_result()
+            self.fire_event_with_data(
+                AppEventType.AFTER_AGGREGATION, self.fl_ctx, AppConstants.AGGREGATION_RESULT, aggregate
+            )
+            model = self.update_model(model, aggregate)
+            self.save_model(model)  # NVFlare's PTFileModelPersistor writes it atomically (temp + os.replace)
+            self._maybe_cleanup_memory()
+        self._write_summary(status, reason)
+        if status == "stopped":
+            self.error(reason)
+            self.panic(reason)  # ends the job with this reason instead of averaging too few sites
+            return
+        self.info(center_message("Finished FedAvg."))
+
+    def _initial_model(self) -> FLModel | None:
+        if self.model is not None:
+            return self.model if isinstance(self.model, FLModel) else FLModel(params=self.model)
+        return self.load_model()
+
+    def _run_round(self, model: FLModel, targets: list[str]) -> None:
+        if self.aggregator:
+            self.aggregator.reset_stats()
+        else:
+            from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+
+            self._aggr_helper = WeightedAggregationHelper(exclude_vars=self.exclude_vars)
+            self._aggr_metrics_helper = WeightedAggregationHelper()
+            self._all_metrics = True
+        self._received_count, self._expected_count = 0, len(targets)
+        self._params_type, self._site_metric_weights = None, {}
+        set_fedprox_metadata(model, self.fedprox_mu)
+        self.info(f"Round {self.current_round + 1}: sending the global model to {', '.join(targets)}"
+                  + (f" (timeout {self.round_timeout} s)" if self.round_timeout else ""))
+        self.send_model(
+            task_name=self.task_name,
+            targets=targets,
+            data=model,
+            timeout=self.round_timeout,
+            callback=self._aggregate_one_result,
+        )
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                self.cancel_all_tasks()
+                return
+            time.sleep(self._task_check_period)
+
+    def _live_sites(self) -> list[str]:
+        """The job's sites that NVFlare does not consider disconnected; reset this round's tallies."""
+        self._failed, self._answered = {}, []
+        sites = [client.name for client in self.engine.get_clients()]
+        return [s for s in sites if not self.get_client_disconnect_time(s)]
+
+    # ------------------------------------------------------------------ results of one site
+
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        site = _get_client_name(result)
+        failure = (result.meta or {}).get(SITE_FAILURE_KEY)
+        if failure or not result.params:
+            self._failed[site] = str(failure or "sent no weights")
+            self.warning(f"Round {self.current_round + 1}: {site} failed this round ({self._failed[site]}); "
+                         "left out of the average")
+            return False
+        accepted = super()._aggregate_one_result(result)
+        if accepted:
+            self._answered.append(site)
+        return accepted
+
+    def _accept_train_result(
+        self, client_name: str, result: Shareable, fl_ctx: FLContext, is_unknown_task: bool = False
+    ) -> bool:
+        accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
+        rc = result.get_return_code()
+        if not is_unknown_task and rc and rc != ReturnCode.OK:
+            self._failed[client_name] = f"NVFlare error {rc}"
+            self.warning(f"Round {self.current_round + 1}: {client_name} returned {rc}; left out of the average")
+        elif is_unknown_task:
+            self.warning(f"{client_name} answered after its round had ended; the result is not used")
+        return accepted
+
+    # ------------------------------------------------------------------ the report
+
+    def _record_round(self, targets: list[str], seconds: float) -> dict[str, Any]:
+        all_sites = sorted({c.name for c in self.engine.get_clients()} | set(targets))
+        answered = sorted(self._answered)
+        failed = {s: self._failed[s] for s in sorted(self._failed) if s not in answered}
+        missing = [s for s in targets if s not in answered and s not in failed]
+        record = {
+            "round": self.current_round + 1,
+            "targets": sorted(targets),
+            "answered": answered,
+            "failed": failed,
+            "missing": sorted(missing),
+            "disconnected": [s for s in all_sites if s not in targets],
+            "seconds": round(seconds, 2),
+            "timeout": self.round_timeout,
+        }
+        self._history.append(record)
+        self._append_jsonl(ROUND_REPORT, record)
+        left_out = len(targets) - len(answered)
+        message = f"Round {record['round']}: {len(answered)}/{len(targets)} sites answered"
+        if left_out or record["disconnected"]:
+            self.warning(f"{message}; {self._describe(record)}")
+        else:
+            self.info(message)
+        return record
+
+    @staticmethod
+    def _describe(record: dict[str, Any]) -> str:
+        parts = [f"{s} failed ({why})" for s, why in record["failed"].items()]
+        if record["missing"]:
+            waited = f"within {record['timeout']} s" if record["timeout"] else "before the round ended"
+            parts.append(f"no answer {waited} from {', '.join(record['missing'])}")
+        if record["disconnected"]:
+            parts.append(f"disconnected: {', '.join(record['disconnected'])}")
+        return "; ".join(parts) or "every site answered"
+
+    def _write_summary(self, status: str, reason: str) -> None:
+        sites: dict[str, dict[str, Any]] = {}
+        for record in self._history:
+            for site in {*record["targets"], *record["disconnected"]}:
+                entry = sites.setdefault(site, {"rounds_answered": [], "rounds_missed": [], "why": {}})
+                if site in record["answered"]:
+                    entry["rounds_answered"].append(record["round"])
+                    continue
+                entry["rounds_missed"].append(record["round"])
+                entry["why"][str(record["round"])] = record["failed"].get(site) or (
+                    "no answer in time" if site in record["missing"] else "disconnected"
+                )
+        summary = {
+            "status": status,
+            "reason": reason,
+            "rounds": [self.start_round + 1, self.start_round + self.num_rounds],
+            "rounds_run": [r["round"] for r in self._history],
+            "round_timeout": self.round_timeout,
+            "min_sites": self.min_sites,
+            "sites": dict(sorted(sites.items())),
+        }
+        path = os.path.join(self._report_dir(), SUMMARY_REPORT)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, path)
+
+    def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        with open(os.path.join(self._report_dir(), name), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _report_dir(self) -> str:
+        path = os.path.join(self.get_run_dir(), REPORT_DIR)
+        os.makedirs(path, exist_ok=True)
+        return path

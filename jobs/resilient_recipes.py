@@ -1,0 +1,55 @@
+"""NVFlare's FedAvg and FedProx recipes with fedseg's resilient round (``ResilientFedAvg``).
+
+The recipes build their server controller in ``_create_controller``, the hook NVFlare keeps for
+framework recipes to extend (nvflare/recipe/fedavg.py); everything else (persistor, model
+selector, script runner, filters) stays the recipe's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
+
+from fedseg.app.resilient_fedavg import ResilientFedAvg
+
+
+class _ResilientRound:
+    """Mixin: the recipe's ``FedAvg`` controller becomes ``ResilientFedAvg`` with these settings."""
+
+    def __init__(self, *, round_timeout: int, min_sites: int, start_round: int = 0, **kwargs: Any) -> None:
+        self.round_timeout, self.min_sites, self.start_round = round_timeout, min_sites, start_round
+        super().__init__(**kwargs)  # type: ignore[call-arg]
+
+    def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> ResilientFedAvg:
+        base = super()._create_controller(persistor_id, model_params, model_aggregator)  # type: ignore[misc]
+        # Same arguments as the recipe's own FedAvg (read back from it, so none is forgotten when
+        # NVFlare adds one), plus the round's timeout, its minimum and the resume round.
+        return ResilientFedAvg(
+            num_clients=base.num_clients,
+            num_rounds=base.num_rounds,
+            start_round=self.start_round,
+            persistor_id=base._persistor_id,
+            model=base.model,
+            save_filename=base.save_filename,
+            aggregator=base.aggregator,
+            stop_cond=base.stop_cond,
+            patience=base.patience,
+            task_name=base.task_name,
+            exclude_vars=base.exclude_vars,
+            aggregation_weights=base.aggregation_weights or None,
+            memory_gc_rounds=base.memory_gc_rounds,
+            enable_tensor_disk_offload=base.enable_tensor_disk_offload,
+            fedprox_mu=base.fedprox_mu,
+            round_timeout=self.round_timeout,
+            min_sites=self.min_sites,
+        )
+
+
+class ResilientFedAvgRecipe(_ResilientRound, FedAvgRecipe):
+    """``FedAvgRecipe`` whose rounds end on time and survive a failing site."""
+
+
+class ResilientFedProxRecipe(_ResilientRound, FedProxRecipe):
+    """``FedProxRecipe`` whose rounds end on time and survive a failing site."""
