@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         round_name = f"round {round_no}/{input_model.total_rounds}"
         if drill is not None:
             drill.current_round = round_no
+        if flapi.is_train():
+            progress(f"[fedseg] {round_name} {site}: started (validating the global model, then training)")
         try:
             global_metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
             val_dice = global_metrics[0].get("val_dice", float("nan")) if global_metrics else float("nan")

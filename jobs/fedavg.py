@@ -214,7 +214,7 @@ def build_recipe(job: FedAvgJob) -> Any:
     )
     start_round = 0
     if job.resume_from:
-        start_round, common["initial_ckpt"] = _resume(job)
+        start_round, common["initial_ckpt"] = resume_start(job)
         common["num_rounds"] = job.rounds - start_round
     with in_app_dir():  # adding filters re-assembles the client app, which reads the script too
         recipe = _base_recipe(job, common, start_round)
@@ -242,8 +242,8 @@ def build_recipe(job: FedAvgJob) -> Any:
     return recipe
 
 
-def _resume(job: FedAvgJob) -> tuple[int, str]:
-    """Rounds done and the checkpoint path for the recipe's ``initial_ckpt``.
+def resume_start(job: FedAvgJob) -> tuple[int, str]:
+    """Rounds done and the checkpoint path for the recipe's ``initial_ckpt`` (``ValueError`` if unusable).
 
     A path relative to the working directory (``app/`` while a recipe is built) makes NVFlare
     bundle the file into the server app's custom/ folder (nvflare/recipe/utils.py,

@@ -6,6 +6,8 @@ download's ``workspace``):
 - ``metrics/round_metrics.jsonl``: per round, each site's validation of the received global model;
 - ``metrics/site_metrics.jsonl``: every scalar the sites streamed (our ``JsonlMetricsReceiver``);
 - ``cross_site_val/cross_val_results.json``: every model scored on every site;
+- ``metrics/participation_summary.json``: which site answered, failed or was missing in which round
+  (``fedseg.app.resilient_fedavg``);
 - ``app_server/best_FL_global_model.pt`` and ``FL_global_model.pt``.
 
 Writes to the run folder::
@@ -45,6 +47,12 @@ class FederatedResults:
     sites: list[str]
     job: dict[str, Any] = field(default_factory=dict)
     checkpoints: dict[str, str] = field(default_factory=dict)
+    participation: dict[str, Any] = field(default_factory=dict)  # participation_summary.json, if any
+
+    def missed_rounds(self) -> dict[str, dict[str, str]]:
+        """``site -> {round: why}`` for every site that missed a round (empty when none did)."""
+        sites = self.participation.get("sites", {})
+        return {site: entry["why"] for site, entry in sites.items() if entry.get("rounds_missed")}
 
     def final_table(self, model: str = FINAL_MODEL) -> list[dict[str, Any]]:
         """Rows ``{site, region, dice, iou, hd95}`` of ``model`` on every site, plus mean and worst."""
@@ -84,6 +92,7 @@ class FederatedResults:
             "cross_site_val_dice": {m: {s: v.get("val_dice") for s, v in by_site.items()} for m, by_site in self.cross_site.items()},
             "rounds": self.rounds,
             "checkpoints": self.checkpoints,
+            "participation": self.participation,
         }
 
 
@@ -168,6 +177,9 @@ def collect_results(
     cross = read_cross_site(server_dir)
     sites = sorted({r["site"] for r in rounds if r["site"] != "mean"} | {s for m in cross.values() for s in m})
     results = FederatedResults(rounds=rounds, cross_site=cross, sites=sites, job=job or {})
+    summary = server_dir / "metrics" / "participation_summary.json"
+    if summary.is_file():
+        results.participation = json.loads(summary.read_text())
 
     if hyper_parameters is not None:
         for name, file in (("best", "best_FL_global_model.pt"), ("final", "FL_global_model.pt")):
@@ -228,4 +240,10 @@ def format_table(results: FederatedResults, model: str = FINAL_MODEL) -> str:
         for m in models:
             cells = "".join(f"{results.cross_site[m].get(s, {}).get('val_dice', math.nan):>12.4f}" for s in results.sites)
             lines.append(f"{m:<30}{cells}")
+    missed = results.missed_rounds()
+    if missed or results.participation.get("status", "completed") != "completed":
+        lines += ["", f"participation: {results.participation.get('status')}"
+                  + (f" ({results.participation['reason']})" if results.participation.get("reason") else "")]
+        for site, why in missed.items():
+            lines.append(f"  {site} missed round(s) " + ", ".join(f"{r} ({w})" for r, w in why.items()))
     return "\n".join(lines)

@@ -66,16 +66,32 @@ def simulate(
     previous = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
     started = time.time()
+    server_dir = run_dir / "nvflare" / job.name / "server" / "simulate_job"
     try:
         execute(recipe, env)
+    except RuntimeError as err:
+        # A study that stopped below its minimum of sites ends the simulation with an error status;
+        # its rounds, checkpoint and participation report are results like any other.
+        reason = _stop_reason(server_dir)
+        if reason is None:
+            raise
+        print(f"the job stopped: {reason} ({err})")
     finally:
         for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    server_dir = run_dir / "nvflare" / job.name / "server" / "simulate_job"
     job_info: dict[str, Any] = {**job.to_json(), "environment": "simulator", "seconds": round(time.time() - started, 1)}
     return collect_results(
         server_dir, run_dir, job=job_info, hyper_parameters=job.checkpoint_hparams(), encoder_only=job.algorithm == "fedper"
     )
+
+
+def _stop_reason(server_dir: Path) -> str | None:
+    """Why the job stopped, if the resilient workflow stopped it (``participation_summary.json``)."""
+    summary = server_dir / "metrics" / "participation_summary.json"
+    if not summary.is_file():
+        return None
+    doc = json.loads(summary.read_text())
+    return doc.get("reason") if doc.get("status") == "stopped" else None

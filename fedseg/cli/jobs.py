@@ -14,6 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(func=_export)
     check = sub.add_parser("check", help="non-zero exit when a checked-in job folder differs from a fresh export")
     check.set_defaults(func=_check)
+    resume = sub.add_parser(
+        "resume",
+        help="export a study job that continues from a previous job's last global checkpoint",
+        description="Writes OUT/<name>-resumed: the study job NAME starting from the global model in FROM "
+        "(FL_global_model.pt, or a job downloaded with `nvflare job download`), with the rounds it holds "
+        "counted. Submit it with `nvflare job submit -j`.",
+    )
+    resume.add_argument("name", help="the study job: fedavg, fedprox or fedper")
+    resume.add_argument("--from", dest="source", type=Path, required=True, help="checkpoint or downloaded job")
+    resume.add_argument("--out", type=Path, required=True, help="folder for the job folder")
+    resume.add_argument("--rounds", type=int, default=None, help="the study's total rounds (default: the job's)")
+    resume.set_defaults(func=_resume)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -32,4 +44,26 @@ def _check(args: argparse.Namespace) -> int:
         print(f"out of date: {', '.join(stale)}; run `fedseg jobs export`")
         return 1
     print("job folders are up to date")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fedseg.cli import UserError
+    from fedseg.jobs.catalog import STUDY_JOBS
+    from fedseg.jobs.fedavg import export, resume_start
+
+    if args.name not in STUDY_JOBS:
+        raise UserError(f"unknown study job {args.name!r}; known: {', '.join(STUDY_JOBS)}")
+    base = STUDY_JOBS[args.name]
+    job = dataclasses.replace(
+        base, name=f"{base.name}-resumed", resume_from=str(args.source.resolve()), rounds=args.rounds or base.rounds
+    )
+    try:
+        done, _ = resume_start(job)
+        folder = export(job, args.out)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(f"exported {folder}: rounds {done + 1}..{job.rounds} of the study, from {job.resume_from}")
     return 0

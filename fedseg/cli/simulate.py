@@ -33,6 +33,20 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
         "offline writes W&B runs for `wandb sync`; online needs WANDB_API_KEY on the server",
     )
     parser.add_argument(
+        "--round-timeout", type=int, default=7200,
+        help="seconds a round waits for the sites; a site that has not answered by then is left out of "
+        "that round and named in the report (0: wait for ever)",
+    )
+    parser.add_argument(
+        "--min-sites-per-round", type=int, default=0,
+        help="fewest sites a round may average; fewer answers stop the job with the reason (0: all sites)",
+    )
+    parser.add_argument(
+        "--resume-from", type=Path, default=None,
+        help="continue a study from its last global checkpoint: FL_global_model.pt, a run folder or a "
+        "downloaded job; the rounds it holds are counted (--rounds is the study's total)",
+    )
+    parser.add_argument(
         "--poll-interval", type=float, default=0.5,
         help="seconds a site waits before asking for its next task (NVFlare's default 2 s dominates short local runs)",
     )
@@ -43,7 +57,7 @@ def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | Non
 
     roi = three_ints(args.roi, "--roi")
     try:
-        return FedAvgJob(
+        job = FedAvgJob(
             name=name or args.job,
             algorithm=args.job,
             min_clients=min_clients,
@@ -64,9 +78,21 @@ def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | Non
             keep_norm_local=args.keep_norm_local,
             task_poll_interval=args.poll_interval,
             wandb=getattr(args, "wandb", "off"),
+            round_timeout=args.round_timeout,
+            min_sites_per_round=args.min_sites_per_round,
+            resume_from=str(args.resume_from.resolve()) if args.resume_from else "",
         )
     except ValueError as err:
         raise UserError(str(err)) from None
+    if job.resume_from:
+        from fedseg.jobs.fedavg import resume_start
+
+        try:
+            done, _ = resume_start(job)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        print(f"resuming the study at round {done + 1} of {job.rounds} from {job.resume_from}")
+    return job
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,151 @@
+"""Resilient rounds, site failures, atomic global checkpoints and resume (simulator and units).
+
+The POC scenarios (a killed site, a restarted site, a stop below the minimum) are in
+``test_poc_resilience.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedseg.app.fault_drill import FaultDrill
+from fedseg.jobs.fedavg import FedAvgJob, export
+from fedseg.jobs.resume import ResumeError, find_resume_point
+
+
+def test_fault_drill_is_read_from_the_site_config_and_checked():
+    assert FaultDrill.from_site_config({}) is None
+    drill = FaultDrill.from_site_config({"fault_drill": {"raise_in_rounds": [2, 3]}})
+    assert drill is not None and drill.raise_in_rounds == {2, 3}
+    with pytest.raises(ValueError, match=r"/site/fedseg_site.json: fault_drill needs 'raise_in_rounds'"):
+        FaultDrill.from_site_config({"fault_drill": {"raise_in_rounds": [0]}}, "/site/fedseg_site.json")
+
+
+def test_round_settings_are_checked_and_exported_into_the_server_workflow(tmp_path):
+    with pytest.raises(ValueError, match="exceeds min_clients"):
+        FedAvgJob(min_clients=2, min_sites_per_round=3)
+    with pytest.raises(ValueError, match=">= 0"):
+        FedAvgJob(round_timeout=-1)
+    folder = export(FedAvgJob(name="r", min_clients=3, min_sites_per_round=2, round_timeout=90, roi=(32,) * 3), tmp_path)
+    server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+    controller = next(w for w in server["workflows"] if w["id"] == "controller")
+    assert controller["path"] == "fedseg.app.resilient_fedavg.ResilientFedAvg"
+    assert controller["args"]["round_timeout"] == 90 and controller["args"]["min_sites"] == 2
+    evaluation = next(w for w in server["workflows"] if "CrossSiteModelEval" in w["path"])
+    assert evaluation["args"]["submit_model_timeout"] == 90  # a vanished site cannot hold it up either
+    # the global model is written by NVFlare's PTFileModelPersistor, whose atomic write is pinned below
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    assert persistor["path"] == "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor"
+
+
+def test_nvflare_persistor_never_leaves_a_half_written_global_checkpoint(tmp_path, monkeypatch):
+    """Pins the library behaviour fedseg relies on (nvflare/app_opt/pt/file_model_persistor.py)."""
+    from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+    from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
+
+    path = tmp_path / "FL_global_model.pt"
+    persistor = PTFileModelPersistor()
+    first = {"w": torch.ones(4)}
+    persistor.persistence_manager = PTModelPersistenceFormatManager(dict(first))
+    persistor.save_model_file(str(path))
+
+    real_save = torch.save
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(10)  # a torn write ...
+        raise OSError("disk full")  # ... and the process dies
+
+    persistor.persistence_manager = PTModelPersistenceFormatManager({"w": torch.zeros(4)})
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        persistor.save_model_file(str(path))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], first["w"])  # the old model, whole
+    assert os.listdir(tmp_path) == ["FL_global_model.pt"]  # no temporary file left behind
+
+
+def test_resume_point_errors_name_the_path_and_the_problem(tmp_path):
+    with pytest.raises(ResumeError, match="no such checkpoint file or run folder"):
+        find_resume_point(tmp_path / "missing")
+    with pytest.raises(ResumeError, match="no FL_global_model.pt found"):
+        find_resume_point(tmp_path)
+    bad = tmp_path / "FL_global_model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ResumeError, match="not a readable PyTorch checkpoint"):
+        find_resume_point(bad)
+    torch.save({"model": {"w": torch.ones(1)}}, bad)
+    with pytest.raises(ResumeError, match="does not say which round"):
+        find_resume_point(tmp_path)
+    torch.save({"model": {"w": torch.ones(1)}, "meta_props": {"current_round": 4}}, bad)
+    assert find_resume_point(tmp_path).rounds_done == 5
+    with pytest.raises(ValueError, match="already holds 5 rounds"):
+        export(FedAvgJob(name="done", rounds=5, resume_from=str(tmp_path), roi=(32,) * 3), tmp_path / "out")
+
+
+def _validate_checkpoint(checkpoint: Path, job: FedAvgJob, datalist: Path) -> float:
+    """val_dice of a global checkpoint on one site's validation cases, outside NVFlare."""
+    import pytorch_lightning as pl
+
+    from fedseg.lightning_modules.data.datalist import read_datalist
+    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
+    from fedseg.lightning_modules.data.transforms import PreprocessConfig
+    from fedseg.lightning_modules.module import SegmentationModule
+
+    model = SegmentationModule(**job.module_hparams())
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    preprocess = PreprocessConfig(modalities=job.modalities, roi_size=job.roi, normalization=job.normalization)
+    data = SegDataModule(read_datalist(datalist), DataConfig(preprocess=preprocess, batch_size=job.batch_size))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu")
+    return float(trainer.validate(model, datamodule=data, verbose=False)[0]["val_dice"])
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_from_the_checkpoint(tmp_path):
+    """Round 2: site-3 crashes (averaged without it); round 3: site-2 and site-3 crash, 1 < 2 answers:
+    the job stops with the reason. The resumed job continues from the round-2 checkpoint."""
+    from fedseg.jobs.simulate import simulate
+    from fedseg.lightning_modules.data.synth import SynthConfig, generate
+
+    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    job = FedAvgJob(name="study", rounds=3, min_clients=3, min_sites_per_round=2, round_timeout=120, features=8,
+                    roi=(24, 24, 24), hd95=False, site_threads=1, task_poll_interval=0.5, cross_site_eval=False)
+    drills = {"site-2": {"fault_drill": {"raise_in_rounds": [3]}}, "site-3": {"fault_drill": {"raise_in_rounds": [2, 3]}}}
+    first = tmp_path / "first"
+    simulate(job, synth.datalists, first, site_settings=drills)
+
+    server = first / "nvflare" / "study" / "server" / "simulate_job"
+    summary = json.loads((server / "metrics" / "participation_summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["rounds_run"] == [1, 2, 3]
+    assert summary["reason"].startswith("round 3: only 1 of the 2 sites needed answered")
+    assert "site-2 failed (FaultDrillError)" in summary["reason"] and "site-3 failed (FaultDrillError)" in summary["reason"]
+    assert summary["sites"]["site-3"]["rounds_missed"] == [2, 3] and summary["sites"]["site-2"]["rounds_missed"] == [3]
+    assert summary["sites"]["site-1"]["rounds_missed"] == []
+    rounds = [json.loads(l) for l in (server / "metrics" / "participation.jsonl").read_text().splitlines()]
+    assert rounds[1]["answered"] == ["site-1", "site-2"] and rounds[1]["failed"] == {"site-3": "FaultDrillError"}
+    # round 2 was averaged and saved; round 3 was not (too few answers): the checkpoint holds 2 rounds
+    point = find_resume_point(first)
+    assert point.rounds_done == 2
+    checkpoint = tmp_path / "round2.pt"
+    checkpoint.write_bytes(point.checkpoint.read_bytes())
+    assert summary["reason"] in (first / "nvflare" / "study" / "server" / "log.txt").read_text()
+
+    # resume without the drills: only round 3 runs, starting from the round-2 global model
+    second = tmp_path / "second"
+    resumed = FedAvgJob(**{**job.to_json(), "resume_from": str(first)})
+    results = simulate(resumed, synth.datalists, second)
+    server = second / "nvflare" / "study" / "server" / "simulate_job"
+    summary = json.loads((server / "metrics" / "participation_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_run"] == [3]
+    assert find_resume_point(second).rounds_done == 3
+    # what each site validated at the start of round 3 is exactly the round-2 checkpoint (not a fresh model)
+    received = {r["site"]: r["val_dice"] for r in results.rounds if r["site"] != "mean"}
+    assert set(received) == {"site-1", "site-2", "site-3"} and {r["round"] for r in results.rounds} == {2}
+    expected = _validate_checkpoint(checkpoint, job, synth.datalists["site-1"])
+    assert received["site-1"] == pytest.approx(expected, abs=1e-6)
