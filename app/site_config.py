@@ -15,7 +15,7 @@ Example ``fedseg_site.json``::
      "head_store": "/var/lib/fedseg/heads"}
 
 ``head_store`` is where FedPer keeps this site's personal heads (one file per study); default
-``~/.local/share/fedseg/heads``.
+``~/.local/share/fedseg/heads/<site name>``.
 
 Relative paths are relative to the config file.
 """
@@ -71,10 +71,14 @@ class SiteConfig:
         )
 
 
-def default_head_store() -> Path:
-    """Where FedPer heads live when the site config names no ``head_store``."""
+def default_head_store(site_name: str) -> Path:
+    """Where FedPer heads live when the site config names no ``head_store``.
+
+    The site's name is part of the path: sites that share a home folder (POC, several sites on one
+    machine) must never read each other's heads.
+    """
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "fedseg" / "heads"
+    return Path(base) / "fedseg" / "heads" / site_name
 
 
 def _walk_up(start: Path) -> list[Path]:

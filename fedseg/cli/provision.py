@@ -1,0 +1,130 @@
+"""``fedseg provision``: a consortium description -> NVFlare startup kits; adding a hospital; a site's data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedseg.cli import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    provision = subparsers.add_parser(
+        "provision",
+        help="startup kits for a real study: server, hospitals and admins (NVFlare provisioning)",
+        description="Turns a consortium description (YAML: server host and port, hospitals with their "
+        "organisations, admins with their roles; see provisioning/consortium.example.yml) into NVFlare's "
+        "project.yml and runs `nvflare provision`: one startup kit per hospital, one for the server and one "
+        "per admin, all signed by one root CA. Kits hold private keys: they are written owner-only.",
+    )
+    sub = provision.add_subparsers(dest="provision_command", metavar="PROVISION_COMMAND", required=True)
+
+    check = sub.add_parser("check", help="validate a consortium file and print the NVFlare project.yml it makes",
+                           description="Writes nothing; exit status 2 and every problem listed if the file is invalid.")
+    check.add_argument("consortium", type=Path, help="consortium YAML file")
+    check.set_defaults(func=_check)
+
+    create = sub.add_parser(
+        "create",
+        help="provision a consortium: OUT/<name>/ with one startup kit per participant",
+        description="Writes OUT/<name>/: consortium.yml and project.yml (what the kits were made from), ca/ "
+        "(NVFlare's provisioning state with the root CA's private key: keep it, never ship it) and one kit "
+        "folder per participant; each hospital's kit has a SITE_GUIDE.md. Refuses an existing consortium "
+        "folder (a new root CA would invalidate every kit handed out) and a folder inside a git work tree "
+        "that git does not ignore.",
+    )
+    create.add_argument("consortium", type=Path, help="consortium YAML file")
+    create.add_argument("--out", type=Path, default=None, help="output folder (default kits/, git-ignored in this repository)")
+    create.set_defaults(func=_create)
+
+    add = sub.add_parser(
+        "add-hospital",
+        help="add a hospital to a provisioned consortium: its kit, signed by the same root CA",
+        description="Runs `nvflare provision --add-client` on the consortium folder's CA state and copies out "
+        "only the new hospital's kit; no other kit is re-issued or changed. consortium.yml and project.yml "
+        "in the folder then include the hospital.",
+    )
+    add.add_argument("folder", type=Path, help="the consortium folder (OUT/<name> of `fedseg provision create`)")
+    add.add_argument("name", help="the hospital's site name (letters, digits, '-' or '_')")
+    add.add_argument("--org", required=True, help="the hospital's organisation (letters, digits or '_')")
+    add.set_defaults(func=_add_hospital)
+
+    site = sub.add_parser(
+        "site-config",
+        help="a hospital's step: point its startup kit at its data (KIT/local/fedseg_site.json)",
+        description="Writes KIT/local/fedseg_site.json, where fedseg's jobs read this site's datalist and "
+        "folders; jobs themselves never contain paths.",
+    )
+    site.add_argument("kit", type=Path, help="this hospital's startup kit folder")
+    site.add_argument("--datalist", type=Path, required=True, help="this site's datalist (.json)")
+    site.add_argument("--data-root", type=Path, default=None, help="folder the datalist's paths are under")
+    site.add_argument("--cache-dir", type=Path, default=None, help="where preprocessed cases may be cached")
+    site.add_argument("--head-store", type=Path, default=None, help="where FedPer keeps this site's personal heads")
+    site.set_defaults(func=_site_config)
+
+
+def _load(path: Path):
+    from fedseg.provisioning.consortium import ConsortiumError, load_consortium
+
+    try:
+        return load_consortium(path)
+    except ConsortiumError as err:
+        raise UserError(str(err)) from None
+
+
+def _check(args: argparse.Namespace) -> int:
+    import yaml
+
+    consortium = _load(args.consortium)
+    print(yaml.safe_dump(consortium.project_config(), sort_keys=False), end="")
+    print(f"# {args.consortium}: valid; {len(consortium.hospitals)} hospitals, {len(consortium.admins)} admins, "
+          f"server {consortium.server.host}:{consortium.server.port}")
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.kits import DEFAULT_OUT, KitsError, provision
+
+    consortium = _load(args.consortium)
+    try:
+        kits = provision(consortium, args.out or DEFAULT_OUT)
+    except KitsError as err:
+        raise UserError(str(err)) from None
+    print(f"consortium {consortium.name}: kits in {kits.folder} (owner-only; they hold private keys)")
+    print(f"  server  {kits.server_kit}   -> the FL server ({consortium.server.host}:{consortium.server.port})")
+    for name in consortium.hospital_names:
+        print(f"  site    {kits.hospital_kit(name)}   -> {name}'s IT admin (see its SITE_GUIDE.md)")
+    for admin in consortium.admins:
+        print(f"  admin   {kits.admin_kit(admin.email)}   -> {admin.email} ({admin.role})")
+    print(f"  keep    {kits.ca_workspace}   (root CA private key: stays with you, needed to add hospitals)")
+    print("Send each kit to its owner over a secure channel, one kit per recipient.")
+    return 0
+
+
+def _add_hospital(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.consortium import HospitalSpec
+    from fedseg.provisioning.kits import KitsError, add_hospital
+
+    try:
+        kit = add_hospital(args.folder, HospitalSpec(args.name, args.org))
+    except KitsError as err:
+        raise UserError(str(err)) from None
+    print(f"hospital {args.name}: kit {kit} (same root CA as the other kits; see its SITE_GUIDE.md)")
+    print("No other kit changed. Submit jobs as before; once the site is connected it takes part in new jobs.")
+    return 0
+
+
+def _site_config(args: argparse.Namespace) -> int:
+    from fedseg.app.site_config import LOCAL_FILE, write_site_config
+
+    kit = args.kit
+    if not (kit / "startup" / "fed_client.json").is_file():
+        raise UserError(f"{kit}: not a hospital's startup kit (no startup/fed_client.json)")
+    if not args.datalist.is_file():
+        raise UserError(f"{args.datalist}: datalist not found")
+    if args.data_root is not None and not args.data_root.is_dir():
+        raise UserError(f"{args.data_root}: data root not found")
+    extra = {key: value for key, value in (("cache_dir", args.cache_dir), ("head_store", args.head_store)) if value}
+    path = write_site_config(kit / "local" / LOCAL_FILE, args.datalist, args.data_root, **extra)
+    print(f"wrote {path}")
+    return 0
