@@ -48,6 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fedper", action="store_true", help="keep the segmentation head at the site (FedPer)")
     p.add_argument("--keep-norm-local", action="store_true", help="FedPer: keep normalization layers local too (FedBN)")
     p.add_argument("--study", default="fedper", help="FedPer: the study whose head store this site uses")
+    p.add_argument("--contribution", action="store_true",
+                   help="contribution-weighted aggregation: also send the update's own validation loss")
     return p.parse_args(argv)
 
 
@@ -111,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.__fl_meta__ = {"NUM_STEPS_CURRENT_ROUND": n_train, "n_train_cases": n_train}
 
     callbacks, head_store, personal = [], None, []
+    if args.contribution:  # before the Lightning patch's callback, which sends the update
+        from fedseg.app.contribution import UpdateValidationLoss
+
+        callbacks.append(UpdateValidationLoss())
     drill = FaultDrill.from_site_config(config.extra, config.source)
     if drill is not None:
         callbacks.append(drill)
@@ -121,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         personal = personal_keys(model, args.keep_norm_local)
         shared = [k for k in model.state_dict() if k not in set(personal)]
         callbacks.append(SharedKeysFLCallback(shared, load_state_dict_strict=False))
-        head_store = FedPerHeadStore(config.head_store or default_head_store(), args.study)
+        head_store = FedPerHeadStore(config.head_store or default_head_store(site), args.study)
         record = head_store.load_into(model, personal)
         progress(
             f"[fedseg] {site}: FedPer head "

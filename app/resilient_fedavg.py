@@ -19,7 +19,9 @@ selection, and changes only how a round ends:
 
 Every round appends one line to ``<run dir>/metrics/participation.jsonl`` and the end of the run
 writes ``metrics/participation_summary.json``: which sites answered, failed (with the exception
-class the site reported, never its message, which may hold paths) or were missing, per round.
+class the site reported, never its message, which may hold paths) or were missing, per round, and
+each averaged site's share of the round's model (``weights``: case counts, or the contribution
+weights of ``fedseg.app.contribution.ContributionWeightedAggregator``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
 from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.fuel.utils.log_utils import center_message
+
+from fedseg.app.contribution import CONTRIBUTION_KEY, WEIGHTS_KEY
 
 #: meta key of a site's result that says "this site failed this round" (value: the error class)
 SITE_FAILURE_KEY = "fedseg_site_failure"
@@ -97,8 +101,9 @@ class ResilientFedAvg(FedAvg):
                 self.info("Abort signal triggered. Finishing FedAvg.")
                 status, reason = "aborted", "the job was aborted"
                 break
-            record = self._record_round(targets, time.monotonic() - started)
+            record = self._round_record(targets, time.monotonic() - started)
             if len(self._answered) < self.min_sites:
+                self._write_round(record)
                 status = "stopped"
                 reason = (
                     f"round {self.current_round + 1}: only {len(self._answered)} of the {self.min_sites} sites "
@@ -110,6 +115,10 @@ class ResilientFedAvg(FedAvg):
             self.fire_event_with_data(
                 AppEventType.AFTER_AGGREGATION, self.fl_ctx, AppConstants.AGGREGATION_RESULT, aggregate
             )
+            record["weights"] = self._round_weights(aggregate)
+            if (aggregate.meta or {}).get(CONTRIBUTION_KEY):
+                record["contribution"] = aggregate.meta[CONTRIBUTION_KEY]
+            self._write_round(record)
             model = self.update_model(model, aggregate)
             self.save_model(model)  # NVFlare's PTFileModelPersistor writes it atomically (temp + os.replace)
             self._maybe_cleanup_memory()
@@ -187,7 +196,15 @@ class ResilientFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ the report
 
-    def _record_round(self, targets: list[str], seconds: float) -> dict[str, Any]:
+    def _round_weights(self, aggregate: FLModel) -> dict[str, float]:
+        """Each averaged site's share of the round's global model (they sum to 1)."""
+        weights = (aggregate.meta or {}).get(WEIGHTS_KEY)  # a contribution-weighted aggregator's
+        if not weights:  # NVFlare's in-time FedAvg: case counts (times any aggregation_weights)
+            weights = {site: entry["weight"] for site, entry in self._site_metric_weights.items()}
+        total = sum(weights.values())
+        return {site: round(w / total, 6) for site, w in sorted(weights.items())} if total else {}
+
+    def _round_record(self, targets: list[str], seconds: float) -> dict[str, Any]:
         all_sites = sorted({c.name for c in self.engine.get_clients()} | set(targets))
         answered = sorted(self._answered)
         failed = {s: self._failed[s] for s in sorted(self._failed) if s not in answered}
@@ -202,8 +219,6 @@ class ResilientFedAvg(FedAvg):
             "seconds": round(seconds, 2),
             "timeout": self.round_timeout,
         }
-        self._history.append(record)
-        self._append_jsonl(ROUND_REPORT, record)
         left_out = len(targets) - len(answered)
         message = f"Round {record['round']}: {len(answered)}/{len(targets)} sites answered"
         if left_out or record["disconnected"]:
@@ -249,8 +264,9 @@ class ResilientFedAvg(FedAvg):
             json.dump(summary, f, indent=2)
         os.replace(tmp, path)
 
-    def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
-        with open(os.path.join(self._report_dir(), name), "a") as f:
+    def _write_round(self, record: dict[str, Any]) -> None:
+        self._history.append(record)
+        with open(os.path.join(self._report_dir(), ROUND_REPORT), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _report_dir(self) -> str:

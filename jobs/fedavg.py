@@ -38,7 +38,9 @@ from typing import Any
 
 from fedseg.jobs import nvflare_compat
 
-ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper")
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper", "fedavg-he")
+PRIVACY_FILTERS = ("off", "svt", "percentile")
+AGGREGATIONS = ("cases", "contribution")
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
 SITE_SCRIPT = "site_entry.py"
 #: every task whose results a site returns: FedPer filters and audits each of them
@@ -83,6 +85,19 @@ class FedAvgJob:
     min_sites_per_round: int = 0
     #: continue a study from this global checkpoint or run folder (fedseg.jobs.resume)
     resume_from: str = ""
+    #: NVFlare privacy filter on every update a site sends: "off", "svt" or "percentile"
+    #: (fedseg.jobs.privacy); privacy_args are the filter's arguments (NVFlare's defaults otherwise)
+    privacy: str = "off"
+    privacy_args: dict[str, Any] = field(default_factory=dict)
+    #: how the server weighs the sites' updates: "cases" (FedAvg) or "contribution"
+    #: (fedseg.app.contribution: cases and the drop of the site's validation loss, bounded)
+    aggregation: str = "cases"
+    contribution_alpha: float = 0.5
+    max_site_share: float = 0.5
+    #: one global model per site group (the group each site declares in its site config);
+    #: with share_encoder the encoder is averaged across all groups (fedseg.app.grouped_fedavg)
+    grouped: bool = False
+    share_encoder: bool = False
     extra_script_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -94,6 +109,14 @@ class FedAvgJob:
             raise ValueError(f"unknown W&B mode {self.wandb!r}; known: off, offline, online")
         if self.round_timeout < 0 or self.min_sites_per_round < 0:
             raise ValueError("round_timeout and min_sites_per_round must be >= 0")
+        if self.privacy not in PRIVACY_FILTERS:
+            raise ValueError(f"unknown privacy filter {self.privacy!r}; known: {', '.join(PRIVACY_FILTERS)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; known: {', '.join(AGGREGATIONS)}")
+        if not 0.0 <= self.contribution_alpha <= 1.0 or not 0.0 < self.max_site_share <= 1.0:
+            raise ValueError("contribution_alpha must be in [0, 1] and max_site_share in (0, 1]")
+        if self.algorithm in ("fedopt", "fedavg-he") and (self.aggregation != "cases" or self.grouped):
+            raise ValueError(f"{self.algorithm} keeps NVFlare's own server workflow: no contribution weights or groups")
         if self.min_sites_per_round > self.min_clients:
             raise ValueError(f"min_sites_per_round ({self.min_sites_per_round}) exceeds min_clients ({self.min_clients}): "
                              "a round could never have enough sites")
@@ -122,6 +145,8 @@ class FedAvgJob:
             args.append("--no-hd95")
         if self.site_threads:
             args.append(f"--threads {self.site_threads}")
+        if self.aggregation == "contribution":
+            args.append("--contribution")
         if self.algorithm == "fedper":
             args.append(f"--fedper --study {self.study or self.name}")
             if self.keep_norm_local:
@@ -233,6 +258,10 @@ def build_recipe(job: FedAvgJob) -> Any:
         _fed_job(recipe).set_app_packages(["fedseg"])
         if job.algorithm == "fedper":
             _add_fedper_guards(recipe, job)
+        if job.privacy != "off":
+            from fedseg.jobs.privacy import add_privacy_filters
+
+            add_privacy_filters(recipe, job)
         if job.task_poll_interval != 2.0:
             recipe.add_server_config({"server": {"task_request_interval": job.task_poll_interval}})
         if job.cross_site_eval:
@@ -260,6 +289,10 @@ def resume_start(job: FedAvgJob) -> tuple[int, str]:
 
 def _base_recipe(job: FedAvgJob, common: dict[str, Any], start_round: int = 0) -> Any:
     resilience = dict(round_timeout=job.round_timeout, min_sites=job.min_sites, start_round=start_round)
+    if job.aggregation == "contribution":
+        from fedseg.app.contribution import ContributionWeightedAggregator
+
+        common = {**common, "aggregator": ContributionWeightedAggregator(job.contribution_alpha, job.max_site_share)}
     if job.algorithm in ("fedavg", "fedper"):
         from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
 
@@ -272,6 +305,10 @@ def _base_recipe(job: FedAvgJob, common: dict[str, Any], start_round: int = 0) -
         )
     if start_round:
         raise ValueError("resume_from is supported for fedavg, fedprox and fedper (FedOpt keeps NVFlare's controller)")
+    if job.algorithm == "fedavg-he":
+        from fedseg.jobs.he import he_recipe
+
+        return he_recipe(job, common)
     return _fedopt_recipe(job, common)
 
 
