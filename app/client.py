@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from nvflare.app_common.abstract.fl_model import FLModel
 
     from fedseg.app.fault_drill import FaultDrill
+    from fedseg.app.fingerprint import RECEIVED_KEY, model_fingerprint
+    from fedseg.app.grouped_fedavg import GROUP_KEY
     from fedseg.app.fedper import SharedKeysFLCallback, personal_keys
     from fedseg.app.head_store import FedPerHeadStore
     from fedseg.app.site_config import default_head_store, load_site_config
@@ -111,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # FedAvg weighs an update by meta NUM_STEPS_CURRENT_ROUND; the Lightning callback fills it with
     # the step count only when the module's __fl_meta__ lacks it. Weight by training cases instead.
     model.__fl_meta__ = {"NUM_STEPS_CURRENT_ROUND": n_train, "n_train_cases": n_train}
+    group = site_group(config.extra, config.source)
+    if group:  # grouped models: the server averages this site with the sites of its own group only
+        model.__fl_meta__[GROUP_KEY] = group
+        progress(f"[fedseg] {site}: site group {group}")
 
     callbacks, head_store, personal = [], None, []
     if args.contribution:  # before the Lightning patch's callback, which sends the update
@@ -160,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             drill.current_round = round_no
         if flapi.is_train():
             progress(f"[fedseg] {round_name} {site}: started (validating the global model, then training)")
+            # which global model this round trained on, for the server's round report
+            model.__fl_meta__ = {**model.__fl_meta__, RECEIVED_KEY: model_fingerprint(input_model.params or {})}
         try:
             global_metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
             val_dice = global_metrics[0].get("val_dice", float("nan")) if global_metrics else float("nan")
@@ -185,6 +193,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"global val_dice={val_dice:.4f} train_loss={float(loss) if loss is not None else float('nan'):.4f} "
             f"cases={n_train} {time.time() - started:.1f}s"
         )
+
+
+def site_group(extra: dict[str, Any], source: object) -> str:
+    """The ``group`` a site declares in its config ('' if none); ``ValueError`` naming the file if malformed."""
+    import re
+
+    group = extra.get("group", "")
+    if group and (not isinstance(group, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", group)):
+        raise ValueError(f"{source}: 'group' must be a short name of letters, digits, '.', '_' or '-', got {group!r}")
+    return group
 
 
 def report_round_failure(trainer: Any, err: BaseException, evaluate: bool) -> None:

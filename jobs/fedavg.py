@@ -117,6 +117,10 @@ class FedAvgJob:
             raise ValueError("contribution_alpha must be in [0, 1] and max_site_share in (0, 1]")
         if self.algorithm in ("fedopt", "fedavg-he") and (self.aggregation != "cases" or self.grouped):
             raise ValueError(f"{self.algorithm} keeps NVFlare's own server workflow: no contribution weights or groups")
+        if self.grouped and (self.algorithm == "fedper" or self.aggregation != "cases" or self.resume_from):
+            raise ValueError("grouped models work with fedavg/fedprox and case weights, without resume_from")
+        if self.share_encoder and not self.grouped:
+            raise ValueError("share_encoder needs grouped=True")
         if self.min_sites_per_round > self.min_clients:
             raise ValueError(f"min_sites_per_round ({self.min_sites_per_round}) exceeds min_clients ({self.min_clients}): "
                              "a round could never have enough sites")
@@ -178,6 +182,16 @@ class FedAvgJob:
     def checkpoint_hparams(self) -> dict[str, Any]:
         """Arguments of the global checkpoint's class (``server_model``'s)."""
         return self.server_model()["args"]
+
+    def encoder_keys(self) -> list[str]:
+        """Keys of the sites' model outside the segmentation head (the groups' shared part)."""
+        from fedseg.app.fedper import personal_keys
+        from fedseg.lightning_modules.module import SegmentationModule
+
+        hparams = {k: v for k, v in self.module_hparams().items() if k != "preprocess"}
+        module = SegmentationModule(**hparams)
+        head = set(personal_keys(module, keep_norm_local=False))
+        return [k for k in module.state_dict() if k not in head]
 
     def personal_keys(self) -> list[str]:
         """Keys that never leave a site (empty unless FedPer)."""
@@ -245,9 +259,12 @@ def build_recipe(job: FedAvgJob) -> Any:
         recipe = _base_recipe(job, common, start_round)
         # Best model: the recipe's selector averages the sites' val_dice unweighted; weigh it by the
         # same case counts as the aggregation (NUM_STEPS_CURRENT_ROUND carries them, see app/client.py).
-        _replace_server_component(
-            recipe, "model_selector", IntimeModelSelector(key_metric="val_dice", weigh_by_local_iter=True)
-        )
+        if job.grouped:  # one model per group: no single global model to select (app/grouped_fedavg.py)
+            _remove_server_component(recipe, "model_selector")
+        else:
+            _replace_server_component(
+                recipe, "model_selector", IntimeModelSelector(key_metric="val_dice", weigh_by_local_iter=True)
+            )
         _fed_job(recipe).to_server(JsonlMetricsReceiver(), id="fedseg_metrics_receiver")
         if job.wandb != "off":
             from fedseg.app.wandb_receiver import FedsegWandBReceiver
@@ -264,7 +281,7 @@ def build_recipe(job: FedAvgJob) -> Any:
             add_privacy_filters(recipe, job)
         if job.task_poll_interval != 2.0:
             recipe.add_server_config({"server": {"task_request_interval": job.task_poll_interval}})
-        if job.cross_site_eval:
+        if job.cross_site_eval and not job.grouped:
             # A vanished site must not hold up the evaluation either: its tasks time out like a round.
             timeout = job.round_timeout or None
             add_cross_site_evaluation(recipe, submit_model_timeout=timeout or 600, validation_timeout=timeout or 6000)
@@ -288,7 +305,9 @@ def resume_start(job: FedAvgJob) -> tuple[int, str]:
 
 
 def _base_recipe(job: FedAvgJob, common: dict[str, Any], start_round: int = 0) -> Any:
-    resilience = dict(round_timeout=job.round_timeout, min_sites=job.min_sites, start_round=start_round)
+    resilience: dict[str, Any] = dict(round_timeout=job.round_timeout, min_sites=job.min_sites, start_round=start_round)
+    if job.grouped:
+        resilience.update(grouped=True, shared_keys=job.encoder_keys() if job.share_encoder else [])
     if job.aggregation == "contribution":
         from fedseg.app.contribution import ContributionWeightedAggregator
 
@@ -355,6 +374,15 @@ def _replace_server_component(recipe: Any, comp_id: str, component: Any) -> None
         config = getattr(app, "app_config", None)
         if config is not None and hasattr(config, "workflows") and comp_id in getattr(config, "components", {}):
             config.components[comp_id] = component
+            return
+    raise RuntimeError(f"server component {comp_id!r} not found in the recipe")
+
+
+def _remove_server_component(recipe: Any, comp_id: str) -> None:
+    for app in _fed_job(recipe)._deploy_map.values():
+        config = getattr(app, "app_config", None)
+        if config is not None and hasattr(config, "workflows") and comp_id in getattr(config, "components", {}):
+            del config.components[comp_id]
             return
     raise RuntimeError(f"server component {comp_id!r} not found in the recipe")
 

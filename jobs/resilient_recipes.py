@@ -12,21 +12,35 @@ from typing import Any
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
 
+from fedseg.app.grouped_fedavg import GroupedFedAvg
 from fedseg.app.resilient_fedavg import ResilientFedAvg
 
 
 class _ResilientRound:
     """Mixin: the recipe's ``FedAvg`` controller becomes ``ResilientFedAvg`` with these settings."""
 
-    def __init__(self, *, round_timeout: int, min_sites: int, start_round: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        round_timeout: int,
+        min_sites: int,
+        start_round: int = 0,
+        grouped: bool = False,
+        shared_keys: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.round_timeout, self.min_sites, self.start_round = round_timeout, min_sites, start_round
+        self.grouped, self.shared_keys = grouped, shared_keys
         super().__init__(**kwargs)  # type: ignore[call-arg]
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> ResilientFedAvg:
+        """NVFlare's FedAvg controller of this recipe, as ``ResilientFedAvg`` or ``GroupedFedAvg``."""
         base = super()._create_controller(persistor_id, model_params, model_aggregator)  # type: ignore[misc]
         # Same arguments as the recipe's own FedAvg (read back from it, so none is forgotten when
         # NVFlare adds one), plus the round's timeout, its minimum and the resume round.
-        return ResilientFedAvg(
+        grouped = {"shared_keys": self.shared_keys} if self.grouped else {}
+        return (GroupedFedAvg if self.grouped else ResilientFedAvg)(
+            **grouped,
             num_clients=base.num_clients,
             num_rounds=base.num_rounds,
             start_round=self.start_round,

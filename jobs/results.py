@@ -17,6 +17,7 @@ Writes to the run folder::
     RUN/rounds.csv            round, site, every validation metric of the global model
     RUN/val_dice_per_round.png
     RUN/checkpoints/{best,final}_global.ckpt   Lightning checkpoints of the global models
+    RUN/checkpoints/final_global_group-<g>.ckpt  grouped jobs: each site group's final model
 """
 
 from __future__ import annotations
@@ -188,6 +189,11 @@ def collect_results(
                 suffix = "_encoder" if encoder_only else ""
                 ckpt = global_checkpoint(pt, hyper_parameters, out / "checkpoints" / f"{name}_global{suffix}.ckpt")
                 results.checkpoints[name] = str(ckpt)
+        # grouped jobs (fedseg.app.grouped_fedavg): one final model per site group
+        for pt in sorted((server_dir / "app_server" / "groups").glob("*/FL_global_model.pt")):
+            group = pt.parent.name
+            ckpt = global_checkpoint(pt, hyper_parameters, out / "checkpoints" / f"final_global_group-{group}.ckpt")
+            results.checkpoints[f"final_group-{group}"] = str(ckpt)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results.to_json(), indent=2, default=str) + "\n")

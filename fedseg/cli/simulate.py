@@ -47,6 +47,18 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
         "downloaded job; the rounds it holds are counted (--rounds is the study's total)",
     )
     parser.add_argument(
+        "--aggregation", choices=["cases", "contribution"], default="cases",
+        help="site weights: training cases (FedAvg) or contribution (cases and how much the site's update "
+        "lowered its own validation loss, FedCostWAvg-style, capped by --max-site-share)",
+    )
+    parser.add_argument("--contribution-alpha", type=float, default=0.5, help="contribution: weight of the case share (1 = FedAvg)")
+    parser.add_argument("--max-site-share", type=float, default=0.5, help="contribution: most any site may weigh in a round")
+    parser.add_argument(
+        "--grouped", action="store_true",
+        help="one global model per site group (each site declares its 'group' in its site config)",
+    )
+    parser.add_argument("--share-encoder", action="store_true", help="grouped: average the encoder across groups")
+    parser.add_argument(
         "--poll-interval", type=float, default=0.5,
         help="seconds a site waits before asking for its next task (NVFlare's default 2 s dominates short local runs)",
     )
@@ -81,6 +93,11 @@ def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | Non
             round_timeout=args.round_timeout,
             min_sites_per_round=args.min_sites_per_round,
             resume_from=str(args.resume_from.resolve()) if args.resume_from else "",
+            aggregation=args.aggregation,
+            contribution_alpha=args.contribution_alpha,
+            max_site_share=args.max_site_share,
+            grouped=args.grouped,
+            share_encoder=args.share_encoder,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -109,6 +126,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--size", type=int, default=48, help="synthetic volume size")
     sim.add_argument("--datalists", type=Path, nargs="+", default=None, help="one datalist per site (site-N.json -> site-N)")
     sim.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
+    sim.add_argument("--synth-groups", type=int, choices=[1, 2], default=1,
+                     help="synthetic sites in 2 imaging-protocol groups (the second half images differently); "
+                     "each site's config declares its group")
+    sim.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
+                     help="declare a site's group in its site config (repeatable; with --datalists)")
     add_job_arguments(sim, rounds=5, features=8, roi=48)
     sim.set_defaults(func=run_simulate)
 
@@ -130,9 +152,24 @@ def site_datalists(args: argparse.Namespace) -> dict[str, Path]:
         return named_datalists(args.datalists)
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
 
-    result = generate(SynthConfig(n_sites=args.sites, cases_per_site=args.cases, shape=(args.size,) * 3), args.out / "synth")
+    groups = getattr(args, "synth_groups", 1)
+    config = SynthConfig(n_sites=args.sites, cases_per_site=args.cases, shape=(args.size,) * 3, groups=groups)
+    result = generate(config, args.out / "synth")
     print(result.summary())
+    if groups > 1:  # what each hospital would write in its own site config
+        args.site_group = [f"{s}={g}" for s, g in result.site_groups.items()] + list(getattr(args, "site_group", []))
     return dict(result.datalists)
+
+
+def site_group_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``["site-1=a", ...]`` -> ``{"site-1": {"group": "a"}}`` (site config entries)."""
+    settings: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        site, sep, group = pair.partition("=")
+        if not sep or not site or not group:
+            raise UserError(f"--site-group takes SITE=GROUP, got {pair!r}")
+        settings[site] = {"group": group}
+    return settings
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -143,7 +180,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     job = job_from_args(args, min_clients=len(datalists), site_threads=1)
     roots = {site: args.data_root for site in datalists} if args.data_root else None
     print(f"simulating {job.algorithm}: {len(datalists)} sites x {job.rounds} rounds -> {args.out}")
-    results = simulate(job, datalists, args.out, data_roots=roots)
+    results = simulate(job, datalists, args.out, data_roots=roots, site_settings=site_group_settings(args.site_group))
     print(format_table(results))
     print(f"results: {args.out.resolve()}/results.json, val_dice_per_round.png, checkpoints/")
     return 0

@@ -78,6 +78,9 @@ class SynthConfig:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     seed: int = 0
     heterogeneity: float = 1.0
+    #: site groups with different imaging protocols: 1 (all sites alike) or 2 (the second half of
+    #: the sites image with protocol "b": other tissue contrasts per sequence, see PROTOCOL_CONTRAST)
+    groups: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -92,6 +95,8 @@ class SynthConfig:
             raise SynthError(f"spacing must be 3 positive sizes in mm, got {self.spacing}")
         if self.heterogeneity < 0:
             raise SynthError(f"heterogeneity must be >= 0, got {self.heterogeneity}")
+        if self.groups not in (1, 2) or self.groups > self.n_sites:
+            raise SynthError(f"groups must be 1 or 2 (and at most the number of sites), got {self.groups}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class SiteProfile:
     oedema_dilation: int  # voxels the annotated whole-tumour outline is grown by
     core_tightening: float  # added to the core threshold (fraction of the tumour-field maximum)
     description: str = ""
+    group: str = "a"  # imaging protocol group: the key of PROTOCOL_CONTRAST
 
 
 #: Hand-made scanners/raters; sites beyond these are drawn at random (seeded).
@@ -136,6 +142,19 @@ CONTRAST: dict[str, tuple[float, ...]] = {
     "flair": (0.0, 0.15, 0.70, 0.55, 1.25, 0.85, 0.60),
 }
 
+#: Tissue contrasts per imaging protocol group. Group "b" is a different protocol family: each
+#: sequence slot holds another weighting (T1 slot: T2-like, T1ce: FLAIR-like with enhancement,
+#: T2: T1-like, FLAIR: inverted), so that a model of group "a" does not read group "b" images.
+PROTOCOL_CONTRAST: dict[str, dict[str, tuple[float, ...]]] = {
+    "a": CONTRAST,
+    "b": {
+        "t1":    (0.0, 1.30, 0.65, 0.45, 1.00, 0.75, 1.15),
+        "t1ce":  (0.0, 0.15, 0.70, 0.55, 1.25, 1.60, 0.60),
+        "t2":    (0.0, 0.25, 0.70, 1.00, 0.60, 0.65, 0.30),
+        "flair": (0.0, 1.00, 0.55, 0.40, 0.20, 0.35, 0.90),
+    },
+}
+
 # Tumour shape: blob width range ([-1, 1] units), oedema spread (width factor of the wide copy),
 # field thresholds as fractions of the field maximum, and the rim thickness.
 _TUMOUR_SIZE = (0.11, 0.26)
@@ -159,6 +178,11 @@ class SynthResult:
     site_stats: dict[str, dict[str, float]] = field(default_factory=dict)  # n_train, n_val, wt_ml_mean
     seconds: float = 0.0
 
+    @property
+    def site_groups(self) -> dict[str, str]:
+        """Site name -> its imaging protocol group (what a site declares as ``group`` in its config)."""
+        return {p.name: p.group for p in self.profiles}
+
     def summary(self) -> str:
         """A few lines for the terminal: sites, cases, sizes."""
         cfg = self.config
@@ -172,6 +196,7 @@ class SynthResult:
             lines.append(
                 f"  {p.name}: {int(s.get('n_train', 0))} train / {int(s.get('n_val', 0))} val, "
                 f"mean WT {s.get('wt_ml_mean', float('nan')):.1f} ml - {p.description}"
+                + (f" [protocol group {p.group}]" if cfg.groups > 1 else "")
             )
         lines.append(f"  datalists: {self.all_datalist.parent}")
         return "\n".join(lines)
@@ -213,6 +238,7 @@ def site_profiles(cfg: SynthConfig) -> list[SiteProfile]:
                 oedema_dilation=int(round(h * base["oedema_dilation"])),
                 core_tightening=float(min(0.3, h * base["core_tightening"])),
                 description=base["description"] if h > 0 else "reference scanner and rater",
+                group="b" if cfg.groups == 2 and k >= (cfg.n_sites + 1) // 2 else "a",
             )
         )
     return profiles
@@ -257,7 +283,7 @@ def generate(cfg: SynthConfig, out: Path | str) -> SynthResult:
             wt_ml.append(float(np.count_nonzero(label)) * voxel_ml)
             institutions.append((case_id, profile.name))
         training, validation = train_val_split(cases, cfg.val_fraction, np.random.default_rng([cfg.seed, 104729, k]))
-        meta = {"site": profile.name, "generator": GENERATOR, "seed": cfg.seed,
+        meta = {"site": profile.name, "group": profile.group, "generator": GENERATOR, "seed": cfg.seed,
                 "profile": asdict(profile), "config": asdict(cfg)}
         site_lists[profile.name] = Datalist(training, validation, data_root, meta)
         site_stats[profile.name] = {"n_train": len(training), "n_val": len(validation),
@@ -337,7 +363,7 @@ def synthesize_case(
     case_gain = float(np.exp(rng.normal(0.0, 0.05)))  # scan-to-scan drift at one site
     images = {}
     for m in MODALITIES:
-        signal = np.asarray(CONTRAST[m], dtype=np.float32)[true_tissue]
+        signal = np.asarray(PROTOCOL_CONTRAST[profile.group][m], dtype=np.float32)[true_tissue]
         signal *= (1.0 + texture + 0.02 * _smooth_noise(rng, shape, 0.6)) * enhancement
         signal = ndimage.gaussian_filter(signal, 0.5 + profile.blur)  # partial volume + scanner blur
         signal = _thick_slices(signal, profile.slice_thickness)
