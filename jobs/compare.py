@@ -5,7 +5,10 @@ passes through the network the same number of times, ``rounds x local_epochs``:
 
 - centralized: one run on the union of the sites' training cases for ``R x E`` epochs;
 - local: each site alone, for ``R x E`` epochs (one model per site);
-- fedavg / fedprox / fedopt / fedper: ``R`` rounds of ``E`` local epochs in NVFlare's simulator.
+- fedavg / fedprox / fedopt / fedper: ``R`` rounds of ``E`` local epochs in NVFlare's simulator;
+- contribution, fedavg-svt, fedavg-percentile, grouped: FedAvg with contribution-weighted aggregation,
+  with an SVT or percentile privacy filter at the sites, or with one model per site group (the
+  group each datalist's ``meta.group`` names, as the synthetic generator's ``groups=2`` writes it).
 
 Every cosine schedule spans ``R x E`` epochs (the FL sites' ``max_epochs`` is the same product).
 
@@ -49,9 +52,20 @@ from typing import Any
 from fedseg.lightning_modules.data.datalist import json_safe, read_datalist, write_json_atomic
 from fedseg.lightning_modules.labels import REGIONS
 
-#: ``jobs.fedavg.ALGORITHMS``, spelled out so that importing this module (``fedseg --help``)
-#: stays light: that module pulls NVFlare in (tests/test_compare.py checks that they agree)
-FL_METHODS: tuple[str, ...] = ("fedavg", "fedprox", "fedopt", "fedper")
+#: every federated method: the ``FedAvgJob`` fields that make it. Spelled out as plain values so that
+#: importing this module (``fedseg --help``) stays light (tests/test_compare.py builds each job).
+#: HE (``fedavg-he``) is not here: NVFlare's HE recipe cannot run in the simulator (POC only).
+FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
+    "fedavg": {"algorithm": "fedavg"},
+    "fedprox": {"algorithm": "fedprox"},
+    "fedopt": {"algorithm": "fedopt"},
+    "fedper": {"algorithm": "fedper"},
+    "contribution": {"algorithm": "fedavg", "aggregation": "contribution"},
+    "fedavg-svt": {"algorithm": "fedavg", "privacy": "svt"},
+    "fedavg-percentile": {"algorithm": "fedavg", "privacy": "percentile"},
+    "grouped": {"algorithm": "fedavg", "grouped": True, "share_encoder": True},
+}
+FL_METHODS: tuple[str, ...] = tuple(FL_METHOD_JOBS)
 METHODS: tuple[str, ...] = ("centralized", "local", *FL_METHODS)
 DEFAULT_METHODS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedper")
 #: regions of the tables: the three scoring regions, then their per-case mean (``val_dice``)
@@ -132,12 +146,12 @@ class CompareSettings:
         )
 
     def job(self, algorithm: str, n_sites: int) -> Any:
-        """The ``FedAvgJob`` of a federated method: ``rounds`` rounds of ``local_epochs`` epochs."""
+        """The ``FedAvgJob`` of a federated method (``FL_METHOD_JOBS``): ``rounds`` rounds of ``local_epochs`` epochs."""
         from fedseg.jobs.fedavg import FedAvgJob
 
         return FedAvgJob(
             name=algorithm,
-            algorithm=algorithm,
+            **FL_METHOD_JOBS[algorithm],
             min_clients=n_sites,
             rounds=self.rounds,
             local_epochs=self.local_epochs,
@@ -267,6 +281,11 @@ class ComparisonResults:
                 for st in self.sites
             )
             lines.append(f"FedPer - FedAvg Dice per region: {by_region}.")
+        for variant in ("contribution", "fedavg-svt", "fedavg-percentile", "grouped"):
+            if variant in self.methods and "fedavg" in self.methods:
+                diffs = {st: self.mean_dice(variant, st) - self.mean_dice("fedavg", st) for st in self.sites}
+                lines.append(f"{variant} - FedAvg mean Dice: {_nanmean(list(diffs.values())):+.4f} ("
+                             + ", ".join(f"{st} {d:+.4f}" for st, d in diffs.items()) + ").")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -400,7 +419,6 @@ def _train_and_score(
     score_on: dict[str, Path],
 ) -> Scores:
     """Train (or resume) a run, then score its final model (``last.ckpt``) on each given site."""
-    from fedseg.lightning_modules.evaluation import evaluate_checkpoint
     from fedseg.lightning_modules.training import train
 
     cfg = settings.train_config(datalists, run_dir, data_root)
@@ -411,18 +429,24 @@ def _train_and_score(
     last = results.get("last_checkpoint")
     if not last or results["epochs_done"] < settings.epochs:
         raise ComparisonError(f"{run_dir}: training stopped after {results['epochs_done']} of {settings.epochs} epochs")
+    return {site: _score_checkpoint(last, datalist, run_dir / "eval" / site, settings, data_root)
+            for site, datalist in score_on.items()}
+
+
+def _score_checkpoint(
+    checkpoint: Path | str, datalist: Path, out: Path, settings: CompareSettings, data_root: Path | None
+) -> dict[str, dict[str, float]]:
+    """Region -> metric -> mean over the site's validation cases, of one Lightning checkpoint."""
+    from fedseg.lightning_modules.evaluation import evaluate_checkpoint
+
     metrics = ("dice", "iou", "hd95") if settings.hd95 else ("dice", "iou")
-    scores: Scores = {}
-    for site, datalist in score_on.items():
-        evaluation = evaluate_checkpoint(last, datalist, out=run_dir / "eval" / site, split="validation",
-                                         data_root=data_root, metrics=metrics)
-        regions = evaluation.summary["regions"]
-        scores[site] = {
-            region: {m: regions["overall" if region == "mean" else region][m]["mean"] if m in metrics else math.nan
-                     for m in SCORE_METRICS}
-            for region in TABLE_REGIONS
-        }
-    return scores
+    evaluation = evaluate_checkpoint(checkpoint, datalist, out=out, split="validation", data_root=data_root, metrics=metrics)
+    regions = evaluation.summary["regions"]
+    return {
+        region: {m: regions["overall" if region == "mean" else region][m]["mean"] if m in metrics else math.nan
+                 for m in SCORE_METRICS}
+        for region in TABLE_REGIONS
+    }
 
 
 def _run_centralized(sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None) -> tuple[Scores, str]:
@@ -451,7 +475,20 @@ def _run_federated(
             raise ComparisonError(f"{run_dir}: exists, is not empty and is not a fedseg simulate run folder")
         shutil.rmtree(run_dir)
     roots = {site: root for site in sites} if root else None
-    results = simulate(s.job(method, len(sites)), sites, run_dir, data_roots=roots)
+    job = s.job(method, len(sites))
+    groups = {site: read_datalist(path, root).meta.get("group") for site, path in sites.items()}
+    site_settings = {site: {"group": g} for site, g in groups.items() if g} if job.grouped else None
+    if job.grouped and len(site_settings or {}) < len(sites):
+        raise ComparisonError("grouped needs every site's group in its datalist meta (e.g. synthetic sites with --synth-groups 2)")
+    results = simulate(job, sites, run_dir, data_roots=roots, site_settings=site_settings)
+    if job.grouped:  # no single global model: each site scores its own group's final model
+        scores = {}
+        for site, datalist in sites.items():
+            checkpoint = results.checkpoints.get(f"final_group-{groups[site]}")
+            if checkpoint is None:
+                raise ComparisonError(f"{run_dir}: no final model of group {groups[site]} (site {site})")
+            scores[site] = _score_checkpoint(checkpoint, datalist, run_dir / "eval" / site, s, root)
+        return scores, "grouped: each site's group's final model, evaluate_checkpoint on the site's validation cases"
     final = results.cross_site.get(FINAL_MODEL, {})
     missing = [site for site in sites if "val_dice" not in final.get(site, {})]
     if missing:

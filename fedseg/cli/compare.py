@@ -26,8 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--cases", type=int, default=8, help="synthetic cases per site")
     cmp.add_argument("--size", type=int, default=48, help="synthetic volume size")
     cmp.add_argument("--heterogeneity", type=float, default=1.0, help="synthetic sites: 0 = IID, 1 = built-in profiles")
+    cmp.add_argument("--synth-groups", type=int, choices=[1, 2], default=1,
+                     help="synthetic sites in 2 imaging-protocol groups (for the grouped method)")
     cmp.add_argument("--methods", nargs="+", default=["centralized", "local", "fedavg", "fedper"], metavar="METHOD",
-                     help="any of centralized, local, fedavg, fedprox, fedopt, fedper (default: %(default)s)")
+                     help="any of centralized, local, fedavg, fedprox, fedopt, fedper, contribution, fedavg-svt, "
+                     "fedavg-percentile, grouped (default: %(default)s)")
     cmp.add_argument("--rounds", type=int, default=10, help="FL rounds; the budget is rounds x local epochs")
     cmp.add_argument("--local-epochs", type=int, default=2)
     cmp.add_argument("--network", default="unet")
@@ -54,7 +57,8 @@ def site_datalists(args: argparse.Namespace) -> dict[str, Path]:
 
     folder = args.out / "synth"
     try:
-        cfg = SynthConfig(n_sites=args.sites, cases_per_site=args.cases, shape=(args.size,) * 3, heterogeneity=args.heterogeneity)
+        cfg = SynthConfig(n_sites=args.sites, cases_per_site=args.cases, shape=(args.size,) * 3, heterogeneity=args.heterogeneity,
+                         groups=args.synth_groups)
     except SynthError as err:
         raise UserError(str(err)) from None
     if is_synth_output(folder) and (folder / "datalists" / "all.json").exists():
