@@ -97,6 +97,10 @@ def test_poc_study_survives_a_crash_and_a_killed_site_and_stops_below_the_minimu
         rounds, summary = read_report(first)
         assert summary["status"] == "completed" and summary["rounds_run"] == [1, 2, 3]
         assert (first / "workspace" / "cross_site_val" / "cross_val_results.json").is_file()
+        # privacy: the server got the error's class only, never the site's message, traceback or data paths
+        needles = (b"training fails in round", str(tmp_path / "synth").encode())
+        leaked = [str(f) for f in first.rglob("*") if f.is_file() and any(n in f.read_bytes() for n in needles)]
+        assert not leaked, leaked
         by_round = {r["round"]: r for r in rounds}
         assert by_round[1]["answered"] == list(SITES)
         assert by_round[2]["failed"] == {"hospital-b": "FaultDrillError"}  # reported by the site, class only
