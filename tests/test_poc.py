@@ -231,30 +231,3 @@ def _small_copy_of_study_job(name: str, dst: Path) -> Path:
     shrink(doc)
     server.write_text(json.dumps(doc, indent=4))
     return job
-
-
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_poc_runs_the_checked_in_fedper_job_folder_and_no_head_reaches_the_server(tmp_path):
-    import torch
-
-    from fedseg.jobs.catalog import STUDY_JOBS
-    from fedseg.lightning_modules.data.synth import SynthConfig, generate
-
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
-    datalists = dict(zip(SITES, (synth.datalists["site-1"], synth.datalists["site-2"])))
-    job_dir = _small_copy_of_study_job("fedper", tmp_path / "jobs")
-    result = run_poc(job_dir, datalists, port=free_port(), workspace=tmp_path / "poc", timeout=400)
-    assert result.status == COMPLETED and result.ok, result
-
-    head_keys = set(STUDY_JOBS["fedper"].personal_keys())
-    server = result.server_workspace
-    payloads = [json.loads(line) for line in (server / "metrics" / "payload_keys.jsonl").read_text().splitlines()]
-    assert {p["site"] for p in payloads if p["task"] == "train"} == set(SITES)
-    assert not any(head_keys & set(p["keys"]) for p in payloads)
-    final = torch.load(server / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)["model"]
-    assert final and not (head_keys & set(final))
-    for site in SITES:  # each hospital kept its head in its own store
-        log_text = result.site_logs[site].read_text()
-        assert "FedPer head new" in log_text and "round 2/2" in log_text
-    assert result.leftovers_killed == 0

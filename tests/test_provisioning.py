@@ -359,6 +359,17 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     for hospital in HOSPITALS:
         assert "FedPer head new" in site_logs[hospital].read_text()
         assert (tmp_path / "heads" / hospital).is_dir()
+    # FedPer: no head parameter reached the server (PayloadKeyAudit records every incoming result's keys)
+    import torch
+
+    from fedseg.jobs.catalog import STUDY_JOBS
+
+    head_keys = set(STUDY_JOBS["fedper"].personal_keys())
+    payloads = [json.loads(line) for line in (server_run / "metrics" / "payload_keys.jsonl").read_text().splitlines()]
+    assert {p["site"] for p in payloads if p["task"] == "train"} == set(HOSPITALS)
+    assert head_keys and not any(head_keys & set(p["keys"]) for p in payloads)
+    final = torch.load(server_run / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)["model"]
+    assert final and not (head_keys & set(final))
 
     # The intruder's TLS handshake fails (the server's certificate is not from its root CA), and
     # the server never lists it; the study went on with the two real hospitals.
