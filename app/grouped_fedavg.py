@@ -39,7 +39,7 @@ from nvflare.app_common.workflows.base_fedavg import _get_client_name, _get_num_
 from nvflare.fuel.utils.log_utils import center_message
 
 from fedseg.app.fingerprint import RECEIVED_KEY, model_fingerprint
-from fedseg.app.resilient_fedavg import SITE_FAILURE_KEY, ResilientFedAvg
+from fedseg.app.resilient_fedavg import ResilientFedAvg
 
 #: meta key of a site's update: the group the site declared in its site config
 GROUP_KEY = "fedseg_group"
@@ -90,11 +90,7 @@ class GroupedFedAvg(ResilientFedAvg):
             record["received"] = dict(sorted(self._received.items()))
             if len(self._answered) < self.min_sites:
                 self._write_round(record)
-                status = "stopped"
-                reason = (
-                    f"round {self.current_round + 1}: only {len(self._answered)} of the {self.min_sites} sites "
-                    f"needed answered ({self._describe(record)}); the study stops here"
-                )
+                status, reason = "stopped", self._too_few(record)
                 break
             self._aggregate_groups()
             record["weights"] = {
@@ -127,20 +123,13 @@ class GroupedFedAvg(ResilientFedAvg):
                       + (f" (timeout {self.round_timeout} s)" if self.round_timeout else ""))
             self.send_model(task_name=self.task_name, targets=sites, data=model, timeout=self.round_timeout,
                             callback=self._accept_group_update)
-        while self.get_num_standing_tasks():
-            if self.abort_signal.triggered:
-                self.cancel_all_tasks()
-                break
-            time.sleep(self._task_check_period)
+        self._wait_for_round()
         return sent
 
     def _accept_group_update(self, result: FLModel) -> bool:
-        site = _get_client_name(result)
-        meta = result.meta or {}
-        if meta.get(SITE_FAILURE_KEY) or not result.params:
-            self._failed[site] = str(meta.get(SITE_FAILURE_KEY) or "sent no weights")
-            self.warning(f"Round {self.current_round + 1}: {site} failed this round ({self._failed[site]})")
+        if self._site_failed(result):
             return False
+        site, meta = _get_client_name(result), result.meta or {}
         group = str(meta.get(GROUP_KEY) or DEFAULT_GROUP)
         if self._group_of.get(site, group) != group:
             self.warning(f"{site} moved from group {self._group_of[site]} to {group}")

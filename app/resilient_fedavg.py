@@ -104,11 +104,7 @@ class ResilientFedAvg(FedAvg):
             record = self._round_record(targets, time.monotonic() - started)
             if len(self._answered) < self.min_sites:
                 self._write_round(record)
-                status = "stopped"
-                reason = (
-                    f"round {self.current_round + 1}: only {len(self._answered)} of the {self.min_sites} sites "
-                    f"needed answered ({self._describe(record)}); the study stops here"
-                )
+                status, reason = "stopped", self._too_few(record)
                 break
             self.event(AppEventType.BEFORE_AGGREGATION)
             aggregate = self._get_aggregated_result()
@@ -155,11 +151,20 @@ class ResilientFedAvg(FedAvg):
             timeout=self.round_timeout,
             callback=self._aggregate_one_result,
         )
+        self._wait_for_round()
+
+    def _wait_for_round(self) -> None:
+        """Until every task of the round has ended: all answered, timed out, or the job aborted."""
         while self.get_num_standing_tasks():
             if self.abort_signal.triggered:
                 self.cancel_all_tasks()
                 return
             time.sleep(self._task_check_period)
+
+    def _too_few(self, record: dict[str, Any]) -> str:
+        """The reason the study stops after ``record``'s round."""
+        return (f"round {record['round']}: only {len(record['answered'])} of the {self.min_sites} sites "
+                f"needed answered ({self._describe(record)}); the study stops here")
 
     def _live_sites(self) -> list[str]:
         """The job's sites that NVFlare does not consider disconnected; reset this round's tallies."""
@@ -169,14 +174,21 @@ class ResilientFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ results of one site
 
-    def _aggregate_one_result(self, result: FLModel) -> bool:
+    def _site_failed(self, result: FLModel) -> bool:
+        """True (and noted) when a site answered "failed" or sent no weights."""
         site = _get_client_name(result)
         failure = (result.meta or {}).get(SITE_FAILURE_KEY)
-        if failure or not result.params:
-            self._failed[site] = str(failure or "sent no weights")
-            self.warning(f"Round {self.current_round + 1}: {site} failed this round ({self._failed[site]}); "
-                         "left out of the average")
+        if not failure and result.params:
             return False
+        self._failed[site] = str(failure or "sent no weights")
+        self.warning(f"Round {self.current_round + 1}: {site} failed this round ({self._failed[site]}); "
+                     "left out of the average")
+        return True
+
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        if self._site_failed(result):
+            return False
+        site = _get_client_name(result)
         accepted = super()._aggregate_one_result(result)
         if accepted:
             self._answered.append(site)
