@@ -117,6 +117,8 @@ class FedAvgJob:
             raise ValueError("contribution_alpha must be in [0, 1] and max_site_share in (0, 1]")
         if self.algorithm in ("fedopt", "fedavg-he") and (self.aggregation != "cases" or self.grouped):
             raise ValueError(f"{self.algorithm} keeps NVFlare's own server workflow: no contribution weights or groups")
+        if self.algorithm == "fedavg-he" and self.privacy != "off":
+            raise ValueError("fedavg-he encrypts the updates; a privacy filter would run on ciphertext: use one or the other")
         if self.grouped and (self.algorithm == "fedper" or self.aggregation != "cases" or self.resume_from):
             raise ValueError("grouped models work with fedavg/fedprox and case weights, without resume_from")
         if self.share_encoder and not self.grouped:
@@ -284,7 +286,13 @@ def build_recipe(job: FedAvgJob) -> Any:
         if job.cross_site_eval and not job.grouped:
             # A vanished site must not hold up the evaluation either: its tasks time out like a round.
             timeout = job.round_timeout or None
-            add_cross_site_evaluation(recipe, submit_model_timeout=timeout or 600, validation_timeout=timeout or 6000)
+            evaluation = dict(submit_model_timeout=timeout or 600, validation_timeout=timeout or 6000)
+            if job.algorithm == "fedavg-he":  # NVFlare's own evaluation cannot copy encrypted models
+                from fedseg.jobs.he import add_he_cross_site_evaluation
+
+                add_he_cross_site_evaluation(recipe, **evaluation)
+            else:
+                add_cross_site_evaluation(recipe, **evaluation)
     return recipe
 
 
@@ -323,7 +331,8 @@ def _base_recipe(job: FedAvgJob, common: dict[str, Any], start_round: int = 0) -
             key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.fedprox_mu, **resilience, **common
         )
     if start_round:
-        raise ValueError("resume_from is supported for fedavg, fedprox and fedper (FedOpt keeps NVFlare's controller)")
+        raise ValueError("resume_from is supported for fedavg, fedprox and fedper (fedopt and fedavg-he keep "
+                         "NVFlare's own server workflow)")
     if job.algorithm == "fedavg-he":
         from fedseg.jobs.he import he_recipe
 

@@ -97,17 +97,30 @@ def check_site_names(sites: Sequence[str]) -> tuple[str, ...]:
     return sites
 
 
-def project_config(project: str, sites: Sequence[str], port: int) -> dict[str, Any]:
+def project_config(project: str, sites: Sequence[str], port: int, *, he: bool = False) -> dict[str, Any]:
     """The ``project.yml`` of a POC deployment (NVFlare provisioning, API version 3).
 
     One server on ``localhost:port`` (FL and admin share the port), one project admin (whose kit
-    submits the jobs) and one client per site. Builders as ``nvflare poc prepare`` writes them.
+    submits the jobs) and one client per site. Builders as ``nvflare poc prepare`` writes them;
+    ``he`` adds NVFlare's ``HEBuilder`` (TenSEAL CKKS contexts in every kit, for ``fedavg-he``).
     """
     sites = check_site_names(sites)
     if not _NAME.match(project):
         raise ValueError(f"bad project name {project!r}")
     if not 0 < int(port) < 65536:
         raise ValueError(f"bad port {port}")
+    builders: list[dict[str, Any]] = [
+        {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
+         "args": {"template_file": ["master_template.yml", "aws_template.yml", "azure_template.yml"]}},
+        {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
+        {"path": "nvflare.lighter.impl.cert.CertBuilder"},
+        {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
+    ]
+    if he:
+        # Before the SignatureBuilder, as `nvflare poc prepare -he` puts it (add_he_builder in
+        # nvflare/tool/poc/poc_commands.py; -he is ignored with -i): the context files must be signed,
+        # a secure-mode site or server refuses an unsigned one (nvflare/app_opt/he/homomorphic_encrypt.py).
+        builders.insert(-1, {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {}})
     return {
         "api_version": 3,
         "name": project,
@@ -118,23 +131,17 @@ def project_config(project: str, sites: Sequence[str], port: int) -> dict[str, A
             {"name": ADMIN, "type": "admin", "org": ORG, "role": "project_admin"},
             *({"name": site, "type": "client", "org": ORG} for site in sites),
         ],
-        "builders": [
-            {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
-             "args": {"template_file": ["master_template.yml", "aws_template.yml", "azure_template.yml"]}},
-            {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
-            {"path": "nvflare.lighter.impl.cert.CertBuilder"},
-            {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
-        ],
+        "builders": builders,
     }
 
 
-def write_project_yml(path: Path, project: str, sites: Sequence[str], port: int) -> Path:
+def write_project_yml(path: Path, project: str, sites: Sequence[str], port: int, *, he: bool = False) -> Path:
     """Write ``project_config(...)`` as YAML to ``path``."""
     import yaml  # PyYAML: an NVFlare dependency
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(project_config(project, sites, port), sort_keys=False))
+    path.write_text(yaml.safe_dump(project_config(project, sites, port, he=he), sort_keys=False))
     return path
 
 
@@ -179,11 +186,13 @@ class PocDeployment:
         port: int | None = None,
         project: str = DEFAULT_PROJECT,
         log: Callable[[str], None] | None = None,
+        he: bool = False,
     ) -> None:
         self.root = Path(root).resolve()
         self.sites = check_site_names(sites)
         self.port = int(port) if port else free_port()
         self.project = project
+        self.he = he  # provision HE (TenSEAL) contexts into the kits: see project_config
         self.log = log or (lambda line: print(line, flush=True))
         self.project_yml = self.root / "project.yml"
         self.home = self.root / "home"
@@ -233,7 +242,7 @@ class PocDeployment:
         with self._step("prepare", f"provisioning {self.project} (server port {self.port}, sites "
                         f"{', '.join(self.sites)}) in {self.workspace}"):
             self.home.mkdir(parents=True, exist_ok=True)
-            write_project_yml(self.project_yml, self.project, self.sites, self.port)
+            write_project_yml(self.project_yml, self.project, self.sites, self.port, he=self.he)
             self._nvflare_json("prepare", ["poc", "prepare", "-i", str(self.project_yml), "--force"], timeout=180)
             missing = [p for p in [self.admin_kit, *map(self.site_kit, self.sites)] if not (p / "startup").is_dir()]
             if missing:
@@ -442,20 +451,24 @@ def run_poc(
     data_roots: Mapping[str, Path] | None = None,
     project: str = DEFAULT_PROJECT,
     log: Callable[[str], None] | None = None,
+    site_settings: Mapping[str, Mapping[str, Any]] | None = None,
+    he: bool = False,
 ) -> PocResult:
     """One whole POC cycle for one job: prepare, site configs, start, submit, wait, download, stop.
 
     ``site_datalists`` maps each site name to its datalist (the sites are its keys); ``workspace``
     is the deployment folder (see ``PocDeployment``); results go to ``download_to`` (default
     ``workspace/download``); ``data_roots`` optionally overrides a site's datalist data root.
-    ``port=None`` picks a free port. Every POC process is stopped before this returns or raises.
+    ``port=None`` picks a free port. ``site_settings`` adds entries to a site's config (e.g. its
+    ``group``); ``he`` provisions HE kits (``fedavg-he``). Every POC process is stopped before this
+    returns or raises.
     The job's status is in the result (check ``result.ok``).
     """
     started = time.perf_counter()
-    with PocDeployment(workspace, tuple(site_datalists), port=port, project=project, log=log) as poc:
+    with PocDeployment(workspace, tuple(site_datalists), port=port, project=project, log=log, he=he) as poc:
         poc.prepare()
         for site, datalist in site_datalists.items():
-            poc.install_site_config(site, datalist, (data_roots or {}).get(site))
+            poc.install_site_config(site, datalist, (data_roots or {}).get(site), **(site_settings or {}).get(site, {}))
         poc.start()
         job_id = poc.submit(job_dir)
         status = poc.wait(job_id, timeout=timeout)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fedseg.cli import UserError
-from fedseg.cli.simulate import add_job_arguments, job_from_args
+from fedseg.cli.simulate import add_job_arguments, job_from_args, site_group_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     poc.add_argument("--size", type=int, default=32, help="synthetic volume size (without --datalists)")
     poc.add_argument("--job-dir", type=Path, default=None, help="submit this exported job folder instead of exporting --job")
     poc.add_argument("--timeout", type=int, default=1800, help="seconds the job may run (default 1800)")
+    poc.add_argument("--synth-groups", type=int, choices=[1, 2], default=1,
+                     help="synthetic sites in 2 imaging-protocol groups (--grouped); each site config declares its group")
+    poc.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
+                     help="declare a site's group in its site config (repeatable; with --datalists)")
     add_job_arguments(poc, rounds=2, features=8, roi=32)
     poc.set_defaults(func=run_poc_command)
 
@@ -47,12 +51,15 @@ def _site_datalists(args: argparse.Namespace) -> dict[str, Path]:
     from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate
 
     try:
-        cfg = SynthConfig(n_sites=len(args.sites), cases_per_site=args.cases, shape=(args.size,) * 3)
+        cfg = SynthConfig(n_sites=len(args.sites), cases_per_site=args.cases, shape=(args.size,) * 3,
+                          groups=args.synth_groups)
         result = generate(cfg, args.out / "synth")
     except SynthError as err:
         raise UserError(str(err)) from None
     print(result.summary())
     # Synthetic sites are site-1, site-2, ... in profile order; the k-th named hospital gets the k-th.
+    if args.synth_groups > 1:  # what each hospital would write in its own site config
+        args.site_group = [f"{h}={p.group}" for h, p in zip(args.sites, result.profiles)] + args.site_group
     return dict(zip(args.sites, (result.datalists[p.name] for p in result.profiles)))
 
 
@@ -85,7 +92,9 @@ def run_poc_command(args: argparse.Namespace) -> int:
     data_roots = {site: args.data_root for site in sites} if args.data_root else None
     try:
         result = run_poc(job_dir, datalists, port=args.port or None, workspace=out / "poc", timeout=args.timeout,
-                         download_to=out / "download", data_roots=data_roots)
+                         download_to=out / "download", data_roots=data_roots,
+                         site_settings=site_group_settings(args.site_group),
+                         he=bool(job and job.algorithm == "fedavg-he"))
     except PocError as err:
         raise UserError(f"POC run failed: {err}\n(deployment folder, logs and kits: {out / 'poc'})") from None
     (out / "poc.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -95,9 +104,12 @@ def run_poc_command(args: argparse.Namespace) -> int:
     print(f"server results (downloaded): {result.server_workspace}")
     for site, log in result.site_logs.items():
         print(f"{site} log: {log}")
-    if not result.ok:
+    if not result.ok and not _rounds_completed(result.server_workspace):
         print(f"the job did not complete; see {result.server_workspace / 'log.txt'} and the site logs above")
         return 1
+    if not result.ok:  # see README "When a hospital fails": a site lost its job process mid-study
+        print(f"NVFlare marked the job {result.status}, but every round and the evaluation ran "
+              "(metrics/participation_summary.json); a site that was lost is named below")
     _collect(result.server_workspace, out, job, result)
     return 0
 
@@ -113,10 +125,17 @@ def _collect(server_dir: Path, out: Path, job, result) -> None:
             server_dir,
             out,
             job=job_info,
-            hyper_parameters=job.checkpoint_hparams() if job else None,
+            # fedavg-he: the server's models are ciphertext; fedseg.jobs.he.decrypt_global_model with a site kit reads them
+            hyper_parameters=job.checkpoint_hparams() if job and job.algorithm != "fedavg-he" else None,
             encoder_only=bool(job and job.algorithm == "fedper"),
         )
     except ResultsError as err:
         raise UserError(str(err)) from None
     print(format_table(results))
     print(f"results: {out}/results.json, results.csv, val_dice_per_round.png" + (", checkpoints/" if job else ""))
+
+
+def _rounds_completed(server_dir: Path) -> bool:
+    """True when fedseg's workflow ran all its rounds (``participation_summary.json`` says completed)."""
+    summary = server_dir / "metrics" / "participation_summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "completed"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from fedseg.cli import UserError, three_ints
 
-ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper")
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedper", "fedavg-he")
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features: int, roi: int) -> None:
     """Arguments of a FedAvg-family job (shared by simulate, poc and jobs export)."""
-    parser.add_argument("--job", choices=ALGORITHMS, default="fedavg", help="fedavg, fedprox (client proximal term), fedopt (server optimizer) or fedper (personal heads)")
+    parser.add_argument("--job", choices=ALGORITHMS, default="fedavg", help="fedavg, fedprox (client proximal term), fedopt (server optimizer), fedper (personal heads) or fedavg-he (CKKS-encrypted aggregation; POC and real sites only)")
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--network", default="unet")
@@ -176,6 +176,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedseg.jobs.results import format_table
     from fedseg.jobs.simulate import simulate
 
+    if args.job == "fedavg-he":
+        raise UserError("fedavg-he runs in POC and on real sites only: NVFlare's HE recipe refuses the simulator "
+                        "(it needs HE startup kits). Try: fedseg poc --job fedavg-he")
     datalists = site_datalists(args)
     job = job_from_args(args, min_clients=len(datalists), site_threads=1)
     roots = {site: args.data_root for site in datalists} if args.data_root else None

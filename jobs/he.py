@@ -1,0 +1,227 @@
+"""FedAvg with homomorphic encryption (``algorithm="fedavg-he"``): NVFlare's CKKS FedAvg recipe.
+
+``FedAvgRecipeWithHE`` (nvflare/app_opt/pt/recipes/fedavg_he.py) runs ScatterAndGather with
+TenSEAL CKKS filters: each site encrypts its weights (already multiplied by its case count) before
+they leave it, the server adds the ciphertexts and scales by 1 / total cases without ever holding
+a decryption key, and each site decrypts the next global model on arrival. The server's global
+model files hold ciphertexts too: only a site kit (``client_context.tenseal``, with the secret
+key) can read them.
+
+Needs TenSEAL (``pip install 'fedseg[he]'``) and startup kits made with NVFlare's ``HEBuilder``
+(``PocDeployment(..., he=True)``, ``nvflare poc prepare -he`` or ``HEBuilder`` in ``project.yml``).
+The simulator cannot run it (the recipe refuses ``SimEnv``: the simulator provisions no contexts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nvflare.apis.dxo import DXO, MetaKey, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
+
+if TYPE_CHECKING:
+    from fedseg.jobs.fedavg import FedAvgJob
+
+INSTALL_HINT = "pip install 'fedseg[he]'"
+#: what CiphertextAudit writes into the server's <run dir>/metrics/
+AUDIT_FILE = "he_payloads.jsonl"
+#: TenSEAL context files HEBuilder writes into the kits' startup/ folders (nvflare/lighter/impl/he.py)
+SERVER_CONTEXT = "server_context.tenseal"
+CLIENT_CONTEXT = "client_context.tenseal"
+
+
+def require_tenseal() -> Any:
+    """The ``tenseal`` module; ``RuntimeError`` naming the install command when it cannot be imported."""
+    try:
+        import tenseal
+    except ImportError as err:  # not installed, or its native extension does not load
+        raise RuntimeError(
+            f"algorithm 'fedavg-he' needs TenSEAL, which cannot be imported ({type(err).__name__}: {err}); "
+            f"install it with: {INSTALL_HINT}"
+        ) from err
+    return tenseal
+
+
+def he_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
+    """``FedAvgRecipeWithHE`` with the job's common recipe arguments (see ``build_recipe``).
+
+    Sites are weighed by their training cases: the site script puts them in the meta key
+    ``NUM_STEPS_CURRENT_ROUND``, which ``HEModelEncryptor`` multiplies into the weights before
+    encrypting and the aggregator sums as the divisor (nvflare/app_opt/he/model_encryptor.py,
+    nvflare/app_common/aggregators/dxo_aggregator.py), so the result is the case-weighted mean.
+    """
+    require_tenseal()
+    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
+    from nvflare.client.config import ExchangeFormat
+
+    args = dict(common)
+    # Workaround: the HE filters need NumPy on the wire, not torch tensors. HEModelEncryptor calls
+    # np.size() on each value (a torch tensor's .size is a method, so the count breaks) and
+    # HEModelDecryptor returns flat lists (nvflare/app_opt/he/model_encryptor.py, model_decryptor.py).
+    # With NUMPY the client API converts torch <-> NumPy around every send/receive and restores each
+    # tensor's shape from the shapes it recorded on the site's first send
+    # (nvflare/client/converter_utils.py, _numpy_to_pytorch), so the site script stays unchanged.
+    args["server_expected_format"] = ExchangeFormat.NUMPY
+    # No `framework` attribute is set (FedAvgRecipeWithHE has none): NVFlare's add_cross_site_evaluation
+    # then refuses the recipe, as it should: its CrossSiteModelEval cannot send ciphertexts (see
+    # add_he_cross_site_evaluation, which is what an HE job must use instead).
+    return FedAvgRecipeWithHE(**args)
+
+
+def load_context(kit: Path) -> Any:
+    """The TenSEAL context of a provisioned kit: a site's (with the secret key) or the server's."""
+    ts = require_tenseal()
+    startup = Path(kit) / "startup"
+    for name in (CLIENT_CONTEXT, SERVER_CONTEXT):
+        if (startup / name).is_file():
+            return ts.context_from((startup / name).read_bytes())
+    raise FileNotFoundError(f"{startup}: no TenSEAL context (was the kit provisioned with HEBuilder?)")
+
+
+def decrypt_state(state: Mapping[str, Any], site_kit: Path, like: Mapping[str, Any]) -> dict[str, Any]:
+    """Decrypt the CKKS values of a state dict (serialized bytes or ``CKKSVector``) with the secret
+    key of a site kit (``site_kit/startup/client_context.tenseal``; the server's kit has none).
+
+    Encrypted tensors travel and are stored flattened: each value is shaped and typed like the same
+    key of ``like`` (e.g. the job's model's ``state_dict()``). Values carry CKKS noise (about 1e-7
+    absolute with HEBuilder's default 2^40 scale).
+    """
+    import torch
+
+    ts = require_tenseal()
+    context = load_context(site_kit)
+    if not context.has_secret_key():
+        raise ValueError(f"{site_kit}: its TenSEAL context has no secret key (a server kit?)")
+    if set(state) != set(like):
+        raise ValueError(f"keys differ from the reference model's: {sorted(set(state) ^ set(like))[:5]}")
+    plain: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, ts.CKKSVector):
+            value = value.serialize()  # bound to the context it arrived with (public): rebind to ours
+        if isinstance(value, bytes):
+            value = ts.ckks_vector_from(context, value).decrypt()
+        plain[key] = torch.as_tensor(value, dtype=torch.float64).reshape(like[key].shape).to(like[key].dtype)
+    return plain
+
+
+def decrypt_global_model(pt_file: Path, site_kit: Path, like: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain state dict of a ``fedavg-he`` global model file (``app_server/FL_global_model.pt``
+    or ``best_FL_global_model.pt``), decrypted with a site kit's key (see ``decrypt_state``)."""
+    import torch
+
+    saved = torch.load(pt_file, map_location="cpu", weights_only=False)
+    return decrypt_state(saved.get("model", saved), site_kit, like)
+
+
+class HECrossSiteEval(CrossSiteModelEval):
+    """NVFlare's cross-site evaluation, able to send encrypted models to the sites.
+
+    Workaround: the models it evaluates (the server's global models and the sites' submitted
+    ones) are CKKS ciphertexts; read back from its files they are ``CKKSVector`` objects bound to
+    the server's public context, and the broadcast of a validate task deep-copies its data, which
+    TenSEAL refuses without a secret key ("the current context is public ... Cannot proceed",
+    nvflare/apis/impl/wf_comm_server.py). So the ciphertexts leave as serialized bytes, which
+    the site's ``HEModelDecryptor`` deserializes with its own context before decrypting
+    (nvflare/app_opt/he/model_decryptor.py). NVFlare's own ``HECrossSiteModelEval``
+    (nvflare/app_opt/he/cross_site_model_eval.py) does this in ``_save_validation_content``,
+    which the 2.9 base class no longer calls (it saves with ``_save_dxo_content``), so it fails
+    the same way.
+    """
+
+    def _load_validation_content(self, name: str, load_dir: str, fl_ctx: FLContext) -> DXO | None:
+        from nvflare.app_opt.he.homomorphic_encrypt import serialize_nested_dict
+
+        dxo = super()._load_validation_content(name, load_dir, fl_ctx)
+        if dxo is not None and isinstance(dxo.data, dict):
+            serialize_nested_dict(dxo.data)
+        return dxo
+
+
+def add_he_cross_site_evaluation(recipe: Any, submit_model_timeout: int = 600, validation_timeout: int = 6000) -> None:
+    """Cross-site evaluation for a ``fedavg-he`` recipe (instead of NVFlare's
+    ``add_cross_site_evaluation``, whose evaluation cannot send encrypted models).
+
+    Every site evaluates the server's final and best global models and every site's own model,
+    each decrypted at the evaluating site; the scores go to ``cross_site_val/cross_val_results.json``
+    as usual. The recipe already has the model locator and the results writer (``PTModel`` and
+    ``BaseFedJob`` add them, nvflare/app_opt/pt/job_config/model.py, nvflare/job_config/base_fed_job.py).
+    """
+    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
+
+    if not isinstance(recipe, FedAvgRecipeWithHE):
+        raise TypeError(f"add_he_cross_site_evaluation is for FedAvgRecipeWithHE, not {type(recipe).__name__}")
+    if getattr(recipe, "_cse_added", False):
+        raise RuntimeError("cross-site evaluation was already added to this recipe")
+    job = recipe._job  # the recipe's FedJob (nvflare/recipe/spec.py); NVFlare's utilities use it too
+    locator_id = job.comp_ids.get("locator_id")
+    if not locator_id:
+        raise ValueError("the HE recipe has no model locator: cross-site evaluation needs the job's model")
+    job.to_server(HECrossSiteEval(model_locator_id=locator_id, submit_model_timeout=submit_model_timeout,
+                                  validation_timeout=validation_timeout))
+    recipe._cse_added = True  # what NVFlare's add_cross_site_evaluation marks (nvflare/recipe/utils.py)
+
+
+class CiphertextAudit(Filter):
+    """Server input filter: how each result a site sent arrived, encrypted or in plain.
+
+    Passes every result on unchanged and appends one JSON line per result to
+    ``<run dir>/metrics/he_payloads.jsonl``: site, task, the names of the values that arrived as
+    CKKS ciphertexts and of those in plain, and the ciphertexts' serialized bytes. It shows that
+    the server never received a readable weight (only the scalar metrics and the case count are
+    plain: they travel in the result's meta).
+    """
+
+    def __init__(self, file_name: str = AUDIT_FILE) -> None:
+        super().__init__()
+        self.file_name = file_name
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        record: dict[str, Any] = {
+            "time": time.time(),
+            "site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, ""),
+            "task": shareable.get_header(ReservedKey.TASK_NAME, ""),
+        }
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:  # not a DXO (e.g. an error reply): nothing to audit
+            record.update(kind="none", encrypted=[], plain=[], ciphertext_bytes=0)
+        else:
+            record.update(kind=str(dxo.data_kind), **_count_ciphertexts(dxo.data or {}),
+                          algorithm=dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM))
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
+        with open(os.path.join(run_dir, "metrics", self.file_name), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return shareable
+
+
+def _count_ciphertexts(params: dict[str, Any]) -> dict[str, Any]:
+    """Names of the encrypted and of the plain values of a DXO, and the ciphertexts' bytes."""
+    ts = require_tenseal()
+    encrypted, plain, size = [], [], 0
+    for key, value in params.items():
+        if isinstance(value, ts.CKKSVector):
+            encrypted.append(key)
+            size += len(value.serialize())
+        else:
+            plain.append(key)
+    return {"encrypted": sorted(encrypted), "plain": sorted(plain), "ciphertext_bytes": size}
+
+
+def add_ciphertext_audit(recipe: Any, tasks: tuple[str, ...] = ("train", "submit_model")) -> None:
+    """Register ``CiphertextAudit`` on the server for every task whose results carry weights.
+
+    One registration per task: NVFlare matches filters by exact task name
+    (nvflare/apis/utils/task_utils.py).
+    """
+    for task in tasks:
+        recipe.add_server_input_filter(CiphertextAudit(), tasks=[task])
