@@ -221,7 +221,9 @@ def report_round_failure(trainer: Any, err: BaseException, evaluate: bool) -> No
     if evaluate:
         answer = FLModel(metrics={}, meta=meta)
     else:
-        answer = FLModel(params={}, params_type=ParamsType.FULL, meta=meta)
+        # DIFF: NVFlare would try to diff an empty FULL answer against the received model when the
+        # job sends weight diffs (privacy filters) and fail there (nvflare/client/in_process/api.py)
+        answer = FLModel(params={}, params_type=ParamsType.DIFF, meta=meta)
     flapi.send(answer)
     # The Lightning patch's callback still holds the failed round (received model, round start);
     # reset it as its own on_train_end does after a send, so the next round starts clean.

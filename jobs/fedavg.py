@@ -111,6 +111,12 @@ class FedAvgJob:
             raise ValueError("round_timeout and min_sites_per_round must be >= 0")
         if self.privacy not in PRIVACY_FILTERS:
             raise ValueError(f"unknown privacy filter {self.privacy!r}; known: {', '.join(PRIVACY_FILTERS)}")
+        if self.privacy != "off":
+            from fedseg.jobs.privacy import validate_privacy_args
+
+            validate_privacy_args(self.privacy, self.privacy_args)  # a bad value fails here, naming itself
+        elif self.privacy_args:
+            raise ValueError("privacy_args given without a privacy filter (privacy='svt' or 'percentile')")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; known: {', '.join(AGGREGATIONS)}")
         if not 0.0 <= self.contribution_alpha <= 1.0 or not 0.0 < self.max_site_share <= 1.0:

@@ -54,6 +54,15 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
     parser.add_argument("--contribution-alpha", type=float, default=0.5, help="contribution: weight of the case share (1 = FedAvg)")
     parser.add_argument("--max-site-share", type=float, default=0.5, help="contribution: most any site may weigh in a round")
     parser.add_argument(
+        "--privacy", choices=["off", "svt", "percentile"], default="off",
+        help="NVFlare privacy filter on every update a site sends (sites then send weight diffs)",
+    )
+    parser.add_argument(
+        "--privacy-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="privacy filter argument, repeatable (percentile: percentile, gamma; svt: fraction, epsilon, "
+        "noise_var, gamma, tau, replace, epsilon_threshold, epsilon_query, epsilon_release)",
+    )
+    parser.add_argument(
         "--grouped", action="store_true",
         help="one global model per site group (each site declares its 'group' in its site config)",
     )
@@ -66,6 +75,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
 
 def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | None = None, site_threads: int = 0):
     from fedseg.jobs.fedavg import FedAvgJob
+
+    from fedseg.jobs.privacy import parse_privacy_args
 
     roi = three_ints(args.roi, "--roi")
     try:
@@ -98,6 +109,8 @@ def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | Non
             max_site_share=args.max_site_share,
             grouped=args.grouped,
             share_encoder=args.share_encoder,
+            privacy=args.privacy,
+            privacy_args=parse_privacy_args(args.privacy_arg),
         )
     except ValueError as err:
         raise UserError(str(err)) from None
