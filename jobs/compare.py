@@ -6,9 +6,10 @@ passes through the network the same number of times, ``rounds x local_epochs``:
 - centralized: one run on the union of the sites' training cases for ``R x E`` epochs;
 - local: each site alone, for ``R x E`` epochs (one model per site);
 - fedavg / fedprox / fedopt / fedper: ``R`` rounds of ``E`` local epochs in NVFlare's simulator;
-- contribution, fedavg-svt, fedavg-percentile, grouped: FedAvg with contribution-weighted aggregation,
-  with an SVT or percentile privacy filter at the sites, or with one model per site group (the
-  group each datalist's ``meta.group`` names, as the synthetic generator's ``groups=2`` writes it).
+- contribution, fedavg-svt, fedavg-percentile, grouped, grouped-shared: FedAvg with
+  contribution-weighted aggregation, with an SVT or percentile privacy filter at the sites, or with
+  one model per site group (the group each datalist's ``meta.group`` names, as the synthetic
+  generator's ``groups=2`` writes it), without or with the encoder shared across the groups.
 
 Every cosine schedule spans ``R x E`` epochs (the FL sites' ``max_epochs`` is the same product).
 
@@ -63,7 +64,8 @@ FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
     "contribution": {"algorithm": "fedavg", "aggregation": "contribution"},
     "fedavg-svt": {"algorithm": "fedavg", "privacy": "svt"},
     "fedavg-percentile": {"algorithm": "fedavg", "privacy": "percentile"},
-    "grouped": {"algorithm": "fedavg", "grouped": True, "share_encoder": True},
+    "grouped": {"algorithm": "fedavg", "grouped": True},
+    "grouped-shared": {"algorithm": "fedavg", "grouped": True, "share_encoder": True},
 }
 FL_METHODS: tuple[str, ...] = tuple(FL_METHOD_JOBS)
 METHODS: tuple[str, ...] = ("centralized", "local", *FL_METHODS)
@@ -281,7 +283,7 @@ class ComparisonResults:
                 for st in self.sites
             )
             lines.append(f"FedPer - FedAvg Dice per region: {by_region}.")
-        for variant in ("contribution", "fedavg-svt", "fedavg-percentile", "grouped"):
+        for variant in ("contribution", "fedavg-svt", "fedavg-percentile", "grouped", "grouped-shared"):
             if variant in self.methods and "fedavg" in self.methods:
                 diffs = {st: self.mean_dice(variant, st) - self.mean_dice("fedavg", st) for st in self.sites}
                 lines.append(f"{variant} - FedAvg mean Dice: {_nanmean(list(diffs.values())):+.4f} ("
@@ -343,7 +345,9 @@ def compare(
     done: dict[str, MethodScores] = {}
     for i, method in enumerate(methods, 1):
         run_dir = out / method
-        previous = _finished(run_dir, fingerprint)
+        # a federated method's job options are part of what its scores were made with
+        method_fingerprint = {**fingerprint, "job": FL_METHOD_JOBS.get(method)}
+        previous = _finished(run_dir, method_fingerprint)
         if previous is not None:
             progress(f"[compare] {i}/{len(methods)} {method}: done earlier ({run_dir / SCORES_FILE}), not run again")
             done[method] = previous
@@ -356,7 +360,7 @@ def compare(
             scores, source = _run_local(sites, run_dir, settings, root, progress)
         else:
             scores, source = _run_federated(method, sites, run_dir, settings, root)
-        result = MethodScores(method, scores, round(time.time() - started, 1), source, fingerprint)
+        result = MethodScores(method, scores, round(time.time() - started, 1), source, method_fingerprint)
         write_json_atomic(run_dir / SCORES_FILE, result.to_json())
         done[method] = result
         dice = "  ".join(f"{s} {scores[s]['mean']['dice']:.4f}" for s in sites)
@@ -406,7 +410,7 @@ def _finished(run_dir: Path, fingerprint: dict[str, Any]) -> MethodScores | None
         changed = sorted(
             k for part in ("settings", "sites") for k in {**fingerprint[part], **previous.fingerprint.get(part, {})}
             if fingerprint[part].get(k) != previous.fingerprint.get(part, {}).get(k)
-        ) or ["data_root"]
+        ) or [k for k in ("data_root", "job") if fingerprint.get(k) != previous.fingerprint.get(k)]
         raise ComparisonError(
             f"{path}: made with other settings or sites (differs in: {', '.join(changed)}); "
             f"use a new output folder or delete {run_dir}"

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="synthetic sites in 2 imaging-protocol groups (for the grouped method)")
     cmp.add_argument("--methods", nargs="+", default=["centralized", "local", "fedavg", "fedper"], metavar="METHOD",
                      help="any of centralized, local, fedavg, fedprox, fedopt, fedper, contribution, fedavg-svt, "
-                     "fedavg-percentile, grouped (default: %(default)s)")
+                     "fedavg-percentile, grouped, grouped-shared (default: %(default)s)")
     cmp.add_argument("--rounds", type=int, default=10, help="FL rounds; the budget is rounds x local epochs")
     cmp.add_argument("--local-epochs", type=int, default=2)
     cmp.add_argument("--network", default="unet")
