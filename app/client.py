@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     drill = FaultDrill.from_site_config(config.extra, config.source)
     if drill is not None:
         callbacks.append(drill)
-        progress(f"[fedseg] {site}: fault drill on: training fails in round(s) {sorted(drill.raise_in_rounds)}")
+        progress(f"[fedseg] {site}: fault drill on: training fails in round(s) {sorted(drill.raise_in_rounds)}, "
+                 f"hangs in round(s) {sorted(drill.hang_in_rounds)}")
     if args.fedper:
         # The head stays here: only shared keys are sent, the received encoder is loaded
         # non-strictly (the head is kept), and the head lives in a site-local store.

@@ -1,18 +1,21 @@
-"""A site's fault drill: make this site's training fail on purpose in chosen rounds.
+"""A site's fault drill: make this site's training fail or hang on purpose in chosen rounds.
 
 A consortium checks before a real study that one hospital's crash costs that hospital its round
 and nothing more. A site admin turns the drill on in the site's own configuration
 (``fedseg_site.json``), never in the job::
 
-    {"datalist": "...", "fault_drill": {"raise_in_rounds": [2]}}
+    {"datalist": "...", "fault_drill": {"raise_in_rounds": [2], "hang_in_rounds": [4], "hang_seconds": 600}}
 
-In each listed round (1-based, as the progress lines count) the site's Lightning training raises
-``FaultDrillError`` after its first training batch: the same path as a real crash mid-round (a
-corrupt case, an out-of-memory), which the site script reports to the server as its failure.
+In each ``raise_in_rounds`` round (1-based, as the progress lines count) the site's Lightning
+training raises ``FaultDrillError`` after its first training batch: the same path as a real crash
+mid-round (a corrupt case, an out-of-memory), which the site script reports to the server as its
+failure. In each ``hang_in_rounds`` round it stops for ``hang_seconds`` (default 3600) after its
+first batch instead: a site that hangs, which only the server's round timeout ends.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,10 +27,13 @@ class FaultDrillError(RuntimeError):
 
 
 class FaultDrill(Callback):
-    """Raises ``FaultDrillError`` in the training of the rounds in ``raise_in_rounds`` (1-based)."""
+    """Raises ``FaultDrillError`` in the rounds ``raise_in_rounds``, hangs in ``hang_in_rounds`` (1-based)."""
 
-    def __init__(self, raise_in_rounds: list[int]) -> None:
+    def __init__(self, raise_in_rounds: list[int], hang_in_rounds: list[int] | None = None,
+                 hang_seconds: float = 3600.0) -> None:
         self.raise_in_rounds = {int(r) for r in raise_in_rounds}
+        self.hang_in_rounds = {int(r) for r in hang_in_rounds or []}
+        self.hang_seconds = float(hang_seconds)
         self.current_round = 0  # 1-based; the site script sets it before each round's fit
 
     @classmethod
@@ -36,11 +42,23 @@ class FaultDrill(Callback):
         spec = extra.get("fault_drill")
         if not spec:
             return None
-        rounds = spec.get("raise_in_rounds") if isinstance(spec, Mapping) else None
-        if not isinstance(rounds, list) or not all(isinstance(r, int) and r >= 1 for r in rounds):
-            raise ValueError(f"{source}: fault_drill needs 'raise_in_rounds': a list of round numbers >= 1, got {spec!r}")
-        return cls(rounds)
+        if not isinstance(spec, Mapping) or not set(spec) <= {"raise_in_rounds", "hang_in_rounds", "hang_seconds"}:
+            raise ValueError(f"{source}: fault_drill takes 'raise_in_rounds', 'hang_in_rounds' and 'hang_seconds', got {spec!r}")
+        rounds = {key: spec.get(key, []) for key in ("raise_in_rounds", "hang_in_rounds")}
+        for key, value in rounds.items():
+            if not isinstance(value, list) or not all(isinstance(r, int) and r >= 1 for r in value):
+                raise ValueError(f"{source}: fault_drill '{key}' must be a list of round numbers >= 1, got {value!r}")
+        if not any(rounds.values()):
+            raise ValueError(f"{source}: fault_drill needs 'raise_in_rounds' or 'hang_in_rounds', got {spec!r}")
+        seconds = spec.get("hang_seconds", 3600)
+        if not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ValueError(f"{source}: fault_drill 'hang_seconds' must be a positive number, got {seconds!r}")
+        return cls(rounds["raise_in_rounds"], rounds["hang_in_rounds"], seconds)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.current_round in self.raise_in_rounds:
             raise FaultDrillError(f"fault drill: training fails in round {self.current_round}")
+        if self.current_round in self.hang_in_rounds:
+            print(f"[fedseg] fault drill: training hangs for {self.hang_seconds:g} s in round {self.current_round}", flush=True)
+            self.hang_in_rounds.discard(self.current_round)  # once per round, not once per batch
+            time.sleep(self.hang_seconds)

@@ -3,7 +3,8 @@
 One POC deployment (real server and site processes, mutual TLS, ``nvflare job submit``) runs:
 
 1. a 3-round FedAvg job in which hospital-b's training raises in round 2 (a fault drill in its own
-   site config) and every process of hospital-c is killed with SIGKILL during round 3: the job
+   site config) and every process of hospital-c is killed with SIGKILL during round 3 (while a
+   drill holds its training, so that the kill surely lands mid-round): the job
    completes, the report names both sites and the rounds they missed, and the round with
    hospital-c missing ends within the round timeout;
 2. the study resumed from job 1's downloaded global checkpoint: the restarted hospital-c is back
@@ -79,13 +80,16 @@ def test_poc_study_survives_a_crash_and_a_killed_site_and_stops_below_the_minimu
     with PocDeployment(tmp_path / "poc", SITES) as poc:
         poc.prepare()
         for site, datalist in datalists.items():
-            extra = {"fault_drill": {"raise_in_rounds": [2]}} if site == "hospital-b" else {}
+            extra = {
+                "hospital-b": {"fault_drill": {"raise_in_rounds": [2]}},
+                "hospital-c": {"fault_drill": {"hang_in_rounds": [3], "hang_seconds": 600}},
+            }.get(site, {})
             poc.install_site_config(site, datalist, cache_dir=tmp_path / "cache" / site, **extra)
         poc.start()
 
         # --- 1. a crash in hospital-b's round 2, hospital-c killed in round 3: the job completes
         job_id = poc.submit(export(tiny_job("resilient", rounds=3), jobs))
-        wait_for_line(job_log(poc, "hospital-c", job_id), "[fedseg] round 3/3 hospital-c: started", timeout=240)
+        wait_for_line(job_log(poc, "hospital-c", job_id), "training hangs for 600 s in round 3", timeout=240)
         killed = kill_site_processes(poc, "hospital-c")
         status = poc.wait(job_id, timeout=600)
         # Every round and the cross-site evaluation ran. NVFlare 2.9 may still label the job ABNORMAL:
@@ -130,8 +134,10 @@ def test_poc_study_survives_a_crash_and_a_killed_site_and_stops_below_the_minimu
 
         # --- 3. every site needed, hospital-a killed in round 1: a clear stop, no hang
         strict = tiny_job("strict", rounds=3, min_sites_per_round=3)
+        poc.install_site_config("hospital-a", datalists["hospital-a"], cache_dir=tmp_path / "cache" / "hospital-a",
+                                fault_drill={"hang_in_rounds": [1], "hang_seconds": 600})
         job_id = poc.submit(export(strict, jobs))
-        wait_for_line(job_log(poc, "hospital-a", job_id), "[fedseg] round 1/3 hospital-a: started", timeout=240)
+        wait_for_line(job_log(poc, "hospital-a", job_id), "training hangs for 600 s in round 1", timeout=240)
         kill_site_processes(poc, "hospital-a")
         killed_at = time.monotonic()
         status = poc.wait(job_id, timeout=ROUND_TIMEOUT + 120)

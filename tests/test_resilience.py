@@ -22,8 +22,14 @@ def test_fault_drill_is_read_from_the_site_config_and_checked():
     assert FaultDrill.from_site_config({}) is None
     drill = FaultDrill.from_site_config({"fault_drill": {"raise_in_rounds": [2, 3]}})
     assert drill is not None and drill.raise_in_rounds == {2, 3}
-    with pytest.raises(ValueError, match=r"/site/fedseg_site.json: fault_drill needs 'raise_in_rounds'"):
+    hang = FaultDrill.from_site_config({"fault_drill": {"hang_in_rounds": [3], "hang_seconds": 5}})
+    assert hang is not None and hang.hang_in_rounds == {3} and hang.raise_in_rounds == set() and hang.hang_seconds == 5
+    with pytest.raises(ValueError, match=r"/site/fedseg_site.json: fault_drill 'raise_in_rounds' must be a list"):
         FaultDrill.from_site_config({"fault_drill": {"raise_in_rounds": [0]}}, "/site/fedseg_site.json")
+    with pytest.raises(ValueError, match="fault_drill takes"):
+        FaultDrill.from_site_config({"fault_drill": {"crash": [1]}}, "x.json")
+    with pytest.raises(ValueError, match="needs 'raise_in_rounds' or 'hang_in_rounds'"):
+        FaultDrill.from_site_config({"fault_drill": {"hang_seconds": 3}}, "x.json")
 
 
 def test_round_settings_are_checked_and_exported_into_the_server_workflow(tmp_path):
