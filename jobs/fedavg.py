@@ -125,8 +125,11 @@ class FedAvgJob:
             raise ValueError(f"{self.algorithm} keeps NVFlare's own server workflow: no contribution weights or groups")
         if self.algorithm == "fedavg-he" and self.privacy != "off":
             raise ValueError("fedavg-he encrypts the updates; a privacy filter would run on ciphertext: use one or the other")
-        if self.grouped and (self.algorithm == "fedper" or self.aggregation != "cases" or self.resume_from):
-            raise ValueError("grouped models work with fedavg/fedprox and case weights, without resume_from")
+        if self.grouped and (self.algorithm == "fedper" or self.aggregation != "cases" or self.resume_from
+                             or self.privacy != "off"):
+            # GroupedFedAvg averages full weights: the weight diffs a privacy filter needs are not handled
+            raise ValueError("grouped models work with fedavg/fedprox and case weights, without resume_from "
+                             "or privacy filters")
         if self.share_encoder and not self.grouped:
             raise ValueError("share_encoder needs grouped=True")
         if self.min_sites_per_round > self.min_clients:

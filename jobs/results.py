@@ -49,6 +49,7 @@ class FederatedResults:
     job: dict[str, Any] = field(default_factory=dict)
     checkpoints: dict[str, str] = field(default_factory=dict)
     participation: dict[str, Any] = field(default_factory=dict)  # participation_summary.json, if any
+    last_val_dice: dict[str, float] = field(default_factory=dict)  # site -> last val_dice it streamed
 
     def missed_rounds(self) -> dict[str, dict[str, str]]:
         """``site -> {round: why}`` for every site that missed a round (empty when none did)."""
@@ -181,6 +182,12 @@ def collect_results(
     summary = server_dir / "metrics" / "participation_summary.json"
     if summary.is_file():
         results.participation = json.loads(summary.read_text())
+    streamed = server_dir / "metrics" / "site_metrics.jsonl"
+    if streamed.is_file():
+        for line in streamed.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("key") == "val_dice":
+                results.last_val_dice[record["site"]] = float(record["value"])
 
     if hyper_parameters is not None:
         for name, file in (("best", "best_FL_global_model.pt"), ("final", "FL_global_model.pt")):
@@ -236,9 +243,11 @@ def plot_rounds(results: FederatedResults, out: Path) -> Path:
 
 def format_table(results: FederatedResults, model: str = FINAL_MODEL) -> str:
     """The final per-site x region table and the cross-site val_dice matrix, as text."""
-    lines = [f"{'site':<22}{'region':<8}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}", "-" * 56]
-    for r in results.final_table(model):
-        lines.append(f"{r['site']:<22}{r['region']:<8}{r['dice']:>8.4f}{r['iou']:>8.4f}{r['hd95']:>10.2f}")
+    lines: list[str] = []
+    if results.cross_site:
+        lines += [f"{'site':<22}{'region':<8}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}", "-" * 56]
+        for r in results.final_table(model):
+            lines.append(f"{r['site']:<22}{r['region']:<8}{r['dice']:>8.4f}{r['iou']:>8.4f}{r['hd95']:>10.2f}")
     if results.cross_site:
         models = sorted(results.cross_site)
         lines += ["", "cross-site val_dice (rows: model, columns: site whose data scored it)"]
@@ -246,6 +255,9 @@ def format_table(results: FederatedResults, model: str = FINAL_MODEL) -> str:
         for m in models:
             cells = "".join(f"{results.cross_site[m].get(s, {}).get('val_dice', math.nan):>12.4f}" for s in results.sites)
             lines.append(f"{m:<30}{cells}")
+    if not results.cross_site and results.last_val_dice:  # e.g. grouped jobs: no cross-site evaluation
+        lines += ["", "no cross-site evaluation; the last val_dice each site streamed (the model it received last):"]
+        lines += [f"  {site:<20}{dice:.4f}" for site, dice in sorted(results.last_val_dice.items())]
     missed = results.missed_rounds()
     if missed or results.participation.get("status", "completed") != "completed":
         lines += ["", f"participation: {results.participation.get('status')}"
