@@ -35,6 +35,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
@@ -134,8 +135,6 @@ class ResilientFedAvg(FedAvg):
         if self.aggregator:
             self.aggregator.reset_stats()
         else:
-            from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
-
             self._aggr_helper = WeightedAggregationHelper(exclude_vars=self.exclude_vars)
             self._aggr_metrics_helper = WeightedAggregationHelper()
             self._all_metrics = True

@@ -194,13 +194,17 @@ class FedAvgJob:
         """Arguments of the global checkpoint's class (``server_model``'s)."""
         return self.server_model()["args"]
 
+    def site_module(self) -> Any:
+        """A fresh ``SegmentationModule`` as the sites build it (for its parameter names)."""
+        from fedseg.lightning_modules.module import SegmentationModule
+
+        return SegmentationModule(**{k: v for k, v in self.module_hparams().items() if k != "preprocess"})
+
     def encoder_keys(self) -> list[str]:
         """Keys of the sites' model outside the segmentation head (the groups' shared part)."""
         from fedseg.app.fedper import personal_keys
-        from fedseg.lightning_modules.module import SegmentationModule
 
-        hparams = {k: v for k, v in self.module_hparams().items() if k != "preprocess"}
-        module = SegmentationModule(**hparams)
+        module = self.site_module()
         head = set(personal_keys(module, keep_norm_local=False))
         return [k for k in module.state_dict() if k not in head]
 
@@ -209,10 +213,8 @@ class FedAvgJob:
         if self.algorithm != "fedper":
             return []
         from fedseg.app.fedper import personal_keys
-        from fedseg.lightning_modules.module import SegmentationModule
 
-        hparams = {k: v for k, v in self.module_hparams().items() if k != "preprocess"}
-        return personal_keys(SegmentationModule(**hparams), self.keep_norm_local)
+        return personal_keys(self.site_module(), self.keep_norm_local)
 
     def wandb_config(self) -> dict[str, Any]:
         """The W&B run config: the job's arguments, with the keys centralized runs share
@@ -386,23 +388,24 @@ def _fed_job(recipe: Any) -> Any:
     return recipe._job
 
 
-def _replace_server_component(recipe: Any, comp_id: str, component: Any) -> None:
-    # Recipes expose no setter for the components BaseFedJob adds; the server app keeps them by id.
+def _server_components(recipe: Any, comp_id: str) -> dict[str, Any]:
+    """The server app's component table holding ``comp_id``.
+
+    Recipes expose no setter for the components BaseFedJob adds; the server app keeps them by id.
+    """
     for app in _fed_job(recipe)._deploy_map.values():
         config = getattr(app, "app_config", None)
         if config is not None and hasattr(config, "workflows") and comp_id in getattr(config, "components", {}):
-            config.components[comp_id] = component
-            return
+            return config.components
     raise RuntimeError(f"server component {comp_id!r} not found in the recipe")
+
+
+def _replace_server_component(recipe: Any, comp_id: str, component: Any) -> None:
+    _server_components(recipe, comp_id)[comp_id] = component
 
 
 def _remove_server_component(recipe: Any, comp_id: str) -> None:
-    for app in _fed_job(recipe)._deploy_map.values():
-        config = getattr(app, "app_config", None)
-        if config is not None and hasattr(config, "workflows") and comp_id in getattr(config, "components", {}):
-            del config.components[comp_id]
-            return
-    raise RuntimeError(f"server component {comp_id!r} not found in the recipe")
+    del _server_components(recipe, comp_id)[comp_id]
 
 
 def export(job: FedAvgJob, out_dir: Path) -> Path:

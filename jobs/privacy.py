@@ -118,11 +118,10 @@ def add_privacy_filters(recipe: Any, job: Any) -> None:
         # filter would get ciphertext. Clip/noise before encryption needs its own ordering.
         raise ValueError("privacy filters are not supported with fedavg-he (the update is encrypted before them)")
     privacy_filter = build_privacy_filter(job.privacy, job.privacy_args)
-    _send_weight_diffs(recipe)
     # One registration per task name ("*" matches nothing: nvflare/apis/utils/task_utils.py).
     recipe.add_client_output_filter(privacy_filter, tasks=[TRAIN_TASK])
     recipe.add_server_input_filter(UpdateStatsRecorder(), tasks=[TRAIN_TASK])
-    _send_weight_diffs(recipe)  # the client app now exists whatever the recipe: check its executor
+    _send_weight_diffs(recipe)  # after the filter: the client app (and its executor) exists now
     if job.cross_site_eval:
         warnings.warn("privacy filters cover the train task only: with cross_site_eval a site still sends its "
                       "final local model (submit_model) unfiltered", stacklevel=2)
@@ -131,19 +130,15 @@ def add_privacy_filters(recipe: Any, job: Any) -> None:
 def _send_weight_diffs(recipe: Any) -> None:
     """Make every site send ``params_transfer_type=DIFF`` (NVFlare computes new - received weights).
 
-    FedAvg/FedProx recipes build their client app (a ``ScriptRunner`` with ``self.params_transfer_type``,
-    nvflare/recipe/fedavg.py ``_create_client_runner``) at the first client filter or config added;
-    before that, setting the recipe's attribute is enough. FedPer has added its filters already, so
-    the built ``ClientAPIExecutor`` is changed instead: it keeps the setting in ``_params_transfer_type``
-    (nvflare/app_common/executors/client_api_executor.py) and the job export writes that attribute
-    (nvflare/job_config/fed_job_config.py ``_get_args``). FedOpt's recipe sends DIFF already.
+    Called once the client app exists (the recipes build it at the first client filter added,
+    nvflare/recipe/fedavg.py ``_create_client_runner``): its ``ClientAPIExecutor`` keeps the setting in
+    ``_params_transfer_type`` (nvflare/app_common/executors/client_api_executor.py), which the job
+    export writes (nvflare/job_config/fed_job_config.py ``_get_args``). The recipe's own attribute is
+    set too, for anything it builds later. FedOpt's recipe sends DIFF already.
     """
     from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
     from nvflare.client.config import TransferType
 
-    if hasattr(recipe, "params_transfer_type") and not getattr(recipe, "_client_apps_prepared", True):
-        recipe.params_transfer_type = TransferType.DIFF
-        return
     executors = [
         item.executor
         for app in recipe._job._deploy_map.values()  # the recipe's FedJob (nvflare/recipe/spec.py)
