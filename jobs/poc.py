@@ -333,6 +333,7 @@ class PocDeployment:
             left = self._wait_gone(deadline=time.monotonic() + grace)
             killed = self.kill_leftovers() if left else 0
             self._started = False
+            self._wait_port_free(deadline=time.monotonic() + 30.0)
         self.leftovers_killed += killed
         if killed:
             self.log(f"[poc] killed {killed} leftover process(es) of {self.workspace}")
@@ -361,6 +362,22 @@ class PocDeployment:
         if left:
             raise PocError("could not end these POC processes: " + "; ".join(f"{p} {c[:120]}" for p, c in left))
         return len(found)
+
+    def _wait_port_free(self, deadline: float) -> None:
+        """Wait until the server's port can be bound again, so a next ``start`` does not collide.
+
+        A killed process leaves ``ps`` (its command line is gone with its memory) a moment before the
+        kernel closes its sockets: a gRPC server with many threads holds the listening socket until
+        its last thread has exited, which on a busy 2-core machine took longer than our check.
+        """
+        while port_in_use(self.port):
+            if time.monotonic() >= deadline:
+                holders = subprocess.run(["ss", "-Htanp", f"sport = :{self.port}"], capture_output=True,
+                                         text=True, check=False).stdout.strip() if shutil.which("ss") else ""
+                self.log(f"[poc] warning: port {self.port} is still in use after the stop"
+                         + (f":\n{holders}" if holders else ""))
+                return
+            time.sleep(0.2)
 
     def _wait_gone(self, deadline: float) -> list[tuple[int, str]]:
         while True:
