@@ -25,6 +25,7 @@ import dataclasses
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=None, help="seed of this site's data order and augmentation (plus site_seed's offset)")
     p.add_argument("--fedper", action="store_true", help="keep the segmentation head at the site (FedPer)")
     p.add_argument("--keep-norm-local", action="store_true", help="FedPer: keep normalization layers local too (FedBN)")
     p.add_argument("--study", default="fedper", help="FedPer: the study whose head store this site uses")
@@ -85,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
+    if args.seed is not None:  # before the model and data: a FedPer head's initial weights too
+        import pytorch_lightning as pl
+
+        pl.seed_everything(site_seed(args.seed, site), workers=True, verbose=False)
     # NVFlare runs the job's custom/site_entry.py with it as sys.argv[0]: the search for the site's
     # local/ folder starts there (and at the working directory, the site's kit root).
     config = load_site_config(site, script_file=sys.argv[0] if sys.argv and sys.argv[0] else None)
@@ -152,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     flare.patch(trainer, load_state_dict_strict=not args.fedper)
     progress(f"[fedseg] {site}: {n_train} training / {len(datalist.validation)} validation cases")
 
+    schedule_note_done = False
     while flare.is_running():
         input_model = flare.receive()
         if input_model is None:
@@ -175,6 +182,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             if flapi.is_evaluate():  # cross-site evaluation: the callback has sent the metrics
                 progress(f"[fedseg] {site}: cross-site validation val_dice={val_dice:.4f}")
                 continue
+            # Where the cosine schedule (rounds x local epochs) stands at this round. From the second
+            # fit on, NVFlare's RestoreState callback restores the scheduler and this is overridden;
+            # it matters for the first round a site trains in this job, e.g. of a resumed study.
+            model.schedule_offset = (input_model.current_round or 0) * args.local_epochs
+            if model.schedule_offset and not schedule_note_done:
+                progress(f"[fedseg] {round_name} {site}: learning-rate schedule continues at epoch "
+                         f"{model.schedule_offset} of {args.rounds * args.local_epochs}")
+                schedule_note_done = True
             trainer.fit(model, datamodule=datamodule)
         except Exception as err:  # noqa: BLE001 - any crash of this round is this site's failure for the round
             # The traceback stays in the site's log; the server learns only the error class (a message
@@ -194,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"global val_dice={val_dice:.4f} train_loss={float(loss) if loss is not None else float('nan'):.4f} "
             f"cases={n_train} {time.time() - started:.1f}s"
         )
+
+
+def site_seed(seed: int, site: str) -> int:
+    """The seed of one site: the job's seed plus an offset fixed by the site's name, so that sites do
+    not draw the same crops in lockstep, and a site draws the same ones in every run of the job."""
+    return seed + zlib.crc32(site.encode()) % 1_000_003
 
 
 def site_group(extra: dict[str, Any], source: object) -> str:

@@ -99,7 +99,8 @@ class CompareSettings:
     lr: float = 3e-3
     batch_size: int = 2
     hd95: bool = True
-    #: seed of centralized and local training (the FL sites start from the server's initial model)
+    #: seed of every method: centralized and local training, and each federated job's initial
+    #: global model and sites (FedAvgJob.seed), so that all start from the same weights
     seed: int = 0
     #: FedPer variant: keep normalization layers local too (FedBN)
     keep_norm_local: bool = False
@@ -170,6 +171,7 @@ class CompareSettings:
             keep_norm_local=self.keep_norm_local,
             task_poll_interval=self.poll_interval,
             site_threads=self.site_threads,
+            seed=self.seed,
         )
 
 

@@ -98,6 +98,9 @@ class FedAvgJob:
     #: with share_encoder the encoder is averaged across all groups (fedseg.app.grouped_fedavg)
     grouped: bool = False
     share_encoder: bool = False
+    #: seed of the global model's initial weights (server) and of each site's data order, crops and
+    #: augmentation (seed + a fixed per-site offset, fedseg.app.client.site_seed): same seed, same start
+    seed: int = 0
     extra_script_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -155,6 +158,7 @@ class FedAvgJob:
             f"--rounds {self.rounds}",
             f"--batch-size {self.batch_size}",
             f"--num-workers {self.num_workers}",
+            f"--seed {self.seed}",
         ]
         if not self.hd95:
             args.append("--no-hd95")
@@ -180,6 +184,7 @@ class FedAvgJob:
             "roi_size": list(self.roi),
             "hd95": self.hd95,
             "preprocess": {"modalities": list(self.modalities), "roi_size": list(self.roi), "normalization": self.normalization},
+            "init_seed": self.seed,
         }
 
     def server_model(self) -> dict[str, Any]:
@@ -251,7 +256,7 @@ def build_recipe(job: FedAvgJob) -> Any:
     nvflare_compat.apply()
     from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
     from nvflare.client.config import ExchangeFormat
-    from nvflare.recipe.utils import add_cross_site_evaluation
+    from nvflare.recipe.utils import add_cross_site_evaluation, add_final_global_evaluation
 
     from fedseg.app.metrics_receiver import JsonlMetricsReceiver
 
@@ -302,6 +307,10 @@ def build_recipe(job: FedAvgJob) -> Any:
                 from fedseg.jobs.he import add_he_cross_site_evaluation
 
                 add_he_cross_site_evaluation(recipe, **evaluation)
+            elif job.privacy != "off":
+                # A site's local model is its training's result before any filter: under a privacy
+                # filter it must not leave the site, so only the global models are scored, on every site.
+                add_final_global_evaluation(recipe, validation_timeout=evaluation["validation_timeout"])
             else:
                 add_cross_site_evaluation(recipe, **evaluation)
     return recipe
@@ -379,6 +388,14 @@ def _fedopt_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
     # (nvflare/recipe/utils.py) and the persistor id among the job's component ids.
     recipe.framework = FrameworkType.PYTORCH
     _fed_job(recipe).comp_ids.setdefault("persistor_id", "persistor")
+    # FedOptRecipe (2.9) instantiates a dict model itself and registers the object as component
+    # "model". The job exporter writes a component's arguments from its attributes `<name>` or
+    # `_<name>` (nvflare/job_config/fed_job_config.py, _get_args); a LightningModule keeps them in
+    # hparams, so the exported server built a default SegmentationModule, not the job's. Put the
+    # arguments where the exporter looks.
+    model = _server_components(recipe, "model")["model"]
+    for key, value in common["model"]["args"].items():
+        setattr(model, f"_{key}", value)
     return recipe
 
 

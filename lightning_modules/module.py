@@ -14,6 +14,7 @@ Logged names are stable, as W&B and NVFlare model selection key on them: ``train
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,9 @@ class SegmentationModule(pl.LightningModule):
         preprocess: the ``PreprocessConfig`` fields the module was trained with (modalities,
             normalization, ...), kept in the checkpoint so ``fedseg predict`` and ``evaluate``
             rebuild the same input pipeline.
+        init_seed: seed of the network's initial weights (``None``: torch's global generator).
+            Federated jobs set it so that the server's global model starts the same in every run
+            and every method of a comparison; the global generator is left as it was.
     """
 
     def __init__(
@@ -80,13 +84,20 @@ class SegmentationModule(pl.LightningModule):
         threshold: float = 0.5,
         hd95: bool = True,
         preprocess: dict[str, Any] | None = None,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.network = SegmentationNetwork(
-            name=network, in_channels=in_channels, out_channels=3, features=features, **(network_kwargs or {})
-        )
+        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            self.network = SegmentationNetwork(
+                name=network, in_channels=in_channels, out_channels=3, features=features, **(network_kwargs or {})
+            )
         self.loss = DiceBCELoss()
+        #: epochs of the cosine schedule already spent before this process trained, e.g. the rounds a
+        #: federated study did before it was resumed in a new job. Runtime state, not a hyperparameter.
+        self.schedule_offset = 0
         metrics = ("dice", "iou", "precision", "recall", "vs") + (("hd95",) if hd95 else ())
         self.val_metrics = RegionMetrics(metrics=metrics)
 
@@ -134,4 +145,12 @@ class SegmentationModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         t_max = self.hparams.max_epochs or (self.trainer.max_epochs if self.trainer else None) or 100
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(t_max), 1))
+        if self.schedule_offset:
+            # Continue the schedule where the earlier epochs left it instead of restarting at the full
+            # rate. Stepping it reproduces CosineAnnealingLR's own (recursive) values exactly; no
+            # optimizer step has happened yet, which torch warns about and which is intended here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                for _ in range(int(self.schedule_offset)):
+                    scheduler.step()
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -113,6 +113,7 @@ def build_module(cfg: TrainConfig) -> Any:
         roi_size=cfg.roi_size,
         hd95=cfg.hd95,
         preprocess=dataclasses.asdict(preprocess_config(cfg)),
+        init_seed=cfg.seed,  # the same initial weights as a federated job with the same seed
     )
 
 

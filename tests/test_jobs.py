@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedseg.jobs.fedavg import FedAvgJob, build_recipe, export
+from offline_validation import validate_state
 
 
 def test_nvflare_export_check_still_rejects_mapped_packages_without_our_workaround(tmp_path):
@@ -51,6 +52,23 @@ def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):
     assert any("CrossSiteModelEval" in w["path"] for w in server["workflows"])
 
 
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "fedopt", "fedper"])
+def test_the_server_builds_the_jobs_own_initial_model_from_the_exported_config(algorithm, tmp_path):
+    """NVFlare builds the global model from the exported config: it must be the job's model (its
+    width, modalities and seed), weight for weight, not a default one."""
+    from nvflare.fuel.utils.class_utils import instantiate_class
+
+    job = FedAvgJob(name=algorithm, algorithm=algorithm, roi=(32, 32, 32), features=8, modalities=("t1ce", "flair"), seed=3)
+    server = json.loads((export(job, tmp_path) / "app" / "config" / "config_fed_server.json").read_text())
+    components = {c["id"]: c for c in server["components"]}
+    config = components["persistor"]["args"]["model"]
+    config = components[config] if isinstance(config, str) else config  # FedOpt refers to component "model"
+    built = instantiate_class(config["path"], config["args"]).state_dict()
+    expected = instantiate_class(job.server_model()["class_path"], job.server_model()["args"]).state_dict()
+    assert list(built) == list(expected)
+    assert all(torch.equal(built[k], expected[k]) for k in expected)
+
+
 @pytest.mark.parametrize("algorithm", ["fedprox", "fedopt"])
 def test_fedprox_and_fedopt_are_options_of_the_same_job(algorithm, tmp_path):
     folder = export(FedAvgJob(name=algorithm, algorithm=algorithm, roi=(32, 32, 32)), tmp_path)
@@ -84,8 +102,14 @@ def test_simulator_fedavg_two_sites_two_rounds(tmp_path):
     streamed = [json.loads(l) for l in (server / "metrics" / "site_metrics.jsonl").read_text().splitlines()]
     assert {s["site"] for s in streamed} == {"site-1", "site-2"} and {"val_dice", "train_loss"} <= {s["key"] for s in streamed}
 
+    # the job's seed fixes the initial global model: what each site validated in round 1 is exactly
+    # the seeded model built here (a second build gives the same weights)
+    initial, again = (SegmentationModule(**job.module_hparams()).state_dict() for _ in range(2))
+    assert all(torch.equal(initial[k], again[k]) for k in initial)
+    round1 = {r["site"]: r["val_dice"] for r in per_site if r["round"] == 0}
+    assert round1["site-1"] == pytest.approx(validate_state(initial, job, synth.datalists["site-1"]), abs=1e-6)
+
     # the global model changed: the final model differs from the initial one
-    initial = SegmentationModule(**job.module_hparams()).state_dict()
     final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
     assert any(not torch.equal(initial[k], final[k]) for k in initial if initial[k].is_floating_point())
 

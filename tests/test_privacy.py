@@ -218,7 +218,7 @@ def test_simulator_percentile_privacy_filters_what_the_server_receives(tmp_path)
     percentile, gamma = 80, 2e-4
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     job = FedAvgJob(name="dp", rounds=2, features=8, roi=(24, 24, 24), hd95=False, site_threads=1,
-                    cross_site_eval=False, task_poll_interval=0.5,
+                    task_poll_interval=0.5,
                     privacy="percentile", privacy_args={"percentile": percentile, "gamma": gamma})
     run = tmp_path / "run"
     results = simulate(job, synth.datalists, run)
@@ -236,3 +236,11 @@ def test_simulator_percentile_privacy_filters_what_the_server_receives(tmp_path)
     raw_max = [float(m) for log in workspace.glob("site-*/log.txt")
                for m in re.findall(r"Max abs delta_w: ([0-9.e+-]+)", log.read_text())]
     assert len(raw_max) == 4 and min(raw_max) > gamma
+
+    # The final evaluation scores the global models on every site; no site's unfiltered local model
+    # is asked for (no submit_model task), so none reaches the server.
+    assert set(results.cross_site) == {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"}
+    for scores in results.cross_site.values():
+        assert set(scores) == {"site-1", "site-2"} and all(0.0 <= m["val_dice"] <= 1.0 for m in scores.values())
+    logs = [workspace / "server" / "log.txt", *workspace.glob("site-*/log.txt")]
+    assert len(logs) == 3 and not any("submit_model" in log.read_text() for log in logs)

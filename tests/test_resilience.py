@@ -16,6 +16,7 @@ import torch
 from fedseg.app.fault_drill import FaultDrill
 from fedseg.jobs.fedavg import FedAvgJob, export
 from fedseg.jobs.resume import ResumeError, find_resume_point
+from offline_validation import validate_checkpoint
 
 
 def test_fault_drill_is_read_from_the_site_config_and_checked():
@@ -94,23 +95,6 @@ def test_resume_point_errors_name_the_path_and_the_problem(tmp_path):
         export(FedAvgJob(name="done", rounds=5, resume_from=str(tmp_path), roi=(32,) * 3), tmp_path / "out")
 
 
-def _validate_checkpoint(checkpoint: Path, job: FedAvgJob, datalist: Path) -> float:
-    """val_dice of a global checkpoint on one site's validation cases, outside NVFlare."""
-    import pytorch_lightning as pl
-
-    from fedseg.lightning_modules.data.datalist import read_datalist
-    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
-    from fedseg.lightning_modules.data.transforms import PreprocessConfig
-    from fedseg.lightning_modules.module import SegmentationModule
-
-    model = SegmentationModule(**job.module_hparams())
-    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    preprocess = PreprocessConfig(modalities=job.modalities, roi_size=job.roi, normalization=job.normalization)
-    data = SegDataModule(read_datalist(datalist), DataConfig(preprocess=preprocess, batch_size=job.batch_size))
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu")
-    return float(trainer.validate(model, datamodule=data, verbose=False)[0]["val_dice"])
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_from_the_checkpoint(tmp_path):
@@ -153,5 +137,9 @@ def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_fr
     # what each site validated at the start of round 3 is exactly the round-2 checkpoint (not a fresh model)
     received = {r["site"]: r["val_dice"] for r in results.rounds if r["site"] != "mean"}
     assert set(received) == {"site-1", "site-2", "site-3"} and {r["round"] for r in results.rounds} == {2}
-    expected = _validate_checkpoint(checkpoint, job, synth.datalists["site-1"])
+    expected = validate_checkpoint(checkpoint, job, synth.datalists["site-1"])
     assert received["site-1"] == pytest.approx(expected, abs=1e-6)
+    # and each site's cosine learning-rate schedule goes on from epoch 2 of 3 instead of restarting
+    for site in ("site-1", "site-2", "site-3"):
+        log = (second / "nvflare" / "study" / site / "log.txt").read_text()
+        assert "round 3/3 " + site + ": learning-rate schedule continues at epoch 2 of 3" in log

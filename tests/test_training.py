@@ -74,3 +74,50 @@ def test_train_cli_refuses_data_that_fails_the_check(synth, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fails the dataset check" in err and seg.name in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_schedule_offset_continues_the_cosine_schedule_where_earlier_epochs_left_it():
+    """A resumed federated study: the module starts at epoch 4 of a 10-epoch cosine schedule, with the
+    learning rate an uninterrupted schedule has there, and goes on from it."""
+    import math
+    import warnings
+
+    module = SegmentationModule(features=4, lr=1e-3, max_epochs=10, roi_size=(16, 16, 16), hd95=False)
+    fresh = module.configure_optimizers()
+    assert fresh["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+    parameter = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    for _ in range(4):
+        optimizer.step()
+        reference.step()
+
+    module.schedule_offset = 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the intended step-before-optimizer warning is silenced, nothing else
+        resumed = module.configure_optimizers()
+    optimizer, scheduler = resumed["optimizer"], resumed["lr_scheduler"]["scheduler"]
+    assert scheduler.last_epoch == 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0], rel=1e-9)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 4 / 10)) / 2, rel=1e-9)
+    optimizer.step()
+    scheduler.step()
+    reference.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0], rel=1e-9)
+
+
+def test_init_seed_fixes_the_initial_weights_and_leaves_the_global_generator_alone():
+    from fedseg.app.client import site_seed
+
+    build = lambda seed: SegmentationModule(features=4, roi_size=(16, 16, 16), hd95=False, init_seed=seed).state_dict()  # noqa: E731
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    first, second, other = build(7), build(7), build(8)
+    assert torch.equal(torch.rand(3), expected_draw)  # building seeded modules drew nothing from it
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+    # sites get distinct, stable seeds from the job's seed
+    assert site_seed(0, "site-1") == site_seed(0, "site-1") != site_seed(0, "site-2")
+    assert site_seed(5, "site-1") == site_seed(0, "site-1") + 5

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--roi", type=int, nargs="+", default=[48], help="crop size: one or three numbers")
     cmp.add_argument("--lr", type=float, default=3e-3)
     cmp.add_argument("--batch-size", type=int, default=2)
-    cmp.add_argument("--seed", type=int, default=0, help="seed of centralized and local training")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of every method: the initial global model, data order and augmentation")
     cmp.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on CPU)")
     cmp.add_argument("--keep-norm-local", action="store_true", help="fedper: keep normalization layers local too (FedBN)")
     cmp.add_argument("--poll-interval", type=float, default=0.5, help="seconds a simulated site waits between task requests")

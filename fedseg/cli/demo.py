@@ -21,9 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--sites", type=int, default=3)
     demo.add_argument("--cases", type=int, default=8, help="cases per site")
     demo.add_argument("--size", type=int, default=48, help="volume size in voxels a side")
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--data-only", action="store_true", help="stop after generating and checking the data")
-    add_job_arguments(demo, rounds=8, features=8, roi=48)
+    add_job_arguments(demo, rounds=8, features=8, roi=48)  # its --seed also seeds the synthetic hospitals
     demo.set_defaults(func=run_demo, local_epochs=2)
 
 

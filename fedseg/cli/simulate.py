@@ -68,6 +68,10 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, rounds: int, features:
     )
     parser.add_argument("--share-encoder", action="store_true", help="grouped: average the encoder across groups")
     parser.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the initial global model and of each site's data order and augmentation",
+    )
+    parser.add_argument(
         "--poll-interval", type=float, default=0.5,
         help="seconds a site waits before asking for its next task (NVFlare's default 2 s dominates short local runs)",
     )
@@ -111,6 +115,7 @@ def job_from_args(args: argparse.Namespace, *, min_clients: int, name: str | Non
             share_encoder=args.share_encoder,
             privacy=args.privacy,
             privacy_args=parse_privacy_args(args.privacy_arg),
+            seed=args.seed,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
