@@ -130,7 +130,9 @@ def test_poc_study_survives_a_crash_and_a_killed_site_and_stops_below_the_minimu
         rounds, summary = read_report(second)
         assert summary["rounds_run"] == [4]  # the 3 rounds done are counted, not retrained
         assert all(r["answered"] == list(SITES) for r in rounds), rounds
-        assert "[fedseg] round 4/4 hospital-c" in (poc.site_kit("hospital-c") / job_id / "log.txt").read_text()
+        site_log = (poc.site_kit("hospital-c") / job_id / "log.txt").read_text()
+        assert "[fedseg] round 4/4 hospital-c" in site_log
+        assert "round 4/4 hospital-c: learning-rate schedule continues at epoch 3 of 4" in site_log
 
         # --- 3. every site needed, hospital-a killed in round 1: a clear stop, no hang
         strict = tiny_job("strict", rounds=3, min_sites_per_round=3)

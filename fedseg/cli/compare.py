@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--lr", type=float, default=3e-3)
     cmp.add_argument("--batch-size", type=int, default=2)
     cmp.add_argument("--seed", type=int, default=0, help="seed of every method: the initial global model, data order and augmentation")
+    cmp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                     help="run the whole comparison once per seed (OUT/seed-<s>/, instead of --seed) and "
+                     "summarize mean ± sd over seeds and each method's difference to fedavg paired by seed "
+                     "(OUT/seeds.txt|csv|json)")
     cmp.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on CPU)")
     cmp.add_argument("--keep-norm-local", action="store_true", help="fedper: keep normalization layers local too (FedBN)")
     cmp.add_argument("--poll-interval", type=float, default=0.5, help="seconds a simulated site waits between task requests")
@@ -95,11 +99,21 @@ def run_compare(args: argparse.Namespace) -> int:
             keep_norm_local=args.keep_norm_local,
             poll_interval=args.poll_interval,
         )
-        results = compare(datalists, args.out, settings, methods=args.methods, data_root=args.data_root)
+        if args.seeds:
+            from fedseg.jobs.seed_sweep import sweep_seeds
+
+            sweep = sweep_seeds(datalists, args.out, settings, args.seeds, methods=args.methods, data_root=args.data_root)
+        else:
+            results = compare(datalists, args.out, settings, methods=args.methods, data_root=args.data_root)
     except DatasetCheckError as err:
         raise UserError(f"the training data fails the dataset check:\n{err}") from None
     except (ComparisonError, DatalistError) as err:
         raise UserError(str(err)) from None
+    if args.seeds:
+        print()
+        print(sweep.format_table())
+        print(f"\nfiles: {args.out.resolve()}/seeds.txt, seeds.csv, seeds.json; one comparison per seed in seed-<s>/")
+        return 0
     print()
     print(results.format_table())
     print()

@@ -1,0 +1,139 @@
+"""The same comparison under several seeds: how much of a difference between methods is noise.
+
+``fedseg compare --seeds 0 1 2`` runs ``compare`` once per seed, each in its own folder and each
+resumable as usual, and summarizes them. A seed fixes a method's initial weights, data order and
+augmentation (``CompareSettings.seed``), so two methods under one seed start from the same weights,
+and the difference between them can be paired by seed.
+
+Run folder::
+
+    OUT/seed-<s>/          a ``fedseg compare`` folder per seed
+    OUT/seeds.csv, .json   method, site (and MEAN over sites), mean and sd over seeds, n, each seed
+    OUT/seeds.txt          the table, and each method's difference to FedAvg paired by seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.jobs.compare import DEFAULT_METHODS, CompareSettings, ComparisonError, ComparisonResults, compare
+from fedseg.lightning_modules.data.datalist import json_safe, write_json_atomic
+
+#: the method every other one is compared with, paired by seed
+REFERENCE = "fedavg"
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan with fewer than 2 values) of the finite ``values``."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan
+
+
+@dataclass
+class SeedSweep:
+    """One ``ComparisonResults`` per seed, same sites and methods; the summary over seeds."""
+
+    out: Path
+    seeds: list[int]
+    runs: list[ComparisonResults]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[str]:
+        return self.runs[0].sites
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.runs[0].methods)
+
+    def dice(self, method: str, site: str) -> list[float]:
+        """Mean Dice (ET, TC, WT) of ``method`` on ``site``, one value per seed; site ``MEAN``: over sites."""
+        if site == "MEAN":
+            return [statistics.fmean(run.mean_dice(method, s) for s in self.sites) for run in self.runs]
+        return [run.mean_dice(method, site) for run in self.runs]
+
+    def difference(self, method: str, reference: str = REFERENCE) -> list[float]:
+        """``method`` minus ``reference`` in mean Dice over sites, per seed (same seed, same start)."""
+        return [a - b for a, b in zip(self.dice(method, "MEAN"), self.dice(reference, "MEAN"))]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """``method, site, dice_mean, dice_sd, n_seeds`` and ``seed_<s>`` per seed; site MEAN last."""
+        rows = []
+        for method in self.methods:
+            for site in (*self.sites, "MEAN"):
+                values = self.dice(method, site)
+                mean, sd = mean_sd(values)
+                rows.append({"method": method, "site": site, "dice_mean": mean, "dice_sd": sd,
+                             "n_seeds": len(values), **{f"seed_{s}": v for s, v in zip(self.seeds, values)}})
+        return rows
+
+    def format_table(self) -> str:
+        width = max(17, *(len(s) + 2 for s in self.sites))
+        head = f"{'method':<18}" + "".join(f"{s:>{width}}" for s in (*self.sites, "mean"))
+        lines = [f"mean Dice over {len(self.seeds)} seeds ({', '.join(map(str, self.seeds))}): mean ± sd",
+                 head, "-" * len(head)]
+        for method in self.methods:
+            cells = [mean_sd(self.dice(method, s)) for s in (*self.sites, "MEAN")]
+            lines.append(f"{method:<18}" + "".join(f"{f'{m:.4f} ± {sd:.4f}':>{width}}" for m, sd in cells))
+        if REFERENCE in self.methods:
+            lines += ["", f"difference to {REFERENCE} in mean Dice over sites, paired by seed"]
+            for method in self.methods:
+                if method == REFERENCE:
+                    continue
+                diffs = self.difference(method)
+                mean, sd = mean_sd(diffs)
+                better = sum(d > 0 for d in diffs)
+                lines.append(f"{method:<18}{mean:+.4f} ± {sd:.4f}  (better in {better} of {len(diffs)} seeds: "
+                             + ", ".join(f"{d:+.4f}" for d in diffs) + ")")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        paired = {m: self.difference(m) for m in self.methods if m != REFERENCE} if REFERENCE in self.methods else {}
+        return json_safe({"seeds": self.seeds, "sites": self.sites, "methods": self.methods,
+                          "settings": self.runs[0].settings.to_json() | {"seed": None},
+                          "rows": self.rows(), f"difference_to_{REFERENCE}": paired,
+                          "runs": [str(run.out) for run in self.runs]})
+
+    def write(self) -> dict[str, Path]:
+        """``seeds.json|csv|txt`` in ``out``."""
+        from fedseg.lightning_modules.history import write_rows, write_text_atomic
+
+        self.files["json"] = write_json_atomic(self.out / "seeds.json", self.to_json())
+        self.files["csv"] = self.out / "seeds.csv"
+        write_rows(self.files["csv"], self.rows(), first=("method", "site", "dice_mean", "dice_sd", "n_seeds"))
+        self.files["txt"] = self.out / "seeds.txt"
+        write_text_atomic(self.files["txt"], self.format_table() + "\n")
+        return self.files
+
+
+def sweep_seeds(
+    site_datalists: Mapping[str, Path | str],
+    out: Path | str,
+    settings: CompareSettings,
+    seeds: Sequence[int],
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    data_root: Path | str | None = None,
+    progress: Callable[[str], None] = print,
+) -> SeedSweep:
+    """``compare`` under each seed into ``out/seed-<s>``, then the summary over seeds in ``out``."""
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if len(seeds) < 2:
+        raise ComparisonError(f"a seed sweep needs at least 2 different seeds, got {seeds}")
+    out = Path(out).resolve()
+    runs = []
+    for k, seed in enumerate(seeds, 1):
+        progress(f"[seeds] {k}/{len(seeds)}: seed {seed} -> {out / f'seed-{seed}'}")
+        runs.append(compare(site_datalists, out / f"seed-{seed}", dataclasses.replace(settings, seed=seed),
+                            methods=methods, data_root=data_root, progress=progress))
+    sweep = SeedSweep(out, seeds, runs)
+    sweep.write()
+    return sweep
