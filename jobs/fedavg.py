@@ -11,8 +11,9 @@ What the server runs:
   number of training cases);
 - fedprox: ``FedProxRecipe``: the same, plus the proximal term ``mu/2 ||w - w_global||^2`` that
   NVFlare's Lightning patch adds to the site's gradients;
-- fedopt: ``FedOptRecipe``: the averaged update is applied by a server optimizer (SGD with momentum
-  by default, as in the FedOpt paper's FedAvgM; ``server_optimizer="adam"`` for FedAdam);
+- fedopt: ``FedAvgRecipe`` with NVFlare's ``FedOpt`` controller made resilient
+  (``fedseg.app.resilient_fedopt``): the averaged update is applied by a server optimizer (SGD with
+  momentum by default, as in the FedOpt paper's FedAvgM; ``server_optimizer="adam"`` for FedAdam);
 - fedper: ``FedAvgRecipe`` over the shared encoder only: the server model is
   ``SegmentationEncoder`` (no head), each site keeps its head in a site-local store and sends only
   shared keys, and a site-side ``ExcludeVars`` output filter strips the personal keys again
@@ -344,6 +345,8 @@ def _base_recipe(job: FedAvgJob, common: dict[str, Any], start_round: int = 0) -
         from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
 
         return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **resilience, **common)
+    if job.algorithm == "fedopt":
+        return _fedopt_recipe(job, common, resilience)
     if job.algorithm == "fedprox":
         from fedseg.jobs.resilient_recipes import ResilientFedProxRecipe
 
@@ -351,13 +354,11 @@ def _base_recipe(job: FedAvgJob, common: dict[str, Any], start_round: int = 0) -
             key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.fedprox_mu, **resilience, **common
         )
     if start_round:
-        raise ValueError("resume_from is supported for fedavg, fedprox and fedper (fedopt and fedavg-he keep "
+        raise ValueError("resume_from is supported for fedavg, fedprox, fedopt and fedper (fedavg-he keeps "
                          "NVFlare's own server workflow)")
-    if job.algorithm == "fedavg-he":
-        from fedseg.jobs.he import he_recipe
+    from fedseg.jobs.he import he_recipe
 
-        return he_recipe(job, common)
-    return _fedopt_recipe(job, common)
+    return he_recipe(job, common)
 
 
 def _add_fedper_guards(recipe: Any, job: FedAvgJob) -> None:
@@ -375,27 +376,32 @@ def _add_fedper_guards(recipe: Any, job: FedAvgJob) -> None:
         recipe.add_server_input_filter(PayloadKeyAudit(), tasks=[task])
 
 
-def _fedopt_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
-    from nvflare.app_opt.pt.recipes.fedopt import FedOptRecipe
-    from nvflare.fuel.utils.constants import FrameworkType
+def _fedopt_recipe(job: FedAvgJob, common: dict[str, Any], resilience: dict[str, Any]) -> Any:
+    """FedOpt as a FedAvg recipe whose controller is ``ResilientFedOpt`` (fedseg.app.resilient_fedopt).
+
+    NVFlare's ``FedOptRecipe`` runs ScatterAndGather, which has no round timeout or minimum of
+    sites; its ModelController form, ``FedOpt``, takes fedseg's resilient round. The sites send
+    weight differences (the server optimizer's gradient) and the optimizer steps the component
+    ``FEDOPT_MODEL_ID``, a ``SegmentationModule`` built from the job's arguments.
+    """
+    from nvflare.client.config import TransferType
+
+    from fedseg.jobs.resilient_recipes import FEDOPT_MODEL_ID, ResilientFedAvgRecipe
+    from fedseg.lightning_modules.module import SegmentationModule
 
     if job.server_optimizer == "adam":
         optimizer = {"path": "torch.optim.Adam", "args": {"lr": job.server_lr, "betas": [0.9, 0.99]}}
     else:
         optimizer = {"path": "torch.optim.SGD", "args": {"lr": job.server_lr, "momentum": job.server_momentum}}
-    recipe = FedOptRecipe(device="cpu", optimizer_args=optimizer, **common)
-    # FedOptRecipe (2.9) lacks what add_cross_site_evaluation reads: the framework attribute
-    # (nvflare/recipe/utils.py) and the persistor id among the job's component ids.
-    recipe.framework = FrameworkType.PYTORCH
-    _fed_job(recipe).comp_ids.setdefault("persistor_id", "persistor")
-    # FedOptRecipe (2.9) instantiates a dict model itself and registers the object as component
-    # "model". The job exporter writes a component's arguments from its attributes `<name>` or
-    # `_<name>` (nvflare/job_config/fed_job_config.py, _get_args); a LightningModule keeps them in
-    # hparams, so the exported server built a default SegmentationModule, not the job's. Put the
-    # arguments where the exporter looks.
-    model = _server_components(recipe, "model")["model"]
+    recipe = ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", server_optimizer=optimizer,
+                                   params_transfer_type=TransferType.DIFF, **resilience, **common)
+    model = SegmentationModule(**common["model"]["args"])
+    # The job exporter writes a component's arguments from its attributes `<name>` or `_<name>`
+    # (nvflare/job_config/fed_job_config.py, _get_args); a LightningModule keeps them in hparams, so
+    # without these the exported server would build a default SegmentationModule, not the job's.
     for key, value in common["model"]["args"].items():
         setattr(model, f"_{key}", value)
+    _fed_job(recipe).to_server(model, id=FEDOPT_MODEL_ID)
     return recipe
 
 

@@ -1,4 +1,5 @@
-"""NVFlare's FedAvg and FedProx recipes with fedseg's resilient round (``ResilientFedAvg``).
+"""NVFlare's FedAvg and FedProx recipes with fedseg's resilient round (``ResilientFedAvg``), and
+FedOpt as a FedAvg recipe whose controller is ``ResilientFedOpt``.
 
 The recipes build their server controller in ``_create_controller``, the hook NVFlare keeps for
 framework recipes to extend (nvflare/recipe/fedavg.py); everything else (persistor, model
@@ -11,9 +12,14 @@ from typing import Any
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
+from nvflare.recipe.utils import ensure_config_type_dict
 
 from fedseg.app.grouped_fedavg import GroupedFedAvg
 from fedseg.app.resilient_fedavg import ResilientFedAvg
+from fedseg.app.resilient_fedopt import CONSTANT_LR, ResilientFedOpt
+
+#: server component id of the torch model ``ResilientFedOpt``'s optimizer steps
+FEDOPT_MODEL_ID = "fedopt_model"
 
 
 class _ResilientRound:
@@ -27,20 +33,30 @@ class _ResilientRound:
         start_round: int = 0,
         grouped: bool = False,
         shared_keys: list[str] | None = None,
+        server_optimizer: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.round_timeout, self.min_sites, self.start_round = round_timeout, min_sites, start_round
         self.grouped, self.shared_keys = grouped, shared_keys
+        self.server_optimizer = server_optimizer
         super().__init__(**kwargs)  # type: ignore[call-arg]
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> ResilientFedAvg:
-        """NVFlare's FedAvg controller of this recipe, as ``ResilientFedAvg`` or ``GroupedFedAvg``."""
+        """NVFlare's FedAvg controller of this recipe, as ``ResilientFedAvg``, ``GroupedFedAvg`` or
+        (with a server optimizer) ``ResilientFedOpt``."""
         base = super()._create_controller(persistor_id, model_params, model_aggregator)  # type: ignore[misc]
         # Same arguments as the recipe's own FedAvg (read back from it, so none is forgotten when
         # NVFlare adds one), plus the round's timeout, its minimum and the resume round.
-        grouped = {"shared_keys": self.shared_keys} if self.grouped else {}
-        return (GroupedFedAvg if self.grouped else ResilientFedAvg)(
-            **grouped,
+        extra: dict[str, Any] = {"shared_keys": self.shared_keys} if self.grouped else {}
+        controller = GroupedFedAvg if self.grouped else ResilientFedAvg
+        if self.server_optimizer is not None:
+            controller = ResilientFedOpt
+            # config_type "dict": the job loader must pass these through, not build them (an optimizer
+            # needs the model's parameters, which FedOpt.run gives it); FedOptRecipe does the same.
+            extra = dict(source_model=FEDOPT_MODEL_ID, optimizer_args=ensure_config_type_dict(self.server_optimizer),
+                         lr_scheduler_args=ensure_config_type_dict(CONSTANT_LR), device="cpu")
+        return controller(
+            **extra,
             num_clients=base.num_clients,
             num_rounds=base.num_rounds,
             start_round=self.start_round,
