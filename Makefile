@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# the fast tier for iteration: everything but the tests that start NVFlare (simulator, POC, kits)
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

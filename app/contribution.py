@@ -32,12 +32,7 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 from pytorch_lightning import Callback
 
-#: meta key of a site's update: its own validation loss after the round's training
-LOSS_AFTER_KEY = "fedseg_val_loss_after"
-#: meta key of the aggregated model: the normalized weight of every site in the round
-WEIGHTS_KEY = "fedseg_weights"
-#: meta key of the aggregated model: each site's cases, losses, cost ratio and weight
-CONTRIBUTION_KEY = "fedseg_contribution"
+from fedseg.app.protocol import CONTRIBUTION_KEY, LOSS_AFTER_KEY, NUM_STEPS_KEY, WEIGHTS_KEY
 
 
 @dataclass(frozen=True)
@@ -145,7 +140,7 @@ def _site(model: FLModel) -> str:
 def _site_round(model: FLModel) -> SiteRound:
     meta, metrics = model.meta or {}, model.metrics or {}
     return SiteRound(
-        cases=float(meta.get("NUM_STEPS_CURRENT_ROUND") or 0.0),
+        cases=float(meta.get(NUM_STEPS_KEY) or 0.0),
         loss_before=float(metrics.get("val_loss", math.nan)),
         loss_after=float(meta.get(LOSS_AFTER_KEY, math.nan)),
     )

@@ -8,7 +8,7 @@ FedBN variant). The head never leaves its site; this is enforced three times:
    parameters, so the server never sends, aggregates or checkpoints a head;
 2. the site sends only shared keys (``SharedKeysFLCallback``, whatever the server sent);
 3. the job adds a site-side output filter (NVFlare's ``ExcludeVars`` with the explicit personal
-   keys) on every result a site returns.
+   keys) on every result a site returns (``fedseg.jobs.fedper``).
 The server's ``PayloadKeyAudit`` records the keys of every payload it receives, so a run can show it.
 """
 
@@ -43,9 +43,7 @@ class SegmentationEncoder(SegmentationModule):
         self.keep_norm_local = keep_norm_local
         for key in personal_keys(self, keep_norm_local):
             owner_path, _, name = key.rpartition(".")
-            owner = self.get_submodule(owner_path)
-            owner._parameters.pop(name, None)
-            owner._buffers.pop(name, None)
+            delattr(self.get_submodule(owner_path), name)  # nn.Module drops the parameter or buffer
 
 
 class SharedKeysFLCallback(FLCallback):
@@ -75,12 +73,15 @@ def personalize(encoder_checkpoint: Path | str, head_file: Path | str, out: Path
     """A site's personalized model: the global encoder checkpoint plus the site's stored head,
     saved as a full ``SegmentationModule`` checkpoint (``fedseg evaluate`` / ``predict`` take it).
 
-    Runs at the site: the head file is the site's own ``FedPerHeadStore`` file.
+    Runs at the site: the head file is the site's own ``FedPerHeadStore`` file. Both files are read
+    without running code from them (``fedseg.lightning_modules.safe_load``).
     """
     import torch
 
-    encoder = torch.load(encoder_checkpoint, map_location="cpu", weights_only=False)
-    head = torch.load(head_file, map_location="cpu", weights_only=False)
+    from fedseg.lightning_modules.safe_load import load_checkpoint
+
+    encoder = load_checkpoint(encoder_checkpoint)
+    head = load_checkpoint(head_file)
     hparams = {k: v for k, v in encoder["hyper_parameters"].items() if k != "keep_norm_local"}
     module = SegmentationModule(**hparams)
     expected = set(module.state_dict())

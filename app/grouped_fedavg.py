@@ -20,7 +20,7 @@ within a group:
   round and group in ``meta_props``).
 
 Cross-site evaluation and best-model selection compare one global model across sites, so grouped
-jobs run without them (``fedseg.jobs.fedavg``).
+jobs run without them (``fedseg.jobs.base``).
 """
 
 from __future__ import annotations
@@ -35,14 +35,12 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
-from nvflare.app_common.workflows.base_fedavg import _get_client_name, _get_num_steps_weight
 from nvflare.fuel.utils.log_utils import center_message
 
-from fedseg.app.fingerprint import RECEIVED_KEY, model_fingerprint
+from fedseg import nvflare_internals
+from fedseg.app.protocol import GROUP_KEY, RECEIVED_KEY, model_fingerprint
 from fedseg.app.resilient_fedavg import ResilientFedAvg
 
-#: meta key of a site's update: the group the site declared in its site config
-GROUP_KEY = "fedseg_group"
 DEFAULT_GROUP = "default"
 GROUPS_DIR = "groups"
 
@@ -129,12 +127,12 @@ class GroupedFedAvg(ResilientFedAvg):
     def _accept_group_update(self, result: FLModel) -> bool:
         if self._site_failed(result):
             return False
-        site, meta = _get_client_name(result), result.meta or {}
+        site, meta = nvflare_internals.client_name(result), result.meta or {}
         group = str(meta.get(GROUP_KEY) or DEFAULT_GROUP)
         if self._group_of.get(site, group) != group:
             self.warning(f"{site} moved from group {self._group_of[site]} to {group}")
         self._group_of[site] = group
-        weight = _get_num_steps_weight(result)
+        weight = nvflare_internals.num_steps_weight(result)
         self._sums.setdefault(group, WeightedAggregationHelper()).add(
             data=result.params, weight=weight, contributor_name=site, contribution_round=self.current_round
         )

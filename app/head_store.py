@@ -1,10 +1,14 @@
-"""`FedPerHeadStore`: the site-local file that keeps a site's personal head across rounds,
+"""`FedPerHeadStore`: the site-local file that keeps a site's personal parameters across rounds,
 process restarts and later jobs of the same study. It never leaves the site.
 
-One file per study (``<store dir>/<study>.pt``), written atomically (temporary file + rename), with
-the head's state dict and a small record: which encoder round it was last trained with, which job,
-and when. The store folder comes from the site's configuration (``head_store`` in
-``fedseg_site.json``), outside any job's run folder, so a new job of the same study finds it.
+One file per study and kind (``<store dir>/<study>.pt`` for a FedPer head; other personalized
+methods keep their own kind beside it, e.g. ``<study>.ditto.pt``), written atomically (temporary
+file + rename) and owner-only (folder 0700, file 0600: on a shared disk other users could read a
+model trained on the site's patients), with the parameters and a small record: which encoder
+round they were last trained with, which job, and when. The store folder comes from the site's
+configuration (``head_store`` in ``fedseg_site.json``), outside any job's run folder, so a new job
+of the same study finds it. Files are read without running code from them
+(``fedseg.lightning_modules.safe_load``).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from typing import Any
 
 import torch
 
+from fedseg.lightning_modules.owner_only import owner_only_dir
+from fedseg.lightning_modules.safe_load import load_checkpoint
+
 
 @dataclass
 class HeadRecord:
-    """What the store knows about a saved head."""
+    """What the store knows about saved personal parameters."""
 
     encoder_round: int
     job_id: str | None
@@ -33,49 +40,56 @@ class HeadRecord:
 class FedPerHeadStore:
     """Load and save one site's personal parameters for one study."""
 
-    def __init__(self, folder: Path | str, study: str) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", study):
-            raise ValueError(f"study name {study!r}: use letters, digits, '.', '_' or '-'")
+    def __init__(self, folder: Path | str, study: str, kind: str = "") -> None:
+        for name, value in (("study", study), ("kind", kind)):
+            if value and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+                raise ValueError(f"{name} name {value!r}: use letters, digits, '.', '_' or '-'")
+        if not study:
+            raise ValueError("a head store needs a study name")
         self.folder = Path(folder)
         self.study = study
-        self.path = self.folder / f"{study}.pt"
+        self.path = self.folder / (f"{study}.{kind}.pt" if kind else f"{study}.pt")
 
     def exists(self) -> bool:
         return self.path.is_file()
 
+    def _read(self) -> dict[str, Any]:
+        saved = load_checkpoint(self.path)
+        if not isinstance(saved, dict) or not {"state", "record"} <= set(saved):
+            raise ValueError(f"{self.path}: not a fedseg head store file; move it away to start fresh")
+        return saved
+
     def record(self) -> HeadRecord | None:
-        """The saved head's record, or None for a site new to the study."""
-        if not self.exists():
-            return None
-        saved = torch.load(self.path, map_location="cpu", weights_only=False)
-        return HeadRecord(**saved["record"])
+        """The saved parameters' record, or None for a site new to the study."""
+        return HeadRecord(**self._read()["record"]) if self.exists() else None
 
     def load_into(self, module: torch.nn.Module, keys: list[str]) -> HeadRecord | None:
-        """Copy the saved head into ``module``; None (module untouched) when there is none yet.
+        """Copy the saved parameters into ``module``; None (module untouched) when there are none yet.
 
-        A saved head whose keys or shapes differ from ``keys`` (another network) is an error, not
-        silently replaced: the store belongs to the study's network.
+        Saved parameters whose keys or shapes differ from ``keys`` (another network or head depth)
+        are an error, not silently replaced: the store belongs to the study's network.
         """
         if not self.exists():
             return None
-        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        saved = self._read()
         state = saved["state"]
         current = module.state_dict()
         if sorted(state) != sorted(keys):
-            raise ValueError(f"{self.path}: the stored head does not fit this network (keys differ); move it away to start fresh")
+            raise ValueError(f"{self.path}: the stored parameters do not fit this network (keys differ); "
+                             "move the file away to start fresh")
         bad = [k for k in keys if state[k].shape != current[k].shape]
         if bad:
-            raise ValueError(f"{self.path}: stored head shapes differ for {bad[:3]}; move it away to start fresh")
+            raise ValueError(f"{self.path}: stored shapes differ for {bad[:3]}; move the file away to start fresh")
         module.load_state_dict(state, strict=False)
         return HeadRecord(**saved["record"])
 
     def save(self, module: torch.nn.Module, keys: list[str], *, encoder_round: int, job_id: str | None = None) -> Path:
-        """Atomically write ``module``'s ``keys`` with the encoder round they were trained with."""
+        """Atomically write ``module``'s ``keys`` (owner-only) with the encoder round they were trained with."""
         current = module.state_dict()
         state = {k: current[k].detach().cpu().clone() for k in keys}
         record = {"encoder_round": int(encoder_round), "job_id": job_id, "saved_at": time.time(), "keys": list(keys)}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.folder)
+        owner_only_dir(self.folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.folder)  # mkstemp: mode 0600
         os.close(fd)
         try:
             torch.save({"state": state, "record": record}, tmp)

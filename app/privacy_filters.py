@@ -7,7 +7,7 @@ subclasses only adapt what goes in and out, because as shipped (NVFlare 2.9.0):
 - both filters treat ``dxo.data`` as a weight DIFF whatever its data kind: on FULL weights
   (``DataKind.WEIGHTS``, their default ``data_kinds`` includes it) they would zero most weights and
   clip the rest to +-gamma, i.e. destroy the model. fedseg therefore sends diffs
-  (``params_transfer_type=DIFF``, see ``fedseg.jobs.privacy``) and these subclasses refuse anything
+  (``params_transfer_type=DIFF``, see ``fedseg.jobs.addons``) and these subclasses refuse anything
   but ``WEIGHT_DIFF`` (fail closed: the site's result becomes a filter error, never raw weights);
 - ``SVTPrivacy`` returns numpy arrays (``np.zeros(value.shape, dtype=value.dtype)``) even for torch
   input, while our sites and server exchange torch tensors (``server_expected_format=PYTORCH``);
@@ -21,7 +21,7 @@ subclasses only adapt what goes in and out, because as shipped (NVFlare 2.9.0):
 
 Both filters divide the diff by the update's ``NUM_STEPS_CURRENT_ROUND`` before clipping and
 multiply back after (NVFlare's "invariant to local steps"); fedseg's sites put their number of
-training cases there (``app/client.py``), so ``gamma`` bounds the diff per training case.
+training cases there (``fedseg.app.protocol``), so ``gamma`` bounds the diff per training case.
 
 ``UpdateStatsRecorder`` is a filter that passes every update on unchanged and appends one JSON
 line of statistics per update (share of non-zero entries, largest magnitude, L2 norm) to
@@ -87,7 +87,7 @@ class _WeightDiffAdapter:
         if dxo.data_kind != DataKind.WEIGHT_DIFF:
             raise RuntimeError(
                 f"{name} filters weight differences, but this update is {_kind_name(dxo.data_kind)}: "
-                "the site must send DIFF (params_transfer_type=DIFF, set by fedseg.jobs.privacy)"
+                "the site must send DIFF (params_transfer_type=DIFF, set by fedseg.jobs.addons)"
             )
         original = dict(dxo.data or {})
         weights = {k: _to_numpy(v) for k, v in original.items() if _is_weight(v)}

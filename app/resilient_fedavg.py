@@ -9,7 +9,7 @@ selection, and changes only how a round ends:
 - the round's task goes to every site that is not known to be disconnected, with a timeout of
   ``round_timeout`` seconds (0: no timeout, NVFlare's behaviour);
 - the round ends when every site answered or the timeout passed; a site that reported a failure
-  (``SITE_FAILURE_KEY`` in its result's meta, see ``fedseg.app.client``), returned an error, or
+  (``SITE_FAILURE_KEY`` in its result's meta, ``fedseg.app.protocol``), returned an error, or
   did not answer in time is left out of that round's average and named in the report; it gets
   the next round's task like every other site, so it is back as soon as it answers again;
 - with fewer than ``min_sites`` usable answers the job stops (a system panic naming the sites
@@ -35,18 +35,14 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
-from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fedprox_utils import set_fedprox_metadata
-from nvflare.app_common.workflows.base_fedavg import _get_client_name
 from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.fuel.utils.log_utils import center_message
 
-from fedseg.app.contribution import CONTRIBUTION_KEY, WEIGHTS_KEY
-
-#: meta key of a site's result that says "this site failed this round" (value: the error class)
-SITE_FAILURE_KEY = "fedseg_site_failure"
+from fedseg import nvflare_internals
+from fedseg.app.protocol import CONTRIBUTION_KEY, SITE_STAGE_KEY, WEIGHTS_KEY, describe_failure, failure_of
 REPORT_DIR = "metrics"
 ROUND_REPORT = "participation.jsonl"
 SUMMARY_REPORT = "participation_summary.json"
@@ -61,18 +57,22 @@ class ResilientFedAvg(FedAvg):
         *args, **kwargs: NVFlare ``FedAvg`` arguments (``num_rounds``, ``start_round``, ...).
     """
 
-    def __init__(self, *args: Any, round_timeout: int = 0, min_sites: int = 1, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, round_timeout: int = 0, min_sites: int = 1, task_check_period: float = 0.5,
+                 ignore_result_error: bool = True, **kwargs: Any) -> None:
+        # A site's error result is that site's failure for the round, never the job's: the round
+        # decides with min_sites (BaseModelController would otherwise panic on the first error), so
+        # the argument (which the job export writes back) is always True.
+        del ignore_result_error
+        super().__init__(*args, ignore_result_error=True, task_check_period=task_check_period, **kwargs)
+        self.task_check_period = float(task_check_period)
         if int(round_timeout) < 0:
             raise ValueError(f"round_timeout must be >= 0 seconds, got {round_timeout}")
         if int(min_sites) < 1:
             raise ValueError(f"min_sites must be >= 1, got {min_sites}")
         self.round_timeout = int(round_timeout)
         self.min_sites = int(min_sites)
-        # A site's error result is that site's failure for the round, never the job's: the round
-        # decides with min_sites (BaseModelController would otherwise panic on the first error).
-        self._ignore_result_error = True
         self._failed: dict[str, str] = {}
+        self._at_startup: set[str] = set()  # sites whose failure was at start-up (config, data)
         self._answered: list[str] = []
         self._history: list[dict[str, Any]] = []
 
@@ -108,7 +108,7 @@ class ResilientFedAvg(FedAvg):
                 status, reason = "stopped", self._too_few(record)
                 break
             self.event(AppEventType.BEFORE_AGGREGATION)
-            aggregate = self._get_aggregated_result()
+            aggregate = nvflare_internals.aggregated_result(self)
             self.fire_event_with_data(
                 AppEventType.AFTER_AGGREGATION, self.fl_ctx, AppConstants.AGGREGATION_RESULT, aggregate
             )
@@ -118,7 +118,7 @@ class ResilientFedAvg(FedAvg):
             self._write_round(record)
             model = self.update_model(model, aggregate)
             self.save_model(model)  # NVFlare's PTFileModelPersistor writes it atomically (temp + os.replace)
-            self._maybe_cleanup_memory()
+            nvflare_internals.cleanup_memory(self)
         self._write_summary(status, reason)
         if status == "stopped":
             self.error(reason)
@@ -132,14 +132,7 @@ class ResilientFedAvg(FedAvg):
         return self.load_model()
 
     def _run_round(self, model: FLModel, targets: list[str]) -> None:
-        if self.aggregator:
-            self.aggregator.reset_stats()
-        else:
-            self._aggr_helper = WeightedAggregationHelper(exclude_vars=self.exclude_vars)
-            self._aggr_metrics_helper = WeightedAggregationHelper()
-            self._all_metrics = True
-        self._received_count, self._expected_count = 0, len(targets)
-        self._params_type, self._site_metric_weights = None, {}
+        nvflare_internals.start_round_aggregation(self, expected=len(targets))
         set_fedprox_metadata(model, self.fedprox_mu)
         self.info(f"Round {self.current_round + 1}: sending the global model to {', '.join(targets)}"
                   + (f" (timeout {self.round_timeout} s)" if self.round_timeout else ""))
@@ -148,7 +141,7 @@ class ResilientFedAvg(FedAvg):
             targets=targets,
             data=model,
             timeout=self.round_timeout,
-            callback=self._aggregate_one_result,
+            callback=self._take_result,
         )
         self._wait_for_round()
 
@@ -158,7 +151,7 @@ class ResilientFedAvg(FedAvg):
             if self.abort_signal.triggered:
                 self.cancel_all_tasks()
                 return
-            time.sleep(self._task_check_period)
+            time.sleep(self.task_check_period)
 
     def _too_few(self, record: dict[str, Any]) -> str:
         """The reason the study stops after ``record``'s round."""
@@ -167,7 +160,7 @@ class ResilientFedAvg(FedAvg):
 
     def _live_sites(self) -> list[str]:
         """The job's sites that NVFlare does not consider disconnected; reset this round's tallies."""
-        self._failed, self._answered = {}, []
+        self._failed, self._answered, self._at_startup = {}, [], set()
         sites = [client.name for client in self.engine.get_clients()]
         return [s for s in sites if not self.get_client_disconnect_time(s)]
 
@@ -175,20 +168,24 @@ class ResilientFedAvg(FedAvg):
 
     def _site_failed(self, result: FLModel) -> bool:
         """True (and noted) when a site answered "failed" or sent no weights."""
-        site = _get_client_name(result)
-        failure = (result.meta or {}).get(SITE_FAILURE_KEY)
+        site = nvflare_internals.client_name(result)
+        failure = failure_of(result.meta)
         if not failure and result.params:
             return False
         self._failed[site] = str(failure or "sent no weights")
-        self.warning(f"Round {self.current_round + 1}: {site} failed this round ({self._failed[site]}); "
+        if (result.meta or {}).get(SITE_STAGE_KEY) == "startup":
+            self._at_startup.add(site)
+        stage = "startup" if site in self._at_startup else "round"
+        self.warning(f"Round {self.current_round + 1}: {describe_failure(site, self._failed[site], stage)}; "
                      "left out of the average")
         return True
 
-    def _aggregate_one_result(self, result: FLModel) -> bool:
+    def _take_result(self, result: FLModel) -> bool:
+        """One site's result: noted as a failure, or added to the round's in-time average."""
         if self._site_failed(result):
             return False
-        site = _get_client_name(result)
-        accepted = super()._aggregate_one_result(result)
+        site = nvflare_internals.client_name(result)
+        accepted = nvflare_internals.aggregate_one_result(self, result)
         if accepted:
             self._answered.append(site)
         return accepted
@@ -211,7 +208,7 @@ class ResilientFedAvg(FedAvg):
         """Each averaged site's share of the round's global model (they sum to 1)."""
         weights = (aggregate.meta or {}).get(WEIGHTS_KEY)  # a contribution-weighted aggregator's
         if not weights:  # NVFlare's in-time FedAvg: case counts (times any aggregation_weights)
-            weights = {site: entry["weight"] for site, entry in self._site_metric_weights.items()}
+            weights = nvflare_internals.site_weights(self)
         total = sum(weights.values())
         return {site: round(w / total, 6) for site, w in sorted(weights.items())} if total else {}
 
@@ -225,6 +222,7 @@ class ResilientFedAvg(FedAvg):
             "targets": sorted(targets),
             "answered": answered,
             "failed": failed,
+            "failed_at_startup": sorted(s for s in failed if s in self._at_startup),
             "missing": sorted(missing),
             "disconnected": [s for s in all_sites if s not in targets],
             "seconds": round(seconds, 2),
@@ -240,7 +238,8 @@ class ResilientFedAvg(FedAvg):
 
     @staticmethod
     def _describe(record: dict[str, Any]) -> str:
-        parts = [f"{s} failed ({why})" for s, why in record["failed"].items()]
+        startup = set(record.get("failed_at_startup", []))
+        parts = [describe_failure(s, why, "startup" if s in startup else "round") for s, why in record["failed"].items()]
         if record["missing"]:
             waited = f"within {record['timeout']} s" if record["timeout"] else "before the round ended"
             parts.append(f"no answer {waited} from {', '.join(record['missing'])}")
@@ -257,7 +256,10 @@ class ResilientFedAvg(FedAvg):
                     entry["rounds_answered"].append(record["round"])
                     continue
                 entry["rounds_missed"].append(record["round"])
-                entry["why"][str(record["round"])] = record["failed"].get(site) or (
+                failure = record["failed"].get(site)
+                if failure and site in record.get("failed_at_startup", []):
+                    failure = describe_failure(site, failure, "startup").removeprefix(f"{site} ")
+                entry["why"][str(record["round"])] = failure or (
                     "no answer in time" if site in record["missing"] else "disconnected"
                 )
         summary = {

@@ -5,12 +5,13 @@ Built on NVFlare's ``WandBReceiver`` (nvflare/app_opt/tracking/wandb/wandb_recei
 Sites need neither W&B credentials nor internet: their ``flare.logger()`` metrics reach the server
 through NVFlare, and only the server talks to W&B. What this subclass changes:
 
-- offline unless asked for ``online`` *and* ``WANDB_API_KEY`` is set on the server (no login
-  attempt otherwise); the key is never part of the job;
+- offline unless asked for ``online``; ``online`` without ``WANDB_API_KEY`` on the server is
+  refused (the receiver fails to start), never quietly logged offline; the key is never part of
+  the job;
 - runs are written under ``$WANDB_DIR`` (W&B's own variable; ``fedseg simulate`` sets it to the run
   folder) or else the server's job folder, as ``<dir>/wandb/offline-run-*``;
 - each site's number of training cases (``n_train_cases``, from the meta of its accepted update,
-  see ``app/client.py``) is logged with its round's metrics;
+  see ``fedseg.app.protocol``) is logged with its round's metrics;
 - only scalars are forwarded (no text, images or parameters that could name a case or a file),
   the config is stripped of anything path-like, and W&B's system metadata is off
   (``fedseg.lightning_modules.tracking.PRIVATE_SETTINGS``).
@@ -32,8 +33,10 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-from nvflare.app_opt.tracking.wandb.wandb_receiver import WandBReceiver, WandBTask, _get_job_id_tag
+from nvflare.app_opt.tracking.wandb.wandb_receiver import WandBReceiver, WandBTask
 
+from fedseg import nvflare_internals
+from fedseg.app.protocol import N_TRAIN_CASES_KEY
 from fedseg.lightning_modules.tracking import API_KEY_ENV, PRIVATE_SETTINGS, PROJECT, online_allowed, sanitize_config
 
 _SCALAR_TYPES = (AnalyticsDataType.METRIC, AnalyticsDataType.METRICS, AnalyticsDataType.PARAMETER, AnalyticsDataType.PARAMETERS)
@@ -42,7 +45,7 @@ _SCALAR_TYPES = (AnalyticsDataType.METRIC, AnalyticsDataType.METRICS, AnalyticsD
 class FedsegWandBReceiver(WandBReceiver):
     """NVFlare's W&B receiver, offline by default, with fedseg's privacy settings.
 
-    ``run_config``: the job's arguments (``FedAvgJob.wandb_config()``); ``job_type``: the W&B job
+    ``run_config``: the job's arguments (``Job.wandb_config()``); ``job_type``: the W&B job
     type (``"federated"``).
     """
 
@@ -82,11 +85,12 @@ class FedsegWandBReceiver(WandBReceiver):
             raise RuntimeError("W&B receiver: no site names in this job")
         self.fl_ctx = fl_ctx
         if self.mode == "online" and not online_allowed():
-            self.log_warning(fl_ctx, f"W&B online mode needs {API_KEY_ENV} on the server; logging offline instead")
-            self.mode = "offline"
+            # refused, not quietly logged offline: the study lead asked for runs in the W&B cloud
+            raise RuntimeError(f"W&B online mode needs {API_KEY_ENV} in the server's environment; set it or "
+                               "submit the job with wandb 'offline'")
         root = os.environ.get("WANDB_DIR") or fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         os.makedirs(root, exist_ok=True)
-        job_id = _get_job_id_tag(fl_ctx)
+        job_id = nvflare_internals.wandb_job_tag(fl_ctx)
         for site in site_names:
             args = {
                 **copy.deepcopy(self.wandb_args),
@@ -132,8 +136,8 @@ class FedsegWandBReceiver(WandBReceiver):
             meta = FLModelUtils.from_shareable(result).meta or {}
         except Exception:  # not a model update (nothing to count)
             return
-        n_cases = meta.get("n_train_cases")
+        n_cases = meta.get(N_TRAIN_CASES_KEY)
         queue = self.get_task_queue(site)
         if queue is not None and isinstance(n_cases, (int, float)):
             # no step: the receiver adds it to the site's current round (its latest streamed step)
-            queue.put(WandBTask(task_owner=site, task_type="log", task_data={"n_train_cases": float(n_cases)}, step=None))
+            queue.put(WandBTask(task_owner=site, task_type="log", task_data={N_TRAIN_CASES_KEY: float(n_cases)}, step=None))

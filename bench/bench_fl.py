@@ -162,7 +162,7 @@ def parse_site_logs(job_dir: Path) -> tuple[dict[int, dict[str, float]], float |
 
 def run_federated(args: argparse.Namespace, datalists: dict[str, Path], rounds: int, run_dir: Path) -> FederatedTiming:
     """A FedAvg job of ``rounds`` rounds in the simulator, timed by the caller's clock and its logs."""
-    from fedseg.jobs.simulate import simulate
+    from fedseg.run.simulate import simulate
 
     job = make_job(args, len(datalists), rounds)
     console = run_dir.parent / f"{run_dir.name}.console.txt"
@@ -223,22 +223,20 @@ def console_to(path: Path) -> Iterator[None]:
         os.close(saved[1])
 
 
-def make_job(args: argparse.Namespace, n_sites: int, rounds: int) -> Any:
-    from fedseg.jobs.fedavg import FedAvgJob
+def bench_study(args: argparse.Namespace, rounds: int) -> Any:
+    """The benchmark's study settings: the tiny profile with the command line's sizes."""
+    from fedseg.config import profile
 
-    return FedAvgJob(
-        name="fedavg",
-        min_clients=n_sites,
-        rounds=rounds,
-        local_epochs=args.local_epochs,
-        features=args.features,
-        roi=(args.roi,) * 3,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        hd95=False,
-        cross_site_eval=args.cross_site_eval,
-        site_threads=args.site_threads,
-    )
+    return profile("tiny").override(rounds=rounds, local_epochs=args.local_epochs, features=args.features,
+                                    roi=(args.roi,) * 3, lr=args.lr, batch_size=args.batch_size, hd95=False,
+                                    site_threads=args.site_threads, round_timeout=0, poll_interval=2.0)
+
+
+def make_job(args: argparse.Namespace, n_sites: int, rounds: int) -> Any:
+    from fedseg.jobs.base import Job
+
+    return Job(algorithm="fedavg", study=bench_study(args, rounds), min_clients=n_sites,
+               cross_site_eval=args.cross_site_eval)
 
 
 def run_centralized(args: argparse.Namespace, datalists: list[Path], epochs: int, threads: int, out: Path) -> CentralizedTiming:
@@ -246,11 +244,8 @@ def run_centralized(args: argparse.Namespace, datalists: list[Path], epochs: int
     spec = {
         "datalists": [str(p) for p in datalists],
         "out": str(out),
-        "features": args.features,
-        "roi": args.roi,
+        "study": bench_study(args, args.rounds).to_json(),
         "epochs": epochs,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
         "accelerator": args.accelerator,
         "threads": threads,
     }
@@ -274,7 +269,7 @@ def centralized_child(spec_json: str, report: Path) -> None:
     import torch
     from pytorch_lightning.loggers import Logger
 
-    from fedseg.jobs.fedavg import FedAvgJob
+    from fedseg.config import StudyConfig
     from fedseg.lightning_modules.module import SegmentationModule  # noqa: F401  (timed with the imports)
     from fedseg.lightning_modules.training import TrainConfig, train
 
@@ -307,14 +302,9 @@ def centralized_child(spec_json: str, report: Path) -> None:
     cfg = TrainConfig(
         datalists=[Path(p) for p in spec["datalists"]],
         out=Path(spec["out"]),
-        features=spec["features"],
-        network_kwargs={"norm": FedAvgJob().norm},  # the sites' network (app/client.py passes --norm)
-        roi_size=(spec["roi"],) * 3,
+        study=StudyConfig.from_json(spec["study"]),  # the federated job's own settings
         epochs=spec["epochs"],
-        lr=spec["lr"],
-        batch_size=spec["batch_size"],
         accelerator=spec["accelerator"],
-        hd95=False,
         progress=False,
     )
     clock = EpochClock()
@@ -331,7 +321,7 @@ def state_dict_bytes(args: argparse.Namespace, n_sites: int) -> int:
     """Bytes of the model a site sends: every tensor of the SegmentationModule's state dict."""
     from fedseg.lightning_modules.module import SegmentationModule
 
-    hparams = make_job(args, n_sites, 1).module_hparams()
+    hparams = make_job(args, n_sites, 1).study.module_args()
     return sum(t.numel() * t.element_size() for t in SegmentationModule(**hparams).state_dict().values())
 
 

@@ -2,23 +2,23 @@
 
 ``fedseg jobs export`` regenerates them from these definitions and a test checks that the folders
 are up to date, so ``nvflare job submit -j jobs/<name>`` always runs what this code describes.
-Their settings are a real study's (128^3 crops, as in the BraTS federated papers); for a quick run
-on a laptop use ``fedseg simulate`` / ``fedseg poc``, which export small variants on the fly.
+Their settings are the ``study`` profile (``fedseg.config``: 128^3 crops, as in the BraTS federated
+papers); for a quick run on a laptop use ``fedseg simulate`` / ``fedseg poc``, which export small
+variants on the fly.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fedseg.jobs.fedavg import FedAvgJob, export
+from fedseg.config import profile
+from fedseg.jobs.base import Job, export
 
 JOBS_DIR = Path(__file__).resolve().parent
 
-STUDY_JOBS: dict[str, FedAvgJob] = {
-    "fedavg": FedAvgJob(name="fedavg", algorithm="fedavg", rounds=50, features=16, roi=(128, 128, 128)),
-    "fedprox": FedAvgJob(name="fedprox", algorithm="fedprox", rounds=50, features=16, roi=(128, 128, 128), fedprox_mu=0.01),
-    "fedopt": FedAvgJob(name="fedopt", algorithm="fedopt", rounds=50, features=16, roi=(128, 128, 128)),
-    "fedper": FedAvgJob(name="fedper", algorithm="fedper", rounds=50, features=16, roi=(128, 128, 128)),
+#: the checked-in jobs: every plaintext algorithm with the study profile's settings
+STUDY_JOBS: dict[str, Job] = {
+    name: Job(algorithm=name, study=profile("study"), name=name) for name in ("fedavg", "fedprox", "fedopt", "fedper")
 }
 
 

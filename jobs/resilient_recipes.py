@@ -14,6 +14,7 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
 from nvflare.recipe.utils import ensure_config_type_dict
 
+from fedseg import nvflare_internals
 from fedseg.app.grouped_fedavg import GroupedFedAvg
 from fedseg.app.resilient_fedavg import ResilientFedAvg
 from fedseg.app.resilient_fedopt import CONSTANT_LR, ResilientFedOpt
@@ -34,11 +35,12 @@ class _ResilientRound:
         grouped: bool = False,
         shared_keys: list[str] | None = None,
         server_optimizer: dict[str, Any] | None = None,
+        optimizer_state: str = "",
         **kwargs: Any,
     ) -> None:
         self.round_timeout, self.min_sites, self.start_round = round_timeout, min_sites, start_round
         self.grouped, self.shared_keys = grouped, shared_keys
-        self.server_optimizer = server_optimizer
+        self.server_optimizer, self.optimizer_state = server_optimizer, optimizer_state
         super().__init__(**kwargs)  # type: ignore[call-arg]
 
     def _create_controller(self, persistor_id: str, model_params: Any, model_aggregator: Any) -> ResilientFedAvg:
@@ -54,13 +56,14 @@ class _ResilientRound:
             # config_type "dict": the job loader must pass these through, not build them (an optimizer
             # needs the model's parameters, which FedOpt.run gives it); FedOptRecipe does the same.
             extra = dict(source_model=FEDOPT_MODEL_ID, optimizer_args=ensure_config_type_dict(self.server_optimizer),
-                         lr_scheduler_args=ensure_config_type_dict(CONSTANT_LR), device="cpu")
+                         lr_scheduler_args=ensure_config_type_dict(CONSTANT_LR), device="cpu",
+                         optimizer_state=self.optimizer_state)
         return controller(
             **extra,
             num_clients=base.num_clients,
             num_rounds=base.num_rounds,
             start_round=self.start_round,
-            persistor_id=base._persistor_id,
+            persistor_id=nvflare_internals.persistor_id(base),
             model=base.model,
             save_filename=base.save_filename,
             aggregator=base.aggregator,

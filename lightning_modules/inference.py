@@ -132,7 +132,8 @@ def load_model(
         raise InferenceError(f"{checkpoint}: checkpoint not found")
     target = resolve_device(device)
     try:
-        module = SegmentationModule.load_from_checkpoint(checkpoint, map_location=target)
+        # weights_only: a checkpoint from elsewhere must not run code (fedseg.lightning_modules.safe_load)
+        module = SegmentationModule.load_from_checkpoint(checkpoint, map_location=target, weights_only=True)
     except Exception as err:  # torch.load / Lightning raise many types for foreign files
         first_line = (str(err).strip().splitlines() or [""])[0]  # torch.load's messages run long
         raise InferenceError(

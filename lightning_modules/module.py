@@ -24,8 +24,13 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from torch import nn
 
+from fedseg.config import DataSettings, ModelSettings
 from fedseg.lightning_modules.metrics import RegionMetrics
 from fedseg.lightning_modules.networks import SegmentationNetwork
+
+
+#: the study defaults (``fedseg.config``): the constructor's defaults are read from there
+_MODEL, _DATA = ModelSettings(), DataSettings()
 
 
 class DiceBCELoss(nn.Module):
@@ -71,18 +76,18 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(
         self,
-        network: str = "unet",
-        in_channels: int = 4,
-        features: int = 16,
+        network: str = _MODEL.network,
+        in_channels: int = len(_DATA.modalities),
+        features: int = _MODEL.features,
         network_kwargs: dict[str, Any] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-5,
+        lr: float = _MODEL.lr,
+        weight_decay: float = _MODEL.weight_decay,
         max_epochs: int | None = None,
-        roi_size: Sequence[int] = (128, 128, 128),
+        roi_size: Sequence[int] = _DATA.roi,
         sw_batch_size: int = 1,
         sw_overlap: float = 0.25,
         threshold: float = 0.5,
-        hd95: bool = True,
+        hd95: bool = _MODEL.hd95,
         preprocess: dict[str, Any] | None = None,
         init_seed: int | None = None,
     ) -> None:

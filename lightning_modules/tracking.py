@@ -98,17 +98,14 @@ _DROP = object()
 
 
 def train_run_config(cfg: Any) -> dict[str, Any]:
-    """The W&B config of a centralized or local run (``TrainConfig``): its fields minus paths, plus
-    ``SHARED_CONFIG_KEYS`` named as in a federated job's config."""
-    doc = {k: v for k, v in vars(cfg).items() if k not in PATH_KEYS}
+    """The W&B config of a centralized or local run (``TrainConfig``): the study's settings by name,
+    minus paths, plus ``SHARED_CONFIG_KEYS`` named as in a federated job's config."""
     shared = {
         "kind": "centralized" if len(cfg.datalists) > 1 else "local",
-        "norm": dict(cfg.network_kwargs).get("norm", "instance"),
-        "roi": list(cfg.roi_size),
         "epochs": cfg.epochs,
         "n_sites": len(cfg.datalists),
     }
-    return sanitize_config({**doc, **shared})
+    return sanitize_config({**cfg.study.flat(), "accelerator": cfg.accelerator, **shared})
 
 
 def make_wandb_logger(cfg: Any, *, name: str | None = None) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,46 +25,41 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from fedseg.config import MODALITIES, StudyConfig
+from fedseg.lightning_modules.data.datalist import Datalist, merge_datalists, read_datalist, write_json_atomic
 from fedseg.lightning_modules.history import MetricsHistory, plot_curves, read_rows
 from fedseg.lightning_modules.tracking import make_wandb_logger
-from fedseg.lightning_modules.data.datalist import (
-    MODALITIES,
-    Datalist,
-    merge_datalists,
-    read_datalist,
-    write_json_atomic,
-)
 
 
 @dataclass
 class TrainConfig:
-    """Everything a centralized or local-only run needs; saved as ``config.json`` in the run."""
+    """A centralized or local-only run: which datalists, where to, and the study settings
+    (``fedseg.config.StudyConfig``); saved as ``config.json`` in the run folder."""
 
     datalists: list[Path]
     out: Path
+    study: StudyConfig = field(default_factory=StudyConfig)
+    #: epochs to train (default: the study's budget, rounds x local epochs)
+    epochs: int | None = None
     data_root: Path | None = None
-    network: str = "unet"
-    features: int = 16
-    network_kwargs: dict[str, Any] = field(default_factory=dict)
-    modalities: tuple[str, ...] = MODALITIES
-    normalization: str = "zscore"
-    roi_size: tuple[int, int, int] = (128, 128, 128)
-    epochs: int = 50
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 2
-    num_workers: int = 0
-    seed: int = 0
     accelerator: str = "auto"
     cache_dir: Path | None = None
-    hd95: bool = True
     check_data: bool = True
     progress: bool = True
     #: W&B tracking: "off", "offline" (RUN/wandb, upload later with `wandb sync`) or "online"
     wandb: str = "off"
+    #: start from this checkpoint's weights (fine-tuning), not the seeded initial model
+    init_from: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is None:
+            self.epochs = self.study.epochs
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        doc = {k: v for k, v in dataclasses.asdict(self).items() if k != "study"}
+        return json.loads(json.dumps({**doc, "study": self.study.to_json()}, default=str))
 
 
 def load_training_data(cfg: TrainConfig) -> Datalist:
@@ -100,41 +96,28 @@ def make_trainer(
 
 
 def build_module(cfg: TrainConfig) -> Any:
+    """The run's ``SegmentationModule``: the study's, with the cosine schedule over ``cfg.epochs``."""
     from fedseg.lightning_modules.module import SegmentationModule
 
-    return SegmentationModule(
-        network=cfg.network,
-        in_channels=len(cfg.modalities),
-        features=cfg.features,
-        network_kwargs=cfg.network_kwargs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        max_epochs=cfg.epochs,
-        roi_size=cfg.roi_size,
-        hd95=cfg.hd95,
-        preprocess=dataclasses.asdict(preprocess_config(cfg)),
-        init_seed=cfg.seed,  # the same initial weights as a federated job with the same seed
-    )
+    module = SegmentationModule(**{**cfg.study.module_args(), "max_epochs": cfg.epochs})
+    if cfg.init_from is not None:
+        from fedseg.lightning_modules.safe_load import load_checkpoint
+
+        saved = load_checkpoint(cfg.init_from)
+        module.load_state_dict(saved.get("state_dict", saved), strict=True)
+    return module
 
 
-def preprocess_config(cfg: TrainConfig) -> Any:
+def build_datamodule(study: StudyConfig, datalist: Datalist, cache_dir: Path | None) -> Any:
+    """The ``SegDataModule`` of ``datalist`` with the study's preprocessing and loader settings
+    (every site and every centralized or local run build it this way)."""
+    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
     from fedseg.lightning_modules.data.transforms import PreprocessConfig
 
-    return PreprocessConfig(
-        modalities=tuple(cfg.modalities), roi_size=tuple(cfg.roi_size), normalization=cfg.normalization
-    )
-
-
-def build_datamodule(cfg: TrainConfig, datalist: Datalist) -> Any:
-    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
-
-    data_cfg = DataConfig(
-        preprocess=preprocess_config(cfg),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        cache_dir=cfg.cache_dir or cfg.out / "cache",
-    )
-    return SegDataModule(datalist, data_cfg)
+    d = study.data
+    preprocess = PreprocessConfig(modalities=d.modalities, roi_size=d.roi, normalization=d.normalization)
+    return SegDataModule(datalist, DataConfig(preprocess=preprocess, batch_size=d.batch_size,
+                                              num_workers=d.num_workers, cache_dir=cache_dir))
 
 
 def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
@@ -142,13 +125,13 @@ def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
 
     ``loggers`` are extra Lightning loggers (e.g. W&B); the run folder's own files need none.
     """
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.study.seed, workers=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
     datalist = load_training_data(cfg)
     if not datalist.training:
         raise ValueError(f"no training cases in {', '.join(map(str, cfg.datalists))}")
     if cfg.check_data:
-        refuse_unchecked_data(datalist, cfg.datalists[0])
+        refuse_unchecked_data(datalist, cfg.datalists[0], cfg.study.data.modalities)
     write_json_atomic(cfg.out / "config.json", cfg.to_json())
     wandb_logger = make_wandb_logger(cfg)
     loggers = [*(loggers or []), *([wandb_logger] if wandb_logger is not None else [])]
@@ -169,7 +152,8 @@ def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
     if wandb_logger is not None:  # the case count a federated site's W&B run carries per round
         wandb_logger.log_metrics({"n_train_cases": len(datalist.training)}, step=0)
     try:
-        trainer.fit(build_module(cfg), datamodule=build_datamodule(cfg, datalist), ckpt_path=last if last.exists() else None)
+        datamodule = build_datamodule(cfg.study, datalist, cfg.cache_dir or cfg.out / "cache")
+        trainer.fit(build_module(cfg), datamodule=datamodule, ckpt_path=last if last.exists() else None)
     finally:
         if wandb_logger is not None:
             # WandbLogger leaves its run open (a later WandbLogger in this process would reuse it)
@@ -188,10 +172,11 @@ def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
     return results
 
 
-def refuse_unchecked_data(datalist: Datalist, source: Path) -> None:
-    """Raise ``DatasetCheckError`` (the full report) when the cases fail ``fedseg data check``."""
+def refuse_unchecked_data(datalist: Datalist, source: Path, modalities: Sequence[str] = MODALITIES) -> None:
+    """Raise ``DatasetCheckError`` (the full report) when the cases fail ``fedseg data check``
+    for ``modalities`` (the ones the run uses)."""
     from fedseg.lightning_modules.data.check import DatasetCheckError, check_cases
 
-    report = check_cases(datalist.cases, datalist.data_root, source=source)
+    report = check_cases(datalist.cases, datalist.data_root, source=source, modalities=modalities)
     if not report.ok:
         raise DatasetCheckError(report)

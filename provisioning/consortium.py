@@ -38,7 +38,9 @@ RESERVED_NAMES = ("ca", "consortium.yml", "project.yml")
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _TOP_KEYS = {"name", "description", "server", "hospitals", "admins", "root_ca_valid_days"}
-_SERVER_KEYS = {"host", "port", "org"}
+_SERVER_KEYS = {"host", "port", "org", "storage"}
+#: where a server keeps its jobs and snapshots unless the consortium file names a folder
+DEFAULT_SERVER_STORAGE = "/var/lib/fedseg/{name}"
 _HOSPITAL_KEYS = {"name", "org"}
 _ADMIN_KEYS = {"email", "org", "role"}
 
@@ -49,11 +51,13 @@ class ConsortiumError(ValueError):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """The FL server: ``host`` is the name hospitals connect to and the CN of the server's certificate."""
+    """The FL server: ``host`` is the name hospitals connect to and the CN of the server's certificate;
+    ``storage`` is the absolute folder on the server machine for its jobs and snapshots ("" = the default)."""
 
     host: str
     port: int
     org: str
+    storage: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,11 @@ class Consortium:
     source: Path | None = None  # the file it was read from, for messages
 
     @property
+    def server_storage(self) -> str:
+        """The server's folder for jobs and snapshots (absolute, on the server machine)."""
+        return self.server.storage or DEFAULT_SERVER_STORAGE.format(name=self.name)
+
+    @property
     def hospital_names(self) -> tuple[str, ...]:
         return tuple(h.name for h in self.hospitals)
 
@@ -110,6 +119,8 @@ class Consortium:
         if self.description:
             doc["description"] = self.description
         doc["server"] = {"host": self.server.host, "port": self.server.port, "org": self.server.org}
+        if self.server.storage:
+            doc["server"]["storage"] = self.server.storage
         doc["hospitals"] = [{"name": h.name, "org": h.org} for h in self.hospitals]
         doc["admins"] = [{"email": a.email, "org": a.org, "role": a.role} for a in self.admins]
         if self.root_ca_valid_days is not None:
@@ -117,34 +128,19 @@ class Consortium:
         return doc
 
     def project_config(self) -> dict[str, Any]:
-        """NVFlare's ``project.yml`` (api_version 3) for this consortium.
+        """NVFlare's ``project.yml`` (api_version 3) for this consortium (``fedseg.provisioning.project``)."""
+        from fedseg.provisioning.project import Participant, project_config
 
-        One port for FL and admin traffic (``admin_port`` = ``fed_learn_port``, as NVFlare's own
-        POC does; nvflare/lighter/ctx.py), so a site's firewall needs one outbound rule. Builders
-        are NVFlare's standard set (nvflare/lighter/dummy_project.yml).
-        """
         server = self.server
-        cert_builder: dict[str, Any] = {"path": "nvflare.lighter.impl.cert.CertBuilder"}
-        if self.root_ca_valid_days is not None:
-            cert_builder["args"] = {"root_valid_days": self.root_ca_valid_days}
-        return {
-            "api_version": 3,
-            "name": self.name,
-            "description": self.description or f"fedseg consortium {self.name}",
-            "participants": [
-                {"name": server.host, "type": "server", "org": server.org,
-                 "fed_learn_port": server.port, "admin_port": server.port},
-                *({"name": h.name, "type": "client", "org": h.org} for h in self.hospitals),
-                *({"name": a.email, "type": "admin", "org": a.org, "role": a.role} for a in self.admins),
-            ],
-            "builders": [
-                {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
-                 "args": {"template_file": ["master_template.yml", "aws_template.yml", "azure_template.yml"]}},
-                {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
-                cert_builder,
-                {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
-            ],
-        }
+        return project_config(
+            self.name,
+            Participant(server.host, "server", server.org),
+            server.port,
+            [*(Participant(h.name, "client", h.org) for h in self.hospitals),
+             *(Participant(a.email, "admin", a.org, a.role) for a in self.admins)],
+            description=self.description or f"fedseg consortium {self.name}",
+            root_ca_valid_days=self.root_ca_valid_days,
+        )
 
 
 def load_consortium(path: Path) -> Consortium:
@@ -163,21 +159,17 @@ def load_consortium(path: Path) -> Consortium:
 
 def write_consortium(consortium: Consortium, path: Path) -> Path:
     """Write ``consortium`` as a consortium YAML file (what ``load_consortium`` reads back)."""
-    import yaml
+    from fedseg.provisioning.project import write_yaml
 
-    path = Path(path)
     header = "# fedseg consortium: the description these kits were provisioned from (hospitals added later included)\n"
-    path.write_text(header + yaml.safe_dump(consortium.to_dict(), sort_keys=False))
-    return path
+    return write_yaml(consortium.to_dict(), path, header)
 
 
 def write_project_yml(consortium: Consortium, path: Path) -> Path:
     """Write ``consortium.project_config()`` as NVFlare's ``project.yml``."""
-    import yaml
+    from fedseg.provisioning.project import write_yaml
 
-    path = Path(path)
-    path.write_text(yaml.safe_dump(consortium.project_config(), sort_keys=False))
-    return path
+    return write_yaml(consortium.project_config(), path)
 
 
 def parse_consortium(doc: Any, source: Path | None = None) -> Consortium:
@@ -270,7 +262,12 @@ def _parse_server(entry: Any, problems: list[str]) -> ServerSpec | None:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         problems.append(f"server.port: {port!r} is not a port number (1-65535)")
         ok = False
-    return ServerSpec(entry["host"], port, entry["org"]) if ok else None
+    storage = entry.get("storage", "")
+    if storage and (not isinstance(storage, str) or not storage.startswith("/")):
+        problems.append(f"server.storage: {storage!r} must be an absolute folder on the server machine "
+                        "(NVFlare's storage refuses relative paths)")
+        ok = False
+    return ServerSpec(entry["host"], port, entry["org"], storage or "") if ok else None
 
 
 def _parse_entries(entries: Any, section: str, keys: set[str], problems: list[str], parse) -> list:

@@ -6,10 +6,9 @@ then the lead submits, waits for and downloads a job with ``nvflare job ... --st
 Used to try a consortium end to end before its kits are shipped, and by the tests (a server named
 ``localhost`` on a free port).
 
-``LocalKitDeployment`` is a ``fedseg.jobs.poc.PocDeployment`` whose kits come from
-``fedseg.provisioning.kits.provision`` instead of ``nvflare poc prepare``: submit, wait, download,
-site configs, the isolated ``HOME`` (``nvflare`` rewrites ``~/.nvflare/config.conf``) and the
-cleanup are POC's. On exit, also after an error, every process whose command line names a
+``LocalKitDeployment`` is a ``fedseg.run.deployment.LocalDeployment`` (as POC's deployment is)
+whose kits come from ``fedseg.provisioning.kits.provision``: submit, wait, download, site configs,
+the isolated ``HOME`` (``nvflare`` rewrites ``~/.nvflare/config.conf``) and the cleanup are shared. On exit, also after an error, every process whose command line names a
 started kit's consortium folder is ended (the kits' start loops first, so none restarts).
 """
 
@@ -21,11 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedseg.jobs.poc import PocDeployment, PocError, _processes_matching
 from fedseg.provisioning.kits import ConsortiumKits
+from fedseg.run.deployment import DeploymentError, LocalDeployment, processes_matching
 
 
-class LocalKitDeployment(PocDeployment):
+class LocalKitDeployment(LocalDeployment):
     """The kits of ``kits`` started as local processes; ``root`` holds HOME and the CLI logs.
 
     ``with LocalKitDeployment(kits, root) as d: d.install_site_config(...); d.start(); d.submit(job)``.
@@ -35,7 +34,8 @@ class LocalKitDeployment(PocDeployment):
 
     def __init__(self, kits: ConsortiumKits, root: Path, *, log: Callable[[str], None] | None = None) -> None:
         consortium = kits.consortium
-        super().__init__(root, consortium.hospital_names, port=consortium.server.port, project=consortium.name, log=log)
+        super().__init__(root, consortium.hospital_names, port=consortium.server.port, log=log)
+        self.project = consortium.name
         self.kits = kits
         self.started_kits: list[Path] = []
 
@@ -53,9 +53,6 @@ class LocalKitDeployment(PocDeployment):
     def site_kit(self, site: str) -> Path:
         return self.kits.hospital_kit(site)
 
-    def prepare(self) -> Path:
-        raise PocError("a provisioned consortium needs no `nvflare poc prepare`: its kits are in " + str(self.kits.folder))
-
     # ---------------------------------------------------------------- start and status
 
     def start_kit(self, kit: Path) -> None:
@@ -66,7 +63,7 @@ class LocalKitDeployment(PocDeployment):
         kit = Path(kit).resolve()
         script = kit / "startup" / "start.sh"
         if not script.is_file():
-            raise PocError(f"{kit}: not a server or site startup kit (no startup/start.sh)")
+            raise DeploymentError(f"{kit}: not a server or site startup kit (no startup/start.sh)")
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self._started = True  # from here on, __exit__ must end whatever did start
@@ -79,7 +76,7 @@ class LocalKitDeployment(PocDeployment):
 
     def start(self, timeout: int = 240) -> None:
         """Start the server and every hospital from their kits; return once all are connected."""
-        with self._step("start", f"starting the server and {len(self.sites)} hospitals from their kits"):
+        with self.step("start", f"starting the server and {len(self.sites)} hospitals from their kits"):
             self.start_kit(self.kits.server_kit)
             for site in self.sites:
                 self.start_kit(self.site_kit(site))
@@ -87,12 +84,12 @@ class LocalKitDeployment(PocDeployment):
 
     def connected_sites(self) -> list[str]:
         """The sites the server lists now (``nvflare system status`` with the lead's kit)."""
-        doc = self._nvflare("status", ["system", "status", *self._kit_args()], timeout=120)
+        doc = self.nvflare("status", ["system", "status", *self.kit_args()], timeout=120)
         clients = ((doc.get("data") or {}).get("clients") or []) if doc.get("status") == "ok" else []
         return sorted(str(c.get("client_name")) for c in clients)
 
     def wait_for_sites(self, sites: tuple[str, ...] | list[str], timeout: float) -> None:
-        """Poll the server until every one of ``sites`` is connected; ``PocError`` with log tails if not."""
+        """Poll the server until every one of ``sites`` is connected; ``DeploymentError`` with log tails if not."""
         deadline = time.monotonic() + timeout
         connected: list[str] = []
         while time.monotonic() < deadline:
@@ -100,7 +97,7 @@ class LocalKitDeployment(PocDeployment):
             if set(sites) <= set(connected):
                 return
             time.sleep(2)
-        raise PocError(f"after {timeout:.0f} s the server lists {connected or 'no sites'}, not all of "
+        raise DeploymentError(f"after {timeout:.0f} s the server lists {connected or 'no sites'}, not all of "
                        f"{', '.join(sites)}\n{self._console_tails()}")
 
     # ---------------------------------------------------------------- stop
@@ -112,7 +109,7 @@ class LocalKitDeployment(PocDeployment):
         kills the FL process with SIGKILL, nvflare's start script templates), so this ends them
         directly: the start loops first, then the server and site processes (SIGTERM, then SIGKILL).
         """
-        with self._step("stop", "ending the server and site processes"):
+        with self.step("stop", "ending the server and site processes"):
             killed = self.kill_leftovers()
             self._started = False
         self.leftovers_killed += killed
@@ -122,7 +119,7 @@ class LocalKitDeployment(PocDeployment):
         """``(pid, command line)`` of every process that names a started kit's consortium folder."""
         folders = {self.kits.folder, *(kit.parent for kit in self.started_kits)}
         needles = {os.path.join(str(f), "") for f in folders} | {os.path.join(os.path.realpath(f), "") for f in folders}
-        return _processes_matching(sorted(needles))
+        return processes_matching(sorted(needles))
 
     def _console_tails(self, lines: int = 15) -> str:
         parts = []

@@ -6,7 +6,8 @@
     project.yml           NVFlare's project file made from it (api_version 3)
     ca/                   NVFlare's provisioning workspace: ca/<name>/state/cert.json holds the root
                           CA's private key (and every kit's). Stays with the project lead; never shipped.
-    <server host>/        the server's startup kit
+    <server host>/        the server's startup kit, with SERVER_GUIDE.md and local/resources.json
+                          (its job and snapshot storage: see ``set_server_storage``)
     <hospital>/           one kit per hospital, with SITE_GUIDE.md for its IT admin
     <admin e-mail>/       one kit per admin (the lead's submits jobs: --startup-kit)
 
@@ -31,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedseg.lightning_modules.owner_only import owner_only_dir
 from fedseg.provisioning.consortium import (
     Consortium,
     ConsortiumError,
@@ -45,6 +47,7 @@ CONSORTIUM_FILE = "consortium.yml"
 PROJECT_FILE = "project.yml"
 CA_DIR = "ca"
 SITE_GUIDE = "SITE_GUIDE.md"
+SERVER_GUIDE = "SERVER_GUIDE.md"
 SITE_CONFIG = "fedseg_site.json"  # read by fedseg.app.site_config from <kit>/local/
 
 
@@ -152,7 +155,7 @@ def provision(consortium: Consortium, out: Path = DEFAULT_OUT) -> ConsortiumKits
                 "again would make a new root CA and invalidate every kit already handed out. To add a hospital: "
                 f"`fedseg provision add-hospital {folder} NAME --org ORG`; to start over, move or delete {folder} yourself.")
         raise KitsError(f"{folder} exists and is not empty; choose another --out")
-    _make_private_dirs(folder)
+    owner_only_dir(folder)
     kits = ConsortiumKits(folder, consortium)
     try:
         write_consortium(consortium, folder / CONSORTIUM_FILE)
@@ -164,6 +167,8 @@ def provision(consortium: Consortium, out: Path = DEFAULT_OUT) -> ConsortiumKits
         shutil.rmtree(prod)
         for hospital in consortium.hospitals:
             write_site_guide(kits, hospital.name)
+        set_server_storage(kits.server_kit, consortium.server_storage, create=False)
+        write_server_guide(kits)
         restrict_permissions(folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -217,15 +222,15 @@ def run_nvflare_provision(project_yml: Path, workspace: Path, project: str, add_
     from it, and NVFlare's CLI keeps its own settings in ``~/.nvflare``. Output goes to
     ``workspace/provision.log``.
     """
-    from fedseg.jobs.poc import _last_json_object, _nvflare_executable
+    from fedseg.run.deployment import last_json_object, nvflare_executable
 
     workspace = Path(workspace).resolve()
-    _make_private_dirs(workspace)
+    owner_only_dir(workspace)
     args = ["provision", "-p", str(Path(project_yml).resolve()), "-w", str(workspace)]
     if add_client is not None:
         # nvflare/lighter/provision.py: an existing workspace needs --force without a terminal.
         args += ["--add-client", str(Path(add_client).resolve()), "--force"]
-    cmd = [_nvflare_executable(), "--format", "json", *args]
+    cmd = [nvflare_executable(), "--format", "json", *args]
     log_path = workspace / "provision.log"
     with tempfile.TemporaryDirectory(prefix="fedseg-provision-home-") as home, log_path.open("a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -237,7 +242,7 @@ def run_nvflare_provision(project_yml: Path, workspace: Path, project: str, add_
                                   stderr=subprocess.STDOUT, umask=0o077, timeout=300)
         except subprocess.TimeoutExpired:
             raise KitsError(f"`nvflare provision` did not finish within 300 s; see {log_path}") from None
-    doc = _last_json_object(log_path.read_text()) or {}
+    doc = last_json_object(log_path.read_text()) or {}
     if proc.returncode != 0 or doc.get("status") != "ok":
         message = doc.get("message") or f"exit status {proc.returncode}"
         raise KitsError(f"`nvflare provision` failed: {message}; see {log_path}")
@@ -245,6 +250,58 @@ def run_nvflare_provision(project_yml: Path, workspace: Path, project: str, add_
     if not prods:
         raise KitsError(f"`nvflare provision` wrote no kits under {workspace / project}; see {log_path}")
     return prods[-1]
+
+
+def set_server_storage(kit: Path, storage: Path | str | None = None, *, create: bool = True) -> Path:
+    """Keep the server's jobs and snapshots in ``storage`` (default ``<kit>/storage``), not in /tmp.
+
+    NVFlare's server kit stores every job (its models, results and metrics) and the run snapshots
+    under ``/tmp/nvflare`` (``local/resources.json.default``): a reboot or a tmp cleaner loses the
+    study, and two studies on one machine share it. There is no provisioning option for it, so this
+    writes ``<kit>/local/resources.json``, which the server reads instead of the ``.default``
+    (nvflare/apis/workspace.py), with the snapshot folder, the job store and the log receiver's
+    staging folder under ``storage``. NVFlare refuses relative paths, so ``storage`` is made
+    absolute. ``create`` makes the folders, owner-only (0700); the path written at provisioning is
+    on the server machine, where the server creates it. Returns ``storage``.
+    """
+    import json
+
+    kit = Path(kit)
+    storage = Path(storage or kit / "storage").expanduser().absolute()
+    local = kit / "local"
+    source = local / "resources.json" if (local / "resources.json").is_file() else local / "resources.json.default"
+    if not source.is_file():
+        raise KitsError(f"{kit}: not a server startup kit (no local/resources.json.default)")
+    config = json.loads(source.read_text())
+    try:
+        config["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] = str(storage / "snapshots")
+        components = {c.get("id"): c for c in config["components"]}
+        components["job_manager"]["args"]["uri_root"] = str(storage / "jobs")
+    except (KeyError, TypeError) as err:
+        raise KitsError(f"{source}: not the server resources NVFlare 2.9 writes (missing {err})") from None
+    if "log_receiver" in components:
+        components["log_receiver"].setdefault("args", {})["dest_dir"] = str(storage / "log-staging")
+    target = local / "resources.json"
+    target.write_text(json.dumps(config, indent=2) + "\n")
+    target.chmod(0o600)
+    if create:
+        for sub in ("jobs", "snapshots", "log-staging"):
+            owner_only_dir(storage / sub)
+        storage.chmod(0o700)
+    return storage
+
+
+def write_server_guide(kits: ConsortiumKits) -> Path:
+    """``<server kit>/SERVER_GUIDE.md``: what the server's admin does with the kit."""
+    from fedseg import __version__
+
+    server = kits.consortium.server
+    text = _SERVER_GUIDE.format(consortium=kits.consortium.name, host=server.host, port=server.port,
+                                version=__version__, storage=kits.consortium.server_storage, python=_python_version())
+    path = kits.server_kit / SERVER_GUIDE
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
 
 
 def restrict_permissions(root: Path) -> None:
@@ -280,12 +337,49 @@ def _python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def _make_private_dirs(folder: Path) -> None:
-    """``mkdir -p`` where every folder it creates is 0700."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    for path in reversed(missing):
-        path.mkdir(mode=0o700)
-        path.chmod(0o700)  # mkdir's mode is masked by the umask
+_SERVER_GUIDE = """\
+# Server guide ({consortium})
+
+This folder is the startup kit of the FL server of the federated study **{consortium}**. It holds
+the server's private key (`startup/server.key`): keep it on the server machine only, readable by
+the account that runs the server (`chmod -R go-rwx` after copying).
+
+Hospitals connect to `{host}:{port}` (TCP, mutual TLS with the certificates in `startup/`). Open
+that port inbound; the lead's admin console uses the same port.
+
+## 1. Install fedseg {version}
+
+In a fresh virtual environment (Python {python} recommended), the **same fedseg version as every
+site**: `pip install <the fedseg {version} wheel or source folder>`, then `fedseg --version`.
+
+## 2. Job storage: a persistent, owner-only folder
+
+The server keeps every job of the study (models, metrics, results) and its run snapshots in
+**`{storage}`** (`local/resources.json`; NVFlare's own default, /tmp/nvflare, would be lost at the
+next reboot or tmp clean-up). Create it, owned by the account that runs the server:
+
+```bash
+sudo install -d -m 0700 -o $USER {storage}
+```
+
+or keep the storage inside this kit (or anywhere else) instead; this rewrites `local/resources.json`
+and creates the folders owner-only:
+
+```bash
+fedseg provision server-storage KIT                     # KIT/storage
+fedseg provision server-storage KIT --storage /srv/fl   # another absolute folder
+```
+
+Back the folder up with the kit. Two studies on one machine need two folders.
+
+## 3. Start the server
+
+```bash
+KIT/startup/start.sh        # runs in the background; its log: KIT/log.txt
+```
+
+Hospitals' logs never reach the server: log streaming is off in every site kit.
+"""
 
 
 _SITE_GUIDE = """\
@@ -376,6 +470,7 @@ __all__ = [
     "CONSORTIUM_FILE",
     "DEFAULT_OUT",
     "PROJECT_FILE",
+    "SERVER_GUIDE",
     "SITE_GUIDE",
     "ConsortiumKits",
     "KitsError",
@@ -385,5 +480,6 @@ __all__ = [
     "provision",
     "restrict_permissions",
     "run_nvflare_provision",
+    "set_server_storage",
     "write_site_guide",
 ]

@@ -33,3 +33,43 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The ``tiny`` profile (``fedseg.config``): the one set of small settings every test starts from."""
+    from fedseg.config import profile
+
+    return profile("tiny")
+
+
+def tiny_job(algorithm: str = "fedavg", *, name: str | None = None, min_clients: int = 2, options=None, addons=None,
+             cross_site_eval: bool = True, study_name: str = "", **settings):
+    """A ``Job`` on the tiny profile with ``settings`` (study fields: ``rounds=3``, ``roi=(24,)*3``, ...)."""
+    from fedseg.config import profile
+    from fedseg.jobs.addons import Addons
+    from fedseg.jobs.base import Job
+
+    return Job(algorithm=algorithm, study=profile("tiny").override(**settings), name=name or algorithm,
+               min_clients=min_clients, options=options, addons=addons or Addons(), cross_site_eval=cross_site_eval,
+               study_name=study_name)
+
+
+def tiny_synth(folder, *, sites: int | None = None, cases: int | None = None, size: int | None = None, **kwargs):
+    """The tiny profile's synthetic sites in ``folder`` (``SynthConfig`` overrides as keywords)."""
+    from fedseg.config import profile
+    from fedseg.lightning_modules.data.synth import SynthConfig, generate
+
+    s = profile("tiny").synth
+    n = size or s.size
+    return generate(SynthConfig(n_sites=sites or s.sites, cases_per_site=cases or s.cases, shape=(n, n, n), **kwargs),
+                    folder)
+
+
+def tiny_train_config(datalists, out, *, epochs: int = 2, wandb: str = "off", init_from=None, **settings):
+    """A ``TrainConfig`` on the tiny profile with study ``settings`` (``features=8``, ``roi=(32,)*3``, ...)."""
+    from fedseg.config import profile
+    from fedseg.lightning_modules.training import TrainConfig
+
+    return TrainConfig(datalists=list(datalists), out=out, study=profile("tiny").override(**settings), epochs=epochs,
+                       progress=False, wandb=wandb, init_from=init_from)

@@ -7,26 +7,24 @@ from pathlib import Path
 
 import torch
 
-from fedseg.jobs.fedavg import FedAvgJob
+from fedseg.jobs.base import Job
 
 
-def validate_state(state: Mapping[str, torch.Tensor], job: FedAvgJob, datalist: Path) -> float:
+def validate_state(state: Mapping[str, torch.Tensor], job: Job, datalist: Path) -> float:
     """val_dice of the global model ``state`` on one site's validation cases, as that site computes it."""
     import pytorch_lightning as pl
 
     from fedseg.lightning_modules.data.datalist import read_datalist
-    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
-    from fedseg.lightning_modules.data.transforms import PreprocessConfig
     from fedseg.lightning_modules.module import SegmentationModule
+    from fedseg.lightning_modules.training import build_datamodule
 
-    model = SegmentationModule(**job.module_hparams())
+    model = SegmentationModule(**job.study.module_args())
     model.load_state_dict(dict(state))
-    preprocess = PreprocessConfig(modalities=job.modalities, roi_size=job.roi, normalization=job.normalization)
-    data = SegDataModule(read_datalist(datalist), DataConfig(preprocess=preprocess, batch_size=job.batch_size))
+    data = build_datamodule(job.study, read_datalist(datalist), cache_dir=None)
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu")
     return float(trainer.validate(model, datamodule=data, verbose=False)[0]["val_dice"])
 
 
-def validate_checkpoint(checkpoint: Path, job: FedAvgJob, datalist: Path) -> float:
+def validate_checkpoint(checkpoint: Path, job: Job, datalist: Path) -> float:
     """val_dice of a global checkpoint (NVFlare's ``{"model": state}`` file) on one site's validation cases."""
     return validate_state(torch.load(checkpoint, weights_only=True)["model"], job, datalist)

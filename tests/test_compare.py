@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from fedseg.jobs.compare import (
+from fedseg.config import profile
+from fedseg.experiments.compare import (
     FL_METHODS,
     TABLE_REGIONS,
     CompareSettings,
@@ -17,6 +18,10 @@ from fedseg.jobs.compare import (
     MethodScores,
     compare,
 )
+
+
+def tiny_settings(**settings) -> CompareSettings:
+    return CompareSettings(study=profile("tiny").override(**settings))
 
 
 def _scores(per_site_mean: dict[str, float]) -> dict:
@@ -35,7 +40,7 @@ def test_tables_and_verdict_from_scores(tmp_path):
         "fedavg": MethodScores("fedavg", _scores({"site-1": 0.60, "site-2": 0.55}), 1.0, "test"),
         "fedper": MethodScores("fedper", _scores({"site-1": 0.58, "site-2": 0.65}), 1.0, "test"),
     }
-    results = ComparisonResults(tmp_path, ["site-1", "site-2"], methods, CompareSettings(rounds=3, local_epochs=2))
+    results = ComparisonResults(tmp_path, ["site-1", "site-2"], methods, tiny_settings(rounds=3, local_epochs=2))
     assert results.winner("site-1") == "fedavg" and results.winner("site-2") == "fedper"
 
     rows = results.rows()
@@ -66,18 +71,18 @@ def test_tables_and_verdict_from_scores(tmp_path):
 
 
 def test_bad_methods_and_settings_are_refused(tmp_path):
-    from fedseg.jobs.fedavg import ALGORITHMS
+    from fedseg.jobs.base import ALGORITHMS
 
     # every federated method is a valid job (spelled out in compare.py to keep `fedseg --help` light)
-    jobs = {m: CompareSettings().job(m, n_sites=3) for m in FL_METHODS}
+    jobs = {m: tiny_settings().job(m, n_sites=3) for m in FL_METHODS}
     assert {j.algorithm for j in jobs.values()} <= set(ALGORITHMS)
     assert set(ALGORITHMS) - {j.algorithm for j in jobs.values()} == {"fedavg-he"}  # HE runs in POC only
     assert len({json.dumps(j.to_json(), sort_keys=True) for j in jobs.values()}) == len(FL_METHODS)
     with pytest.raises(ComparisonError, match="unknown methods.*'fedsgd'"):
         compare({"a": tmp_path / "a.json", "b": tmp_path / "b.json"}, tmp_path / "out", methods=["fedsgd"])
-    with pytest.raises(ComparisonError, match="rounds and local_epochs"):
-        CompareSettings(rounds=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="rounds must be > 0"):
+        tiny_settings(rounds=0)
+    with pytest.raises(ValueError, match="unknown setting 'epochs'"):
         compare({}, tmp_path / "out", epochs=3)  # not a setting: the budget is rounds x local_epochs
 
 
@@ -85,14 +90,14 @@ def test_bad_methods_and_settings_are_refused(tmp_path):
 @pytest.mark.slow
 def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path, capsys):
     from fedseg.cli import main
-    from fedseg.jobs.results import FINAL_MODEL
+    from fedseg.run.results import FINAL_MODEL
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.lightning_modules.evaluation import evaluate_checkpoint
 
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
     sites = dict(synth.datalists)
     out = tmp_path / "cmp"
-    settings = CompareSettings(rounds=2, local_epochs=1, features=8, roi=(32, 32, 32), hd95=False)
+    settings = tiny_settings(rounds=2, local_epochs=1, features=8, roi=(32, 32, 32))
     lines: list[str] = []
     results = compare(sites, out, settings, progress=lines.append)
 
@@ -115,7 +120,8 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
         assert json.loads((run / "results.json").read_text())["epochs_done"] == 2
     for method in ("fedavg", "fedper"):
         job = json.loads((out / method / "job.json").read_text())
-        assert (job["algorithm"], job["rounds"], job["local_epochs"]) == (method, 2, 1)
+        fed = job["study"]["federation"]
+        assert (job["algorithm"], fed["rounds"], fed["local_epochs"]) == (method, 2, 1)
     # local-only: site k's own model, scored on site k only
     assert sorted(p.name for p in (out / "local" / "site-1" / "eval").iterdir()) == ["site-1"]
 
@@ -136,8 +142,8 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("scores.json", "last.ckpt", "final_global_encoder.ckpt")}
     assert len(stamps) == 4 + 3 + 1  # four methods' scores, three last.ckpt, FedPer's encoder
     capsys.readouterr()
-    argv = ["compare", "--out", str(out), "--datalists", *map(str, sites.values()), "--rounds", "2",
-            "--local-epochs", "1", "--features", "8", "--roi", "32", "--no-hd95"]
+    argv = ["compare", "--out", str(out), "--datalists", *map(str, sites.values()), "--profile", "tiny",
+            "--rounds", "2", "--local-epochs", "1", "--features", "8", "--roi", "32"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("not run again") == 4

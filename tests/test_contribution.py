@@ -74,14 +74,14 @@ def test_aggregator_averages_the_updates_with_the_contribution_weights():
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_simulator_contribution_weights_are_the_defined_function_of_what_the_sites_reported(tmp_path):
-    from fedseg.jobs.fedavg import FedAvgJob
-    from fedseg.jobs.simulate import simulate
+    from conftest import tiny_job
+    from fedseg.jobs.addons import Addons, ContributionWeights
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
+    from fedseg.run.simulate import simulate
 
     synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
-    job = FedAvgJob(name="contrib", rounds=2, min_clients=3, features=8, roi=(24, 24, 24), hd95=False, site_threads=1,
-                    aggregation="contribution", contribution_alpha=0.3, max_site_share=0.5, task_poll_interval=0.5,
-                    cross_site_eval=False)
+    job = tiny_job(name="contrib", rounds=2, min_clients=3, features=8, roi=(24, 24, 24), cross_site_eval=False,
+                   addons=Addons(contribution=ContributionWeights(contribution_alpha=0.3, max_site_share=0.5)))
     simulate(job, synth.datalists, tmp_path / "run")
     server = tmp_path / "run" / "nvflare" / "contrib" / "server" / "simulate_job"
     rounds = [json.loads(l) for l in (server / "metrics" / "participation.jsonl").read_text().splitlines()]

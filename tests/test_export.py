@@ -12,7 +12,8 @@ from fedseg.cli import main
 from fedseg.lightning_modules.data.synth import SynthConfig, generate
 from fedseg.lightning_modules.export import ExportError, export_checkpoint, verify_export
 from fedseg.lightning_modules.inference import load_model
-from fedseg.lightning_modules.training import TrainConfig, train
+from conftest import tiny_train_config
+from fedseg.lightning_modules.training import train
 
 HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
 
@@ -22,10 +23,8 @@ def checkpoint(tmp_path_factory):
     """A 2-epoch tiny UNet trained on two modalities (so the metadata and input channels are checkable)."""
     root = tmp_path_factory.mktemp("trained")
     synth = generate(SynthConfig(n_sites=1, cases_per_site=3, shape=(32, 32, 32)), root / "synth")
-    cfg = TrainConfig(
-        datalists=[synth.datalists["site-1"]], out=root / "run", features=8, roi_size=(32, 32, 32),
-        modalities=("flair", "t1ce"), epochs=2, hd95=False, progress=False, num_workers=0,
-    )
+    cfg = tiny_train_config([synth.datalists["site-1"]], root / "run", features=8, roi=(32, 32, 32),
+                            modalities=("flair", "t1ce"))
     train(cfg)
     return root / "run" / "checkpoints" / "best.ckpt"
 

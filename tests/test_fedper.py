@@ -9,7 +9,7 @@ import torch
 
 from fedseg.app.fedper import SegmentationEncoder, personal_keys, personalize, shared_state
 from fedseg.app.head_store import FedPerHeadStore
-from fedseg.jobs.fedavg import FedAvgJob
+from conftest import tiny_job
 from fedseg.lightning_modules.module import SegmentationModule
 from fedseg.lightning_modules.networks import partition_keys
 
@@ -49,13 +49,12 @@ def test_head_store_round_trip_is_atomic_and_refuses_another_network(tmp_path):
 
 
 def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
-    from fedseg.jobs.fedavg import export
+    from fedseg.jobs.base import RESULT_TASKS, export
 
-    job = FedAvgJob(name="fp", algorithm="fedper", features=4, roi=(16, 16, 16))
+    job = tiny_job("fedper", name="fp")
     folder = export(job, tmp_path)
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
-    from fedseg.jobs.fedavg import FEDPER_TASKS
 
     excluded = {
         task: f["args"]["exclude_vars"]
@@ -64,9 +63,9 @@ def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
         for f in group["filters"]
         if f["path"].endswith("ExcludeVars")
     }
-    assert set(excluded) == set(FEDPER_TASKS)  # exact task names: NVFlare has no wildcard here
+    assert set(excluded) == set(RESULT_TASKS)  # exact task names: NVFlare has no wildcard here
     assert all(sorted(keys) == sorted(job.personal_keys()) for keys in excluded.values())
-    assert "--fedper" in client["executors"][0]["executor"]["args"]["task_script_args"]
+    assert '"algorithm":"fedper"' in client["executors"][0]["executor"]["args"]["task_script_args"]
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     assert "SegmentationEncoder" in json.dumps(persistor)
 
@@ -78,11 +77,11 @@ def _site_log(run, site):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp_path):
-    from fedseg.jobs.simulate import simulate
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
+    from fedseg.run.simulate import simulate
 
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
-    job = FedAvgJob(name="fedper", algorithm="fedper", rounds=2, features=8, roi=(32, 32, 32), hd95=False, site_threads=1)
+    job = tiny_job("fedper", rounds=2, features=8, roi=(32, 32, 32))
     head_keys = set(job.personal_keys())
     heads = tmp_path / "heads"  # site-local, outside every job's run folder
     run1 = tmp_path / "run1"
@@ -118,7 +117,7 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
 
     # a new job of the same study, new process: each site picks its head up again
     run2 = tmp_path / "run2"
-    simulate(FedAvgJob(**{**job.to_json(), "rounds": 1}), synth.datalists, run2, head_stores=heads)
+    simulate(job.replace(rounds=1), synth.datalists, run2, head_stores=heads)
     assert "FedPer head reused" in (run2 / "nvflare" / "fedper" / "site-2" / "log.txt").read_text()
     second = stores["site-2"].record()
     # saved again by the new job (the simulator names every job "simulate_job"), at its round 0

@@ -35,7 +35,7 @@ def test_synthetic_groups_image_the_same_anatomy_differently(tmp_path):
 
 
 def test_a_site_group_must_be_a_short_name():
-    from fedseg.app.client import site_group
+    from fedseg.app.site_runner import site_group
 
     assert site_group({"group": "mri-3t"}, "x.json") == "mri-3t" and site_group({}, "x.json") == ""
     with pytest.raises(ValueError, match=r"x.json: 'group' must be a short name"):
@@ -43,18 +43,20 @@ def test_a_site_group_must_be_a_short_name():
 
 
 def test_grouped_jobs_are_checked_and_run_without_cross_site_evaluation(tmp_path):
-    from fedseg.jobs.fedavg import FedAvgJob, export
+    from conftest import tiny_job
+    from fedseg.jobs.addons import Addons, SiteGroups
+    from fedseg.jobs.base import _encoder_keys, export
 
-    with pytest.raises(ValueError, match="share_encoder needs grouped"):
-        FedAvgJob(share_encoder=True)
-    with pytest.raises(ValueError, match="grouped models work with fedavg/fedprox"):
-        FedAvgJob(grouped=True, algorithm="fedper")
-    job = FedAvgJob(name="g", grouped=True, share_encoder=True, roi=(32,) * 3, features=8)
+    with pytest.raises(ValueError, match="fedper does not support groups"):
+        tiny_job("fedper", addons=Addons(groups=SiteGroups()))
+    with pytest.raises(ValueError, match="grouped models work with case weights"):
+        Addons(groups=SiteGroups(), resume_from="x")
+    job = tiny_job(name="g", addons=Addons(groups=SiteGroups(share_encoder=True)))
     server = json.loads((export(job, tmp_path) / "app" / "config" / "config_fed_server.json").read_text())
     controller = server["workflows"][0]
     assert controller["path"] == "fedseg.app.grouped_fedavg.GroupedFedAvg" and len(server["workflows"]) == 1
-    assert set(controller["args"]["shared_keys"]) == set(job.encoder_keys())
-    head = set(FedAvgJob(algorithm="fedper", roi=(32,) * 3, features=8).personal_keys())
+    assert set(controller["args"]["shared_keys"]) == set(_encoder_keys(job))
+    head = set(tiny_job("fedper").personal_keys())
     assert head and not head & set(controller["args"]["shared_keys"])  # the groups' heads stay their own
     assert "model_selector" not in {c["id"] for c in server["components"]}
 
@@ -62,12 +64,14 @@ def test_grouped_jobs_are_checked_and_run_without_cross_site_evaluation(tmp_path
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_simulator_two_groups_keep_two_models_sites_of_a_group_share_one(tmp_path):
-    from fedseg.jobs.fedavg import FedAvgJob
-    from fedseg.jobs.simulate import simulate
+    from conftest import tiny_job
+    from fedseg.jobs.addons import Addons, SiteGroups
+    from fedseg.jobs.base import _encoder_keys
+    from fedseg.run.simulate import simulate
 
     synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24), groups=2), tmp_path / "synth")
-    job = FedAvgJob(name="grouped", rounds=2, min_clients=3, features=8, roi=(24, 24, 24), hd95=False, site_threads=1,
-                    grouped=True, share_encoder=True, task_poll_interval=0.5)
+    job = tiny_job(name="grouped", rounds=2, min_clients=3, features=8, roi=(24, 24, 24),
+                   addons=Addons(groups=SiteGroups(share_encoder=True)))
     settings = {site: {"group": group} for site, group in synth.site_groups.items()}
     results = simulate(job, synth.datalists, tmp_path / "run", site_settings=settings)
 
@@ -87,7 +91,7 @@ def test_simulator_two_groups_keep_two_models_sites_of_a_group_share_one(tmp_pat
     models = {g: torch.load(server / "app_server" / "groups" / g / "FL_global_model.pt", weights_only=True) for g in "ab"}
     assert models["a"]["meta_props"]["group"] == "a" and models["b"]["meta_props"]["current_round"] == 1
     a, b = models["a"]["model"], models["b"]["model"]
-    encoder = set(job.encoder_keys())
+    encoder = set(_encoder_keys(job))
     assert all(torch.equal(a[k], b[k]) for k in encoder)
     head = [k for k in a if k not in encoder and a[k].is_floating_point()]
     assert head and any(not torch.equal(a[k], b[k]) for k in head)

@@ -1,4 +1,4 @@
-"""FedAvg with homomorphic encryption (``algorithm="fedavg-he"``, ``fedseg.jobs.he``).
+"""FedAvg with homomorphic encryption (``fedseg.jobs.fedavg_he``, runtime parts in ``fedseg.app.he``).
 
 The fast tests check the exported job (HE aggregator, shareable generator and serialize filter on
 the server, HE encryptor/decryptor filters at the sites, NumPy on the wire) and the HE builder of
@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from fedseg.jobs.fedavg import FedAvgJob
-from fedseg.jobs.poc import COMPLETED, PocDeployment, free_port, port_in_use, project_config
+from conftest import tiny_job
+from fedseg.jobs.base import Job
+from fedseg.run.poc import COMPLETED, PocDeployment, free_port, port_in_use, project_config
 
 SITES = ("hospital-a", "hospital-b")
 HE_BUILDER = "nvflare.lighter.impl.he.HEBuilder"
@@ -39,39 +40,14 @@ def tenseal() -> Any:
     return ts
 
 
-@pytest.fixture
-def he_cross_site_eval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route NVFlare's ``add_cross_site_evaluation`` to ``add_he_cross_site_evaluation`` for HE recipes.
-
-    What ``build_recipe`` must do for ``fedavg-he`` (NVFlare's evaluation cannot send ciphertexts,
-    see ``fedseg.jobs.he.HECrossSiteEval``); harmless once it does so itself.
-    """
-    import nvflare.recipe.utils as recipe_utils
-    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
-
-    from fedseg.jobs.he import add_he_cross_site_evaluation
-
-    original = recipe_utils.add_cross_site_evaluation
-
-    def add(recipe: Any, **kwargs: Any) -> None:
-        if isinstance(recipe, FedAvgRecipeWithHE):
-            return add_he_cross_site_evaluation(recipe, **kwargs)
-        return original(recipe, **kwargs)
-
-    monkeypatch.setattr(recipe_utils, "add_cross_site_evaluation", add)
+def tiny_he_job(**kw: Any) -> Job:
+    return tiny_job("fedavg-he", **{"name": "fedavg_he", "rounds": 2, "features": 8, "roi": (24, 24, 24), **kw})
 
 
-def tiny_he_job(**kw: Any) -> FedAvgJob:
-    settings = dict(name="fedavg_he", algorithm="fedavg-he", rounds=2, features=8, roi=(24, 24, 24), hd95=False,
-                    site_threads=1, min_clients=2, task_poll_interval=0.5)
-    settings.update(kw)
-    return FedAvgJob(**settings)
-
-
-def export_he_job(job: FedAvgJob, out: Path, audit: bool = True) -> Path:
+def export_he_job(job: Job, out: Path, audit: bool = True) -> Path:
     """Export ``job``; with ``audit`` the server also records how every update arrived."""
-    from fedseg.jobs.fedavg import build_recipe, in_app_dir
-    from fedseg.jobs.he import add_ciphertext_audit
+    from fedseg.app.he import add_ciphertext_audit
+    from fedseg.jobs.base import build_recipe, in_app_dir
 
     recipe = build_recipe(job)
     if audit:
@@ -88,7 +64,7 @@ def _by_path(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ fast
 
 
-def test_he_recipe_exports_the_encrypted_fedavg_workflow(tmp_path, tenseal, he_cross_site_eval):
+def test_he_recipe_exports_the_encrypted_fedavg_workflow(tmp_path, tenseal):
     job_dir = export_he_job(tiny_he_job(), tmp_path, audit=False)
     config = job_dir / "app" / "config"
     server = json.loads((config / "config_fed_server.json").read_text())
@@ -122,10 +98,10 @@ def test_he_recipe_exports_the_encrypted_fedavg_workflow(tmp_path, tenseal, he_c
     assert executor["executor"]["args"]["params_exchange_format"] == "pytorch"
 
 
-def test_he_recipe_refuses_the_simulator(tenseal, he_cross_site_eval):
+def test_he_recipe_refuses_the_simulator(tenseal):
     from nvflare.recipe.sim_env import SimEnv
 
-    from fedseg.jobs.fedavg import build_recipe
+    from fedseg.jobs.base import build_recipe
 
     recipe = build_recipe(tiny_he_job(cross_site_eval=False))
     with pytest.raises(ValueError, match="does not support SimEnv"):
@@ -135,11 +111,12 @@ def test_he_recipe_refuses_the_simulator(tenseal, he_cross_site_eval):
 def test_he_recipe_without_tenseal_names_the_install_command(monkeypatch):
     import sys
 
-    from fedseg.jobs.he import he_recipe
+    from fedseg.jobs.base import build_recipe
 
+    job = tiny_he_job()
     monkeypatch.setitem(sys.modules, "tenseal", None)  # `import tenseal` raises ImportError
     with pytest.raises(RuntimeError, match=r"pip install 'fedseg\[he\]'") as info:
-        he_recipe(tiny_he_job(), {})
+        build_recipe(job)
     assert "import of tenseal halted" in str(info.value)  # the import error itself is named
     assert isinstance(info.value.__cause__, ImportError)
 
@@ -154,19 +131,15 @@ def test_poc_project_adds_the_he_builder_before_signing_only_when_asked():
 # ------------------------------------------------------------------------------------------ POC
 
 
-def _validate(state: dict[str, Any], job: FedAvgJob, datalist: Path, out: Path) -> dict[str, float]:
+def _validate(state: dict[str, Any], job: Job, datalist: Path, out: Path) -> dict[str, float]:
     """Validate a global model on one site's validation cases, as the site script does."""
     from fedseg.lightning_modules.data.datalist import read_datalist
-    from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
-    from fedseg.lightning_modules.data.transforms import PreprocessConfig
     from fedseg.lightning_modules.module import SegmentationModule
-    from fedseg.lightning_modules.training import make_trainer
+    from fedseg.lightning_modules.training import build_datamodule, make_trainer
 
-    hparams = job.module_hparams()
-    module = SegmentationModule(**hparams)
+    module = SegmentationModule(**job.study.module_args())
     module.load_state_dict(state, strict=True)
-    preprocess = PreprocessConfig(**hparams["preprocess"])
-    data = SegDataModule(read_datalist(datalist), DataConfig(preprocess=preprocess, num_workers=0, use_cache=False))
+    data = build_datamodule(job.study, read_datalist(datalist), cache_dir=out / "cache")
     trainer = make_trainer(out, 1, progress=False, enable_checkpointing=False, logger=False)
     (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
     return {k: float(v) for k, v in metrics.items()}
@@ -174,10 +147,10 @@ def _validate(state: dict[str, Any], job: FedAvgJob, datalist: Path, out: Path) 
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(tmp_path, tenseal, he_cross_site_eval):
+def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(tmp_path, tenseal):
     import torch
 
-    from fedseg.jobs.he import AUDIT_FILE, decrypt_global_model, decrypt_state, load_context
+    from fedseg.app.he import AUDIT_FILE, decrypt_global_model, decrypt_state, load_context
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.lightning_modules.module import SegmentationModule
 
@@ -212,14 +185,14 @@ def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(
     assert server_log.count("HEModelShareableGenerator - INFO") >= 2 and "shareable_to_learnable" in server_log
     assert "aggregating 2 update(s) at round 1" in server_log
     deployed = (server / "app_server" / "config" / "config_fed_server.json").read_text()
-    assert "HEInTimeAccumulateWeightedAggregator" in deployed and "fedseg.jobs.he.HECrossSiteEval" in deployed
+    assert "HEInTimeAccumulateWeightedAggregator" in deployed and "fedseg.app.he.HECrossSiteEval" in deployed
     for site, text in site_logs.items():
         assert text.count("Encryption time for") == 3, site  # 2 rounds + the cross-site submit_model
         assert f"weighting by local iter before encryption with {n_train[site]}" in text
         assert "Decryption time for" in text and "already decrypted" not in text
 
     # Every update the server received was ciphertext, every tensor of it: nothing in plain.
-    reference = SegmentationModule(**job.module_hparams()).state_dict()  # keys, shapes and dtypes
+    reference = SegmentationModule(**job.study.module_args()).state_dict()  # keys, shapes and dtypes
     keys, n_params = set(reference), sum(v.numel() for v in reference.values())
     payloads = [json.loads(line) for line in (server / "metrics" / AUDIT_FILE).read_text().splitlines()]
     assert sorted((p["task"], p["site"]) for p in payloads) == sorted(

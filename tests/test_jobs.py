@@ -7,24 +7,25 @@ import json
 import pytest
 import torch
 
-from fedseg.jobs.fedavg import FedAvgJob, build_recipe, export
+from conftest import tiny_job
+from fedseg.jobs.base import export
 from offline_validation import validate_state
 
 
 def test_nvflare_export_check_still_rejects_mapped_packages_without_our_workaround(tmp_path):
-    """Pins the library behaviour ``jobs/nvflare_compat.py`` works around: if this starts failing,
-    NVFlare fixed its check and the workaround can go."""
+    """Pins the library behaviour ``nvflare_internals.patch_job_export`` works around: if this starts
+    failing, NVFlare fixed its check and the workaround can go."""
     from nvflare.job_config.fed_job_config import FedJobConfig
 
-    from fedseg.jobs import nvflare_compat
+    from fedseg import nvflare_internals
     from fedseg.lightning_modules import networks
 
-    original = nvflare_compat._original_get_custom_file
+    original = nvflare_internals.unpatched_get_custom_file()
     config = FedJobConfig.__new__(FedJobConfig)
     config.app_packages = ["fedseg"]
     with pytest.raises(ValueError, match="does not match module"):
         original(config, str(tmp_path), "fedseg.lightning_modules.networks", networks.__file__)
-    nvflare_compat.apply()
+    nvflare_internals.patch_job_export()
     assert FedJobConfig._get_custom_file(config, str(tmp_path), "fedseg.lightning_modules.networks", networks.__file__) is None
     assert not any(tmp_path.iterdir())  # nothing copied: fedseg is installed at every site
 
@@ -37,7 +38,7 @@ def test_checked_in_job_folders_are_up_to_date():
 
 
 def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):
-    folder = export(FedAvgJob(name="tiny", roi=(32, 32, 32), features=8), tmp_path)
+    folder = export(tiny_job(name="tiny", roi=(32, 32, 32), features=8), tmp_path)
     custom = sorted(p.name for p in (folder / "app" / "custom").iterdir())
     assert custom == ["site_entry.py"]  # fedseg itself is not copied: it is installed at the sites
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
@@ -45,7 +46,10 @@ def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):
     text = json.dumps(client) + json.dumps(server)
     assert str(tmp_path) not in text and "/data" not in text  # no site paths baked in
     args = client["executors"][0]["executor"]["args"]["task_script_args"]
-    assert "--roi 32 32 32" in args and "--features 8" in args
+    flag, document = args.split(" ")  # one argument: the site document, as JSON
+    site = json.loads(document)
+    assert flag == "--job-config" and site["algorithm"] == "fedavg"
+    assert site["study"]["data"]["roi"] == [32, 32, 32] and site["study"]["model"]["features"] == 8
     components = {c["id"]: c for c in server["components"]}
     assert components["model_selector"]["args"]["key_metric"] == "val_dice"
     assert components["fedseg_metrics_receiver"]["path"] == "fedseg.app.metrics_receiver.JsonlMetricsReceiver"
@@ -58,7 +62,7 @@ def test_the_server_builds_the_jobs_own_initial_model_from_the_exported_config(a
     width, modalities and seed), weight for weight, not a default one."""
     from nvflare.fuel.utils.class_utils import instantiate_class
 
-    job = FedAvgJob(name=algorithm, algorithm=algorithm, roi=(32, 32, 32), features=8, modalities=("t1ce", "flair"), seed=3)
+    job = tiny_job(algorithm, roi=(32, 32, 32), features=8, modalities=("t1ce", "flair"), seed=3)
     server = json.loads((export(job, tmp_path) / "app" / "config" / "config_fed_server.json").read_text())
     components = {c["id"]: c for c in server["components"]}
     config = components["persistor"]["args"]["model"]
@@ -70,26 +74,26 @@ def test_the_server_builds_the_jobs_own_initial_model_from_the_exported_config(a
 
 
 @pytest.mark.parametrize("algorithm", ["fedprox", "fedopt"])
-def test_fedprox_and_fedopt_are_options_of_the_same_job(algorithm, tmp_path):
-    folder = export(FedAvgJob(name=algorithm, algorithm=algorithm, roi=(32, 32, 32)), tmp_path)
+def test_fedprox_and_fedopt_have_their_own_recipes(algorithm, tmp_path):
+    folder = export(tiny_job(algorithm, roi=(32, 32, 32)), tmp_path)
     server = (folder / "app" / "config" / "config_fed_server.json").read_text()
     if algorithm == "fedprox":
         assert '"fedprox_mu": 0.01' in server
     else:
         assert "torch.optim.SGD" in server and "CrossSiteModelEval" in server
     with pytest.raises(ValueError, match="unknown algorithm"):
-        FedAvgJob(algorithm="fedsgd")
+        tiny_job("fedsgd")
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_simulator_fedavg_two_sites_two_rounds(tmp_path):
-    from fedseg.jobs.simulate import simulate
+    from fedseg.run.simulate import simulate
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.lightning_modules.module import SegmentationModule
 
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
-    job = FedAvgJob(name="fedavg", rounds=2, features=8, roi=(32, 32, 32), hd95=True, site_threads=1)
+    job = tiny_job(rounds=2, features=8, roi=(32, 32, 32), hd95=True)
     run = tmp_path / "run"
     results = simulate(job, synth.datalists, run)
 
@@ -104,7 +108,7 @@ def test_simulator_fedavg_two_sites_two_rounds(tmp_path):
 
     # the job's seed fixes the initial global model: what each site validated in round 1 is exactly
     # the seeded model built here (a second build gives the same weights)
-    initial, again = (SegmentationModule(**job.module_hparams()).state_dict() for _ in range(2))
+    initial, again = (SegmentationModule(**job.study.module_args()).state_dict() for _ in range(2))
     assert all(torch.equal(initial[k], again[k]) for k in initial)
     round1 = {r["site"]: r["val_dice"] for r in per_site if r["round"] == 0}
     assert round1["site-1"] == pytest.approx(validate_state(initial, job, synth.datalists["site-1"]), abs=1e-6)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
+from fedseg.lightning_modules import networks
 from fedseg.lightning_modules.networks import (
+    HEAD_DEPTHS,
     NETWORK_NAMES,
     NetworkConfig,
     SegmentationNetwork,
@@ -203,6 +207,185 @@ def test_split_is_behavioural_encoder_never_sees_head(name, in_channels, side, n
     y2, changed = _run_recording(net, sides, x)
     assert not torch.allclose(y1, y2)
     assert all(not torch.allclose(after[n][1], changed[n][1]) for n in bottleneck)
+
+
+#: the head rule before decoder levels were declared: every key under one of these modules of
+#: the MONAI net was head, every other key encoder (written out again here, not imported)
+_UNET_UPS = ("model.2", "model.1.submodule.2", "model.1.submodule.1.submodule.2")
+_GATES = ("model.1", "model.1.submodule.1", "model.1.submodule.1.submodule.1")
+OLD_HEAD_MODULES = {
+    "unet": _UNET_UPS,
+    "resunet": _UNET_UPS,
+    "attention_unet": (
+        "model.2", *(f"{g}.{m}" for g in _GATES for m in ("attention", "upconv", "merge"))
+    ),
+    "segresnet": ("up_samples", "up_layers", "conv_final"),
+    "unetplusplus": ("upcat_", "final_conv_"),  # a name prefix, not a module
+}
+
+
+def _old_head(name: str, keys: list[str]) -> list[str]:
+    heads = tuple(f"net.{m}" if m.endswith("_") else f"net.{m}." for m in OLD_HEAD_MODULES[name])
+    return [k for k in keys if k.startswith(heads)]
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("name", NETWORK_NAMES)
+def test_default_head_depth_keeps_the_old_split(name, norm):
+    net = _tiny(name, norm=norm)
+    keys = list(net.state_dict())
+    old_head = _old_head(name, keys)
+    assert old_head
+    for part in (partition_keys(net), partition_keys(net, head_depth="decoder")):
+        assert part.head == old_head
+        assert part.encoder == [k for k in keys if k not in old_head]
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("name", NETWORK_NAMES)
+def test_head_grows_with_depth_and_every_depth_covers_every_key_once(name, norm):
+    net = _tiny(name, norm=norm)
+    keys = list(net.state_dict())
+    heads = []
+    for depth in HEAD_DEPTHS:
+        part = partition_keys(net, head_depth=depth)
+        assert part.encoder and part.head
+        assert not set(part.encoder) & set(part.head)
+        assert sorted(part.encoder + part.head) == sorted(keys)
+        assert part.norm == norm_keys(net)  # norms do not depend on the depth
+        assert encoder_keys(net, head_depth=depth) == part.encoder
+        assert head_keys(net, head_depth=depth) == part.head
+        heads.append(set(part.head))
+    output, last, decoder = heads
+    assert output < last < decoder  # every network has at least two decoder levels
+
+
+#: the head of unet (features=4, affine instance norm) at each depth, typed out by hand
+UNET_OUTPUT_HEAD = [
+    "net.model.2.conv.weight",
+    "net.model.2.conv.bias",
+]
+UNET_LAST_HEAD = [
+    "net.model.1.submodule.2.conv.weight",
+    "net.model.1.submodule.2.conv.bias",
+    "net.model.1.submodule.2.adn.N.weight",
+    "net.model.1.submodule.2.adn.N.bias",
+    "net.model.1.submodule.2.adn.A.weight",
+    "net.model.2.conv.weight",
+    "net.model.2.conv.bias",
+]
+UNET_DECODER_HEAD = [
+    "net.model.1.submodule.1.submodule.2.conv.weight",
+    "net.model.1.submodule.1.submodule.2.conv.bias",
+    "net.model.1.submodule.1.submodule.2.adn.N.weight",
+    "net.model.1.submodule.1.submodule.2.adn.N.bias",
+    "net.model.1.submodule.1.submodule.2.adn.A.weight",
+    "net.model.1.submodule.2.conv.weight",
+    "net.model.1.submodule.2.conv.bias",
+    "net.model.1.submodule.2.adn.N.weight",
+    "net.model.1.submodule.2.adn.N.bias",
+    "net.model.1.submodule.2.adn.A.weight",
+    "net.model.2.conv.weight",
+    "net.model.2.conv.bias",
+]
+
+
+@pytest.mark.parametrize(
+    ("depth", "expected"),
+    [("output", UNET_OUTPUT_HEAD), ("last", UNET_LAST_HEAD), ("decoder", UNET_DECODER_HEAD)],
+)
+def test_unet_head_at_each_depth_is_the_hand_written_list(depth, expected):
+    net = _tiny("unet")
+    part = partition_keys(net, head_depth=depth)
+    assert part.head == expected
+    assert part.encoder == [k for k in net.state_dict() if k not in expected]
+
+
+def test_unknown_head_depth_is_refused():
+    with pytest.raises(ValueError, match="unknown head_depth 'all'; known: output, last, decoder"):
+        partition_keys(_tiny("unet"), head_depth="all")
+
+
+@pytest.mark.parametrize("name", NETWORK_NAMES)
+def test_a_new_module_is_neither_encoder_nor_head_and_refused(name):
+    net = _tiny(name)
+    net.net.extra = nn.Linear(2, 2)
+    message = f"'net.extra.weight', 'net.extra.bias' are neither encoder nor head of {name}"
+    for depth in HEAD_DEPTHS:
+        with pytest.raises(ValueError, match=f"{message}: declare them in networks.py"):
+            partition_keys(net, head_depth=depth)
+    # even when only declared keys are asked for: the network's layout is wrong
+    with pytest.raises(ValueError, match=message):
+        partition_keys(net, [k for k in net.state_dict() if "extra" not in k])
+    with pytest.raises(ValueError, match="neither encoder nor head of"):
+        encoder_keys(net.net)  # the bare MONAI net fails the same way
+
+
+def test_a_module_on_the_wrapper_is_refused():
+    net = _tiny("segresnet")
+    net.extra = nn.Conv3d(1, 1, 1, bias=False)
+    message = "key.s. 'extra.weight' is neither encoder nor head of segresnet: declare it"
+    with pytest.raises(ValueError, match=message):
+        partition_keys(net)
+
+
+def test_a_renamed_module_is_refused():
+    seg = _tiny("segresnet")
+    seg.net.conv_out = seg.net.conv_final
+    del seg.net.conv_final
+    message = r"'net\.conv_out\.0\.weight'.* neither encoder nor head of segresnet"
+    with pytest.raises(ValueError, match=message):
+        partition_keys(seg)
+
+    unet = _tiny("unet")  # the top up block (the output layer) renamed from model.2 to model.out
+    unet.net.model = nn.Sequential(OrderedDict(zip(["0", "1", "out"], unet.net.model)))
+    with pytest.raises(
+        ValueError,
+        match=r"'net\.model\.out\.conv\.weight', 'net\.model\.out\.conv\.bias' are neither "
+        r"encoder nor head of unet",
+    ):
+        partition_keys(unet)
+
+
+def test_a_key_declared_twice_or_a_declaration_owning_nothing_is_refused(monkeypatch):
+    spec = networks._REGISTRY["unet"]
+
+    def twice(net):
+        layout = spec.layout(net)
+        return dataclasses.replace(layout, encoder=(*layout.encoder, "model.2"))
+
+    monkeypatch.setitem(networks._REGISTRY, "unet", dataclasses.replace(spec, layout=twice))
+    message = r"'net\.model\.2\.conv\.weight'.* of unet lie in more than one declared module"
+    with pytest.raises(ValueError, match=message):
+        partition_keys(_tiny("unet"))
+
+    def stale(net):
+        layout = spec.layout(net)
+        return dataclasses.replace(layout, encoder=(*layout.encoder, "model.3"))
+
+    monkeypatch.setitem(networks._REGISTRY, "unet", dataclasses.replace(spec, layout=stale))
+    message = "declares module.s. 'model.3' that own no state_dict key of unet"
+    with pytest.raises(ValueError, match=message):
+        partition_keys(_tiny("unet"))
+
+
+@pytest.mark.parametrize("depth", ["output", "last"])
+@pytest.mark.parametrize(("name", "in_channels", "side"), CASES)
+def test_shallow_heads_are_behavioural_too(name, in_channels, side, depth):
+    """The encoder of a shallower head holds deeper decoder levels: none of them reads the head."""
+    net = _tiny(name, in_channels)
+    part = partition_keys(net, head_depth=depth)
+    sides = _pure_modules(net, part)
+    x = torch.randn(1, in_channels, side, side, side)
+    y0, before = _run_recording(net, sides, x)
+    encoder = [n for n in before if sides[n] == "encoder"]
+    assert encoder and any(sides[n] == "head" for n in before)
+    torch.manual_seed(1)
+    _perturb(net, part.head)
+    y1, after = _run_recording(net, sides, x)
+    assert not torch.allclose(y0, y1)
+    for n in encoder:
+        assert torch.equal(before[n][1], after[n][1]), f"encoder module {n} depends on head weights"
 
 
 @pytest.mark.parametrize("name", NETWORK_NAMES)

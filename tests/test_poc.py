@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedseg.jobs.poc import (
+from fedseg.run.poc import (
     ADMIN,
     COMPLETED,
     PocDeployment,
@@ -99,7 +99,8 @@ def test_prepare_provisions_named_kits_in_an_isolated_home(tmp_path):
 def test_poc_fedavg_two_named_sites_with_the_nvflare_job_submit_cli(tmp_path):
     import torch
 
-    from fedseg.jobs.fedavg import FedAvgJob, export
+    from conftest import tiny_job
+    from fedseg.jobs.base import export
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.lightning_modules.module import SegmentationModule
 
@@ -107,7 +108,7 @@ def test_poc_fedavg_two_named_sites_with_the_nvflare_job_submit_cli(tmp_path):
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
     datalists = dict(zip(SITES, (synth.datalists["site-1"], synth.datalists["site-2"])))
     n_train = {h: int(synth.site_stats[s]["n_train"]) for h, s in zip(SITES, ("site-1", "site-2"))}
-    job = FedAvgJob(rounds=2, features=8, roi=(32, 32, 32), hd95=False, site_threads=1, min_clients=2)
+    job = tiny_job(rounds=2, features=8, roi=(32, 32, 32))
     job_dir = export(job, tmp_path / "jobs")
 
     port = free_port()
@@ -117,7 +118,7 @@ def test_poc_fedavg_two_named_sites_with_the_nvflare_job_submit_cli(tmp_path):
     def log(line: str) -> None:
         lines.append(line)
         print(line, flush=True)
-        if line.startswith("[poc] submit:") and "submitting" in line:  # right after start
+        if line.startswith("[deploy] submit:") and "submitting" in line:  # right after start
             listening.append(port_in_use(port))
 
     result = run_poc(job_dir, datalists, port=port, workspace=tmp_path / "poc", timeout=400, log=log)
@@ -157,7 +158,7 @@ def test_poc_fedavg_two_named_sites_with_the_nvflare_job_submit_cli(tmp_path):
     # The best global model is a SegmentationModule state dict, key for key.
     best = torch.load(server / "app_server" / "best_FL_global_model.pt", map_location="cpu", weights_only=False)
     final = torch.load(server / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)
-    module = SegmentationModule(**job.module_hparams())
+    module = SegmentationModule(**job.study.module_args())
     module.load_state_dict(best["model"], strict=True)
     assert any(not torch.equal(best["model"][k], final["model"][k]) for k in best["model"])  # rounds changed it
 
@@ -205,11 +206,16 @@ def _small_copy_of_study_job(name: str, dst: Path) -> Path:
     job = dst / name
     shutil.copytree(JOBS_DIR / name, job)
     client = job / "app" / "config" / "config_fed_client.json"
-    text = client.read_text()
-    for old, new in (("--roi 128 128 128", "--roi 32 32 32"), ("--features 16", "--features 8"), ("--rounds 50", "--rounds 2")):
-        assert old in text
-        text = text.replace(old, new)
-    client.write_text(text.replace("--num-workers 0", "--num-workers 0 --no-hd95 --threads 1"))
+    doc = json.loads(client.read_text())
+    args = doc["executors"][0]["executor"]["args"]
+    flag, site_document = args["task_script_args"].split(" ")
+    site = json.loads(site_document)
+    study = site["study"]
+    assert (study["data"]["roi"], study["model"]["features"], study["federation"]["rounds"]) == ([128] * 3, 16, 50)
+    study["data"]["roi"], study["model"]["features"], study["federation"]["rounds"] = [32] * 3, 8, 2
+    study["model"]["hd95"], study["federation"]["site_threads"] = False, 1
+    args["task_script_args"] = f"{flag} {json.dumps(site, separators=(',', ':'), sort_keys=True)}"
+    client.write_text(json.dumps(doc, indent=4))
     server = job / "app" / "config" / "config_fed_server.json"
     doc = json.loads(server.read_text())
 

@@ -23,20 +23,22 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.jobs.fedavg import FedAvgJob, export
-from fedseg.jobs.poc import COMPLETED, PocDeployment, _processes_matching
+import conftest
+from fedseg.jobs.addons import Addons
+from fedseg.jobs.base import Job, export
 from fedseg.lightning_modules.data.synth import SynthConfig, generate
+from fedseg.run.deployment import processes_matching
+from fedseg.run.poc import COMPLETED, PocDeployment
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 ABNORMAL = "FINISHED:ABNORMAL"
 ROUND_TIMEOUT = 25  # above a tiny round with the sites' start-up on 2 busy cores (~20 s)
 
 
-def tiny_job(name: str, **kw) -> FedAvgJob:
-    settings = dict(features=8, roi=(24, 24, 24), hd95=False, site_threads=1, min_clients=3,
-                    min_sites_per_round=2, round_timeout=ROUND_TIMEOUT, task_poll_interval=0.5)
+def tiny_job(name: str, **kw) -> Job:
+    settings = dict(features=8, roi=(24, 24, 24), min_clients=3, min_sites_per_round=2, round_timeout=ROUND_TIMEOUT)
     settings.update(kw)
-    return FedAvgJob(name=name, **settings)
+    return conftest.tiny_job(name=name, **settings)
 
 
 def wait_for_line(path_of, text: str, timeout: float) -> None:
@@ -54,7 +56,7 @@ def kill_site_processes(poc: PocDeployment, site: str) -> list[int]:
     """SIGKILL the site's NVFlare processes (client parent and job process); its kit's start loop
     (``sub_start.sh``) stays and restarts the client, as a hospital's service manager would."""
     kit = str(poc.site_kit(site))
-    victims = [pid for pid, cmd in _processes_matching([kit]) if "python" in cmd and "sub_start.sh" not in cmd]
+    victims = [pid for pid, cmd in processes_matching([kit]) if "python" in cmd and "sub_start.sh" not in cmd]
     assert victims, f"no running process of {site}"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -116,14 +118,14 @@ def test_poc_study_survives_a_crash_and_a_killed_site_and_stops_below_the_minimu
         assert by_round[3]["answered"] == ["hospital-a", "hospital-b"] and by_round[3]["missing"] == ["hospital-c"]
         assert by_round[3]["seconds"] <= ROUND_TIMEOUT + 5, by_round[3]
         # the global model of every round was averaged and saved: 3 rounds in the checkpoint
-        from fedseg.jobs.resume import find_resume_point
+        from fedseg.run.resume import find_resume_point
 
         assert find_resume_point(first).rounds_done == 3
         # the restarted hospital-c logged in again (its kit's start loop restarted it)
         assert not set(killed) & {pid for pid, _ in poc.running_processes()}
 
         # --- 2. resume the study from job 1's last global checkpoint: hospital-c is back
-        resumed = tiny_job("resumed", rounds=4, resume_from=str(first))
+        resumed = tiny_job("resumed", rounds=4, addons=Addons(resume_from=str(first)))
         job_id = poc.submit(export(resumed, jobs))
         assert poc.wait(job_id, timeout=600) == COMPLETED
         second = poc.download(job_id, tmp_path / "download")

@@ -1,7 +1,7 @@
-"""Differential-privacy filters on the sites' updates (fedseg.jobs.privacy, fedseg.app.privacy_filters).
+"""Differential-privacy filters on the sites' updates (fedseg.jobs.addons, fedseg.app.privacy_filters).
 
 The unit tests build each update the way it reaches a site's output filter: the site's FLModel
-(torch tensors, ``NUM_STEPS_CURRENT_ROUND`` = its training cases, app/client.py) after NVFlare's
+(torch tensors, ``NUM_STEPS_CURRENT_ROUND`` = its training cases, fedseg.app.protocol) after NVFlare's
 client API turned it into a DIFF, converted by ``FLModelUtils.to_shareable`` as the in-process
 client API does (nvflare/client/in_process/api.py, ``send``).
 """
@@ -12,7 +12,6 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,8 +22,13 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedseg.app.privacy_filters import TorchPercentilePrivacy, TorchSVTPrivacy, update_stats
-from fedseg.jobs.fedavg import FedAvgJob, export
-from fedseg.jobs.privacy import add_privacy_filters, build_privacy_filter, parse_privacy_args, validate_privacy_args
+from conftest import tiny_job
+from fedseg.jobs.addons import Addons, PrivacyFilter, parse_privacy_args, validate_privacy_args
+from fedseg.jobs.base import export
+
+
+def build_privacy_filter(kind: str, args: dict):
+    return PrivacyFilter(kind, args).build()
 
 STEPS = 4  # the site's training cases, which it sends as NUM_STEPS_CURRENT_ROUND
 
@@ -168,7 +172,7 @@ def test_privacy_args_are_checked_and_converted():
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_privacy_args(["gamma"])
     with pytest.raises(ValueError, match="unknown svt privacy argument 'data_kinds'"):
-        export(FedAvgJob(name="x", privacy="svt", privacy_args={"data_kinds": ["WEIGHTS"]}, roi=(32,) * 3), Path("/nonexistent"))
+        PrivacyFilter("svt", {"data_kinds": ["WEIGHTS"]})
 
 
 # ---------------------------------------------------------------- the job
@@ -176,8 +180,8 @@ def test_privacy_args_are_checked_and_converted():
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "fedper", "fedopt"])
 def test_every_fedavg_family_job_filters_train_updates_sent_as_diffs(algorithm, tmp_path):
-    job = FedAvgJob(name=algorithm, algorithm=algorithm, roi=(32,) * 3, cross_site_eval=False,
-                    privacy="percentile", privacy_args={"percentile": 90, "gamma": 0.001})
+    job = tiny_job(algorithm, cross_site_eval=False,
+                   addons=Addons(privacy=PrivacyFilter("percentile", {"percentile": 90, "gamma": 0.001})))
     folder = export(job, tmp_path)
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
@@ -193,17 +197,21 @@ def test_every_fedavg_family_job_filters_train_updates_sent_as_diffs(algorithm, 
 
 
 def test_without_privacy_sites_send_full_weights_unfiltered(tmp_path):
-    folder = export(FedAvgJob(name="plain", roi=(32,) * 3), tmp_path)
+    folder = export(tiny_job(name="plain"), tmp_path)
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     assert client["executors"][0]["executor"]["args"].get("params_transfer_type", "FULL") == "FULL"
     assert "Privacy" not in json.dumps(client.get("task_result_filters", []))
 
 
-def test_privacy_refuses_he_and_warns_that_cross_site_evaluation_is_not_filtered(tmp_path):
-    with pytest.raises(ValueError, match="not supported with fedavg-he"):
-        add_privacy_filters(None, SimpleNamespace(algorithm="fedavg-he", privacy="svt", privacy_args={}))
-    with pytest.warns(UserWarning, match="submit_model"):
-        export(FedAvgJob(name="cse", roi=(32,) * 3, privacy="svt"), tmp_path)
+def test_privacy_refuses_he_and_scores_only_global_models_in_the_final_evaluation(tmp_path):
+    with pytest.raises(ValueError, match="fedavg-he does not support privacy"):
+        tiny_job("fedavg-he", addons=Addons(privacy=PrivacyFilter("svt")))
+    folder = export(tiny_job(name="cse", addons=Addons(privacy=PrivacyFilter("svt"))), tmp_path)
+    server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+    # NVFlare's final global evaluation: only the server's models are scored; no site is asked for its model
+    evaluation = [w for w in server["workflows"] if "Eval" in w["path"]]
+    assert len(evaluation) == 1 and "submit_model_timeout" not in evaluation[0]["args"]
+    assert evaluation[0]["args"].get("submit_model_task_name", "") == ""  # no site is asked for its model
 
 
 # ---------------------------------------------------------------- the simulator
@@ -212,14 +220,13 @@ def test_privacy_refuses_he_and_warns_that_cross_site_evaluation_is_not_filtered
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_simulator_percentile_privacy_filters_what_the_server_receives(tmp_path):
-    from fedseg.jobs.simulate import simulate
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
+    from fedseg.run.simulate import simulate
 
     percentile, gamma = 80, 2e-4
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
-    job = FedAvgJob(name="dp", rounds=2, features=8, roi=(24, 24, 24), hd95=False, site_threads=1,
-                    task_poll_interval=0.5,
-                    privacy="percentile", privacy_args={"percentile": percentile, "gamma": gamma})
+    job = tiny_job(name="dp", rounds=2, features=8, roi=(24, 24, 24),
+                   addons=Addons(privacy=PrivacyFilter("percentile", {"percentile": percentile, "gamma": gamma})))
     run = tmp_path / "run"
     results = simulate(job, synth.datalists, run)
     assert {r["round"] for r in results.rounds} == {0, 1}

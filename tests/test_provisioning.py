@@ -191,8 +191,21 @@ def test_provision_writes_owner_only_kits_a_site_guide_each_and_the_lead_may_bri
                      "local/fedseg_site.json", "fedseg data check", "nvflare preflight-check -p KIT",
                      "KIT/startup/start.sh"):
             assert step in guide, step
+        # nothing a site logs is streamed to the server: NVFlare's log streaming is off in every site kit
+        resources = json.loads((kit / "local" / "resources.json.default").read_text())
+        assert resources["allow_log_streaming"] is False
+    assert yaml.safe_load(kits.project_yml.read_text())["allow_log_streaming"] is False
     assert (kits.server_kit / "startup" / "server.key").is_file()
     assert (kits.lead_kit / "startup" / "fed_admin.json").is_file()
+
+    # The server keeps jobs and snapshots in a persistent folder, not NVFlare's /tmp/nvflare.
+    server = json.loads((kits.server_kit / "local" / "resources.json").read_text())
+    assert server["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] == "/var/lib/fedseg/study/snapshots"
+    job_manager = next(c for c in server["components"] if c["id"] == "job_manager")
+    assert job_manager["args"]["uri_root"] == "/var/lib/fedseg/study/jobs"
+    assert "/tmp" not in json.dumps(server)
+    guide = (kits.server_kit / "SERVER_GUIDE.md").read_text()
+    assert "/var/lib/fedseg/study" in guide and "fedseg provision server-storage KIT" in guide
 
     # NVFlare's default policy lets the lead submit jobs that carry custom code (byoc); an org admin not.
     policy = json.loads((kits.server_kit / "local" / "authorization.json.default").read_text())["permissions"]
@@ -202,6 +215,28 @@ def test_provision_writes_owner_only_kits_a_site_guide_each_and_the_lead_may_bri
 
     assert open_kits(kits.folder).consortium.to_dict() == consortium.to_dict()
     assert _user_nvflare_config() == before  # nvflare ran with a throw-away HOME
+
+
+def test_server_storage_moves_into_an_owner_only_folder_and_the_consortium_can_name_it(tmp_path, capsys):
+    from fedseg.cli import main
+
+    doc = _consortium_doc()
+    doc["server"]["storage"] = "/srv/fl/study"
+    kits = provision(parse_consortium(doc), tmp_path / "kits")
+    resources = json.loads((kits.server_kit / "local" / "resources.json").read_text())
+    assert next(c for c in resources["components"] if c["id"] == "job_manager")["args"]["uri_root"] == "/srv/fl/study/jobs"
+    # the server admin's step after copying the kit: storage inside the kit, created owner-only
+    assert main(["provision", "server-storage", str(kits.server_kit)]) == 0
+    storage = kits.server_kit / "storage"
+    resources = json.loads((kits.server_kit / "local" / "resources.json").read_text())
+    assert resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] == str(storage / "snapshots")
+    for folder in (storage, storage / "jobs", storage / "snapshots"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE((kits.server_kit / "local" / "resources.json").stat().st_mode) == 0o600
+    assert main(["provision", "server-storage", str(kits.hospital_kit("hospital-a"))]) == 2
+    assert "not a server startup kit" in capsys.readouterr().err
+    with pytest.raises(ConsortiumError, match="server.storage: 'rel/path' must be an absolute folder"):
+        parse_consortium({**doc, "server": {**doc["server"], "storage": "rel/path"}})
 
 
 def test_an_existing_consortium_is_never_provisioned_over_and_kits_stay_out_of_git(tmp_path):
@@ -294,7 +329,9 @@ def _tiny_fedper_job(dst: Path) -> Path:
 
     job = _small_copy_of_study_job("fedper", dst)
     client = job / "app" / "config" / "config_fed_client.json"
-    client.write_text(client.read_text().replace("--roi 32 32 32", "--roi 16 16 16").replace("--rounds 2", "--rounds 1"))
+    text = client.read_text()
+    assert '\\"roi\\":[32,32,32]' in text and '\\"rounds\\":2' in text
+    client.write_text(text.replace('\\"roi\\":[32,32,32]', '\\"roi\\":[16,16,16]').replace('\\"rounds\\":2', '\\"rounds\\":1'))
     server = job / "app" / "config" / "config_fed_server.json"
     text = json.dumps(json.loads(server.read_text()))  # one line: the lists are easy to find
     assert '"num_rounds": 2' in text and '"roi_size": [32, 32, 32]' in text
@@ -303,7 +340,7 @@ def _tiny_fedper_job(dst: Path) -> Path:
 
 
 def _wait_port_free(port: int, seconds: float = 15.0) -> bool:
-    from fedseg.jobs.poc import port_in_use
+    from fedseg.run.poc import port_in_use
 
     deadline = time.monotonic() + seconds
     while port_in_use(port):
@@ -316,7 +353,7 @@ def _wait_port_free(port: int, seconds: float = 15.0) -> bool:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a_hospital_joins_later(tmp_path):
-    from fedseg.jobs.poc import COMPLETED, free_port
+    from fedseg.run.poc import COMPLETED, free_port
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.provisioning.deployment import LocalKitDeployment
 

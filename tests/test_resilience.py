@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from fedseg.app.fault_drill import FaultDrill
-from fedseg.jobs.fedavg import FedAvgJob, export
-from fedseg.jobs.resume import ResumeError, find_resume_point
+from conftest import tiny_job
+from fedseg.jobs.addons import Addons
+from fedseg.jobs.base import export
+from fedseg.run.resume import ResumeError, find_resume_point
 from offline_validation import validate_checkpoint
 
 
@@ -35,10 +37,10 @@ def test_fault_drill_is_read_from_the_site_config_and_checked():
 
 def test_round_settings_are_checked_and_exported_into_the_server_workflow(tmp_path):
     with pytest.raises(ValueError, match="exceeds min_clients"):
-        FedAvgJob(min_clients=2, min_sites_per_round=3)
+        tiny_job(min_clients=2, min_sites_per_round=3)
     with pytest.raises(ValueError, match=">= 0"):
-        FedAvgJob(round_timeout=-1)
-    folder = export(FedAvgJob(name="r", min_clients=3, min_sites_per_round=2, round_timeout=90, roi=(32,) * 3), tmp_path)
+        tiny_job(round_timeout=-1)
+    folder = export(tiny_job(name="r", min_clients=3, min_sites_per_round=2, round_timeout=90), tmp_path)
     server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
     controller = next(w for w in server["workflows"] if w["id"] == "controller")
     assert controller["path"] == "fedseg.app.resilient_fedavg.ResilientFedAvg"
@@ -92,7 +94,7 @@ def test_resume_point_errors_name_the_path_and_the_problem(tmp_path):
     torch.save({"model": {"w": torch.ones(1)}, "meta_props": {"current_round": 4}}, bad)
     assert find_resume_point(tmp_path).rounds_done == 5
     with pytest.raises(ValueError, match="already holds 5 rounds"):
-        export(FedAvgJob(name="done", rounds=5, resume_from=str(tmp_path), roi=(32,) * 3), tmp_path / "out")
+        export(tiny_job(name="done", rounds=5, addons=Addons(resume_from=str(tmp_path))), tmp_path / "out")
 
 
 @pytest.mark.e2e
@@ -100,12 +102,12 @@ def test_resume_point_errors_name_the_path_and_the_problem(tmp_path):
 def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_from_the_checkpoint(tmp_path):
     """Round 2: site-3 crashes (averaged without it); round 3: site-2 and site-3 crash, 1 < 2 answers:
     the job stops with the reason. The resumed job continues from the round-2 checkpoint."""
-    from fedseg.jobs.simulate import simulate
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
+    from fedseg.run.simulate import simulate
 
     synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
-    job = FedAvgJob(name="study", rounds=3, min_clients=3, min_sites_per_round=2, round_timeout=120, features=8,
-                    roi=(24, 24, 24), hd95=False, site_threads=1, task_poll_interval=0.5, cross_site_eval=False)
+    job = tiny_job(name="study", rounds=3, min_clients=3, min_sites_per_round=2, round_timeout=120, features=8,
+                   roi=(24, 24, 24), cross_site_eval=False)
     drills = {"site-2": {"fault_drill": {"raise_in_rounds": [3]}}, "site-3": {"fault_drill": {"raise_in_rounds": [2, 3]}}}
     first = tmp_path / "first"
     simulate(job, synth.datalists, first, site_settings=drills)
@@ -128,7 +130,7 @@ def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_fr
 
     # resume without the drills: only round 3 runs, starting from the round-2 global model
     second = tmp_path / "second"
-    resumed = FedAvgJob(**{**job.to_json(), "resume_from": str(first)})
+    resumed = job.replace(addons=Addons(resume_from=str(first)))
     results = simulate(resumed, synth.datalists, second)
     server = second / "nvflare" / "study" / "server" / "simulate_job"
     summary = json.loads((server / "metrics" / "participation_summary.json").read_text())

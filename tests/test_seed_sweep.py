@@ -9,15 +9,15 @@ import statistics
 import pytest
 
 from fedseg.cli import main
-from fedseg.jobs.compare import CompareSettings, ComparisonError, ComparisonResults, MethodScores, compare
-from fedseg.jobs.seed_sweep import SeedSweep, mean_sd, sweep_seeds
-from test_compare import _scores
+from fedseg.experiments.compare import ComparisonError, ComparisonResults, MethodScores, compare
+from fedseg.experiments.seed_sweep import SeedSweep, mean_sd, sweep_seeds
+from test_compare import _scores, tiny_settings
 
 
 def _run(tmp_path, seed: int, fedavg: dict[str, float], fedper: dict[str, float]) -> ComparisonResults:
     methods = {"fedavg": MethodScores("fedavg", _scores(fedavg), 1.0, "test"),
                "fedper": MethodScores("fedper", _scores(fedper), 1.0, "test")}
-    return ComparisonResults(tmp_path / f"seed-{seed}", ["site-1", "site-2"], methods, CompareSettings(seed=seed))
+    return ComparisonResults(tmp_path / f"seed-{seed}", ["site-1", "site-2"], methods, tiny_settings(seed=seed))
 
 
 def test_summary_over_seeds_and_differences_paired_by_seed(tmp_path):
@@ -49,7 +49,7 @@ def test_summary_over_seeds_and_differences_paired_by_seed(tmp_path):
 
     assert mean_sd([0.5])[0] == 0.5 and mean_sd([0.5])[1] != mean_sd([0.5])[1]  # one seed: no sd (nan)
     with pytest.raises(ComparisonError, match="at least 2 different seeds"):
-        sweep_seeds({}, tmp_path / "x", CompareSettings(), [3, 3])
+        sweep_seeds({}, tmp_path / "x", tiny_settings(), [3, 3])
 
 
 @pytest.mark.slow
@@ -57,9 +57,10 @@ def test_a_seed_sweep_runs_one_comparison_per_seed_and_a_seed_reproduces_its_run
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
 
     sites = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth").datalists
-    settings = CompareSettings(rounds=1, local_epochs=1, features=8, roi=(24, 24, 24), hd95=False)
+    settings = tiny_settings(rounds=1, local_epochs=1, features=8, roi=(24, 24, 24))
     argv = ["compare", "--out", str(tmp_path / "sweep"), "--datalists", *map(str, sites.values()), "--methods", "local",
-            "--rounds", "1", "--local-epochs", "1", "--features", "8", "--roi", "24", "--no-hd95", "--seeds", "0", "1"]
+            "--profile", "tiny", "--rounds", "1", "--local-epochs", "1", "--features", "8", "--roi", "24",
+            "--seeds", "0", "1"]
     assert main(argv) == 0
     assert "mean Dice over 2 seeds (0, 1): mean ± sd" in capsys.readouterr().out
     # what the command wrote is what the sweep API gives on the same folder (both seeds done: nothing retrains)

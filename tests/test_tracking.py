@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.jobs.fedavg import FedAvgJob, export
+from conftest import tiny_job
+from fedseg.jobs.addons import Addons
+from fedseg.jobs.base import export
 from fedseg.lightning_modules.data.datalist import read_datalist
 from fedseg.lightning_modules.data.synth import SynthConfig, generate
 from fedseg.lightning_modules.tracking import SHARED_CONFIG_KEYS, sanitize_config
@@ -106,7 +108,7 @@ def test_sanitize_config_drops_everything_path_like():
 
 def test_exported_wandb_job_has_the_receiver_and_no_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # present on this machine: must not reach the job
-    folder = export(FedAvgJob(name="tracked", roi=(32, 32, 32), features=8, wandb="online"), tmp_path)
+    folder = export(tiny_job(name="tracked", roi=(32, 32, 32), features=8, addons=Addons(wandb="online")), tmp_path)
     server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
     receiver = {c["id"]: c for c in server["components"]}["fedseg_wandb_receiver"]
     assert receiver["path"] == "fedseg.app.wandb_receiver.FedsegWandBReceiver"
@@ -115,7 +117,7 @@ def test_exported_wandb_job_has_the_receiver_and_no_credentials(tmp_path, monkey
     text = "".join(p.read_text() for p in folder.rglob("*.json"))
     assert "x" * 40 not in text and "WANDB_API_KEY" not in text and str(tmp_path) not in text
     with pytest.raises(ValueError, match="unknown W&B mode"):
-        FedAvgJob(wandb="cloud")
+        Addons(wandb="cloud")
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +127,11 @@ def synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def federated_run(synth, tmp_path_factory):
-    from fedseg.jobs.simulate import simulate
+    from fedseg.run.simulate import simulate
 
     run = tmp_path_factory.mktemp("wb") / "run"
-    job = FedAvgJob(
-        name="fedavg", rounds=2, features=8, roi=(32, 32, 32), hd95=True, site_threads=1,
-        cross_site_eval=False, task_poll_interval=0.5, wandb="offline",
-    )
+    job = tiny_job(rounds=2, features=8, roi=(32, 32, 32), hd95=True, cross_site_eval=False,
+                   addons=Addons(wandb="offline"))
     env = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", "WANDB_MODE") if k in os.environ}
     try:
         simulate(job, synth.datalists, run)
@@ -169,17 +169,16 @@ def test_simulator_writes_one_offline_wandb_run_per_site_with_round_metrics(fede
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_centralized_run_logs_the_same_metric_names_offline(federated_run, synth, tmp_path, monkeypatch):
-    from fedseg.lightning_modules.training import TrainConfig, train
+    from conftest import tiny_train_config
+    from fedseg.lightning_modules.training import train
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(ValueError, match="WANDB_API_KEY"):
-        train(TrainConfig(datalists=list(synth.datalists.values()), out=tmp_path / "online", epochs=1, wandb="online",
-                          features=8, roi_size=(32, 32, 32), progress=False))
+        train(tiny_train_config(synth.datalists.values(), tmp_path / "online", epochs=1, wandb="online",
+                                features=8, roi=(32, 32, 32)))
     out = tmp_path / "central"
-    cfg = TrainConfig(
-        datalists=list(synth.datalists.values()), out=out, features=8, roi_size=(32, 32, 32), epochs=2,
-        lr=3e-3, hd95=True, progress=False, wandb="offline",
-    )
+    cfg = tiny_train_config(synth.datalists.values(), out, epochs=2, wandb="offline", features=8, roi=(32, 32, 32),
+                            hd95=True)
     train(cfg)
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     central = run_summary(run_file)

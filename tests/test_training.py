@@ -11,7 +11,8 @@ from fedseg.cli import main
 from fedseg.lightning_modules.data.synth import SynthConfig, generate
 from fedseg.lightning_modules.history import read_rows
 from fedseg.lightning_modules.module import SegmentationModule
-from fedseg.lightning_modules.training import TrainConfig, train
+from conftest import tiny_train_config
+from fedseg.lightning_modules.training import train
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +20,9 @@ def synth(tmp_path_factory):
     return generate(SynthConfig(n_sites=2, cases_per_site=4, shape=(32, 32, 32)), tmp_path_factory.mktemp("s") / "synth")
 
 
-def _cfg(synth, out, **kw):
-    base = dict(
-        datalists=[synth.datalists["site-1"], synth.datalists["site-2"]],
-        out=out, features=8, roi_size=(32, 32, 32), epochs=2, lr=3e-3, hd95=False, progress=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+def _cfg(synth, out, epochs=2, **kw):
+    return tiny_train_config([synth.datalists["site-1"], synth.datalists["site-2"]], out, epochs=epochs,
+                             **{"features": 8, "roi": (32, 32, 32), **kw})
 
 
 @pytest.mark.slow
@@ -69,7 +66,7 @@ def test_train_cli_refuses_data_that_fails_the_check(synth, tmp_path, capsys):
     seg = sorted((data / "data").glob("site1*/*_seg.nii.gz"))[0]
     seg.write_bytes(seg.read_bytes()[:200])
     rc = main(["train", str(data / "datalists" / "site-1.json"), "--out", str(tmp_path / "run"), "--epochs", "1",
-               "--features", "8", "--roi", "32"])
+               "--profile", "tiny", "--features", "8", "--roi", "32"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "fails the dataset check" in err and seg.name in err
@@ -108,7 +105,7 @@ def test_schedule_offset_continues_the_cosine_schedule_where_earlier_epochs_left
 
 
 def test_init_seed_fixes_the_initial_weights_and_leaves_the_global_generator_alone():
-    from fedseg.app.client import site_seed
+    from fedseg.app.site_runner import site_seed
 
     build = lambda seed: SegmentationModule(features=4, roi_size=(16, 16, 16), hd95=False, init_seed=seed).state_dict()  # noqa: E731
     torch.manual_seed(123)

@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--layout", default="auto")
     check.add_argument("--data-root", type=Path, default=None, help="with a datalist: the root its paths are under")
     check.add_argument("--convention", default=None, help="override the label convention (brats2021, brats2023, msd)")
+    check.add_argument("--modalities", nargs="+", default=None, metavar="MODALITY",
+                       help="the modalities every case must have (default: all four; a job's, e.g. t1ce t2 flair)")
     check.set_defaults(func=_check)
 
 
@@ -111,11 +113,18 @@ def _check(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.layouts import LayoutError
     from fedseg.lightning_modules.labels import LabelError
 
+    from fedseg.config import MODALITIES
+
+    wanted = tuple(args.modalities or MODALITIES)
+    unknown = [m for m in wanted if m not in MODALITIES]
+    if unknown:
+        raise UserError(f"unknown modalities {unknown}; known: {', '.join(MODALITIES)}")
     try:
         if args.data_root is not None:
-            report = check_dataset(args.data_root, args.layout, datalist=args.path, convention=args.convention)
+            report = check_dataset(args.data_root, args.layout, datalist=args.path, convention=args.convention,
+                                   modalities=wanted)
         else:
-            report = check_dataset(args.path, args.layout, convention=args.convention)
+            report = check_dataset(args.path, args.layout, convention=args.convention, modalities=wanted)
     except (LayoutError, LabelError) as err:
         raise UserError(str(err)) from None
     print(report.format())

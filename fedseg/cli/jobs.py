@@ -51,19 +51,20 @@ def _resume(args: argparse.Namespace) -> int:
     import dataclasses
 
     from fedseg.cli import UserError
+    from fedseg.jobs.base import export, resume_start
     from fedseg.jobs.catalog import STUDY_JOBS
-    from fedseg.jobs.fedavg import export, resume_start
 
     if args.name not in STUDY_JOBS:
         raise UserError(f"unknown study job {args.name!r}; known: {', '.join(STUDY_JOBS)}")
     base = STUDY_JOBS[args.name]
-    job = dataclasses.replace(
-        base, name=f"{base.name}-resumed", resume_from=str(args.source.resolve()), rounds=args.rounds or base.rounds
-    )
     try:
+        job = base.replace(name=f"{base.name}-resumed", study_name=base.study_name or base.name,
+                           addons=dataclasses.replace(base.addons, resume_from=str(args.source.resolve())),
+                           rounds=args.rounds or base.study.federation.rounds)
         done, _ = resume_start(job)
         folder = export(job, args.out)
     except ValueError as err:
         raise UserError(str(err)) from None
-    print(f"exported {folder}: rounds {done + 1}..{job.rounds} of the study, from {job.resume_from}")
+    print(f"exported {folder}: rounds {done + 1}..{job.study.federation.rounds} of the study, "
+          f"from {job.addons.resume_from}")
     return 0

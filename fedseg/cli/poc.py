@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fedseg.cli import UserError
-from fedseg.cli.simulate import add_job_arguments, job_from_args, site_group_settings
+from fedseg.cli._options import add_job_options, add_study_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,27 +19,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and sites, submits the job with `nvflare job submit`, waits, downloads the server's results "
         "to OUT/download/<job id>/workspace, stops every POC process and writes OUT/results.json|csv, "
         "rounds.csv, val_dice_per_round.png, checkpoints/{best,final}_global.ckpt and OUT/poc.json "
-        "(job id, status, timings). Without --datalists each site gets a small synthetic dataset "
+        "(job id, status, timings). Without --datalists each site gets the profile's synthetic data "
         "(OUT/synth).",
     )
     poc.add_argument("--out", type=Path, default=Path("runs/poc"), help="run folder (default runs/poc)")
-    poc.add_argument("--sites", nargs="+", default=["hospital-a", "hospital-b"], help="site names (default hospital-a hospital-b)")
+    poc.add_argument("--sites", nargs="+", default=["hospital-a", "hospital-b"], metavar="NAME",
+                     help="site names (default hospital-a hospital-b)")
     poc.add_argument("--port", type=int, default=0, help="server port (FL and admin); default: a free port")
     poc.add_argument("--datalists", type=Path, nargs="+", default=None, help="one datalist per site, in the order of --sites")
     poc.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
-    poc.add_argument("--cases", type=int, default=4, help="synthetic cases per site (without --datalists)")
-    poc.add_argument("--size", type=int, default=32, help="synthetic volume size (without --datalists)")
     poc.add_argument("--job-dir", type=Path, default=None, help="submit this exported job folder instead of exporting --job")
     poc.add_argument("--timeout", type=int, default=1800, help="seconds the job may run (default 1800)")
-    poc.add_argument("--synth-groups", type=int, choices=[1, 2], default=1,
-                     help="synthetic sites in 2 imaging-protocol groups (--grouped); each site config declares its group")
     poc.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                      help="declare a site's group in its site config (repeatable; with --datalists)")
-    add_job_arguments(poc, rounds=2, features=8, roi=32)
+    add_study_options(poc, "demo", skip=("sites",))  # --sites names the hospitals here
+    add_job_options(poc)
     poc.set_defaults(func=run_poc_command)
 
 
-def _site_datalists(args: argparse.Namespace) -> dict[str, Path]:
+def _site_datalists(args: argparse.Namespace, study) -> dict[str, Path]:
     """``site -> datalist``: the given files in --sites order, or one synthetic site per name."""
     if args.datalists:
         if len(args.datalists) != len(args.sites):
@@ -50,21 +48,23 @@ def _site_datalists(args: argparse.Namespace) -> dict[str, Path]:
         return dict(zip(args.sites, args.datalists))
     from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate
 
+    s = study.synth
     try:
-        cfg = SynthConfig(n_sites=len(args.sites), cases_per_site=args.cases, shape=(args.size,) * 3,
-                          groups=args.synth_groups)
+        cfg = SynthConfig(n_sites=len(args.sites), cases_per_site=s.cases, shape=(s.size,) * 3,
+                          heterogeneity=s.heterogeneity, groups=s.synth_groups, seed=s.synth_seed)
         result = generate(cfg, args.out / "synth")
     except SynthError as err:
         raise UserError(str(err)) from None
     print(result.summary())
     # Synthetic sites are site-1, site-2, ... in profile order; the k-th named hospital gets the k-th.
-    if args.synth_groups > 1:  # what each hospital would write in its own site config
+    if s.synth_groups > 1:  # what each hospital would write in its own site config
         args.site_group = [f"{h}={p.group}" for h, p in zip(args.sites, result.profiles)] + args.site_group
     return dict(zip(args.sites, (result.datalists[p.name] for p in result.profiles)))
 
 
 def run_poc_command(args: argparse.Namespace) -> int:
-    from fedseg.jobs.poc import PocError, check_site_names, run_poc
+    from fedseg.cli.simulate import build_job, site_group_settings, study_or_error
+    from fedseg.run.poc import PocError, check_site_names, run_poc
 
     try:
         sites = check_site_names(args.sites)
@@ -72,9 +72,10 @@ def run_poc_command(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     if args.port and not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
+    study = study_or_error(args)
     out = args.out.resolve()
     args.out = out
-    datalists = _site_datalists(args)
+    datalists = _site_datalists(args, study)
 
     job = None
     if args.job_dir:
@@ -82,12 +83,12 @@ def run_poc_command(args: argparse.Namespace) -> int:
         if not (job_dir / "meta.json").is_file():
             raise UserError(f"{job_dir}: not an exported NVFlare job folder (no meta.json)")
     else:
-        from fedseg.jobs.fedavg import export
+        from fedseg.jobs.base import export
 
-        job = job_from_args(args, min_clients=len(sites), site_threads=1)
+        job = build_job(args, study, min_clients=len(sites))
         job_dir = export(job, out / "job")
         (out / "job.json").write_text(json.dumps(job.to_json(), indent=2) + "\n")
-        print(f"exported {job.algorithm} ({job.rounds} rounds, {len(sites)} sites) to {job_dir}")
+        print(f"exported {job.algorithm} ({study.federation.rounds} rounds, {len(sites)} sites) to {job_dir}")
 
     data_roots = {site: args.data_root for site in sites} if args.data_root else None
     try:
@@ -107,7 +108,7 @@ def run_poc_command(args: argparse.Namespace) -> int:
     if not result.ok and not _rounds_completed(result.server_workspace):
         print(f"the job did not complete; see {result.server_workspace / 'log.txt'} and the site logs above")
         return 1
-    if not result.ok:  # see README "When a hospital fails": a site lost its job process mid-study
+    if not result.ok:  # a site that was lost mid-study (docs/federated.md, "When a hospital fails")
         print(f"NVFlare marked the job {result.status}, but every round and the evaluation ran "
               "(metrics/participation_summary.json); a site that was lost is named below")
     _collect(result.server_workspace, out, job, result)
@@ -115,8 +116,8 @@ def run_poc_command(args: argparse.Namespace) -> int:
 
 
 def _collect(server_dir: Path, out: Path, job, result) -> None:
-    """The run folder's results table from the downloaded server workspace (fedseg.jobs.results)."""
-    from fedseg.jobs.results import ResultsError, collect_results, format_table
+    """The run folder's results table from the downloaded server workspace (fedseg.run.results)."""
+    from fedseg.run.results import ResultsError, collect_results, format_table
 
     job_info = {**(job.to_json() if job else {}), "environment": "poc", "job_id": result.job_id,
                 "status": result.status, "seconds": result.timings.get("total")}
@@ -125,9 +126,9 @@ def _collect(server_dir: Path, out: Path, job, result) -> None:
             server_dir,
             out,
             job=job_info,
-            # fedavg-he: the server's models are ciphertext; fedseg.jobs.he.decrypt_global_model with a site kit reads them
+            # fedavg-he: the server's models are ciphertext; fedseg.app.he.decrypt_global_model with a site kit reads them
             hyper_parameters=job.checkpoint_hparams() if job and job.algorithm != "fedavg-he" else None,
-            encoder_only=bool(job and job.algorithm == "fedper"),
+            encoder_only=bool(job and job.personal_keys()),
         )
     except ResultsError as err:
         raise UserError(str(err)) from None

@@ -62,6 +62,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     site.add_argument("--head-store", type=Path, default=None, help="where FedPer keeps this site's personal heads")
     site.set_defaults(func=_site_config)
 
+    storage = sub.add_parser(
+        "server-storage",
+        help="the server admin's step: keep the server's jobs and snapshots in a persistent folder",
+        description="Writes KIT/local/resources.json so the server stores every job (models, results, metrics) "
+        "and its snapshots in STORAGE (default KIT/storage) instead of NVFlare's /tmp/nvflare, and creates "
+        "the folders owner-only. Run it after copying the server kit to the server machine.",
+    )
+    storage.add_argument("kit", type=Path, help="the server's startup kit folder")
+    storage.add_argument("--storage", type=Path, default=None, help="absolute folder (default: KIT/storage)")
+    storage.set_defaults(func=_server_storage)
+
 
 def _load(path: Path):
     from fedseg.provisioning.consortium import ConsortiumError, load_consortium
@@ -127,4 +138,17 @@ def _site_config(args: argparse.Namespace) -> int:
     extra = {key: value for key, value in (("cache_dir", args.cache_dir), ("head_store", args.head_store)) if value}
     path = write_site_config(kit / "local" / LOCAL_FILE, args.datalist, args.data_root, **extra)
     print(f"wrote {path}")
+    return 0
+
+
+def _server_storage(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.kits import KitsError, set_server_storage
+
+    if not (args.kit / "startup" / "fed_server.json").is_file():
+        raise UserError(f"{args.kit}: not a server startup kit (no startup/fed_server.json)")
+    try:
+        storage = set_server_storage(args.kit, args.storage)
+    except KitsError as err:
+        raise UserError(str(err)) from None
+    print(f"wrote {args.kit / 'local' / 'resources.json'}: jobs and snapshots in {storage} (owner-only)")
     return 0

@@ -145,6 +145,7 @@ def check_dataset(
     *,
     datalist: Path | str | None = None,
     convention: str | None = None,
+    modalities: Sequence[str] = MODALITIES,
 ) -> CheckReport:
     """Check the dataset at ``path`` and report every problem.
 
@@ -153,6 +154,8 @@ def check_dataset(
     datalist ``.json``. With ``datalist``, the cases are that datalist's and ``path`` is their data
     root. ``convention`` overrides the label convention of discovered cases. An unknown ``layout``
     or ``convention`` name is the caller's error and raises (``LayoutError`` / ``LabelError``).
+    ``modalities``: the ones every case must have (a job's: a site without T1 may join a job that
+    does not use T1).
     """
     path = Path(path)
     if layout != "auto" and layout not in LAYOUTS:
@@ -162,7 +165,7 @@ def check_dataset(
     else:
         root = path
     if datalist is not None:
-        return _check_datalist(Path(datalist), root)
+        return _check_datalist(Path(datalist), root, modalities)
     try:
         dataset = discover(path, layout, convention=convention)
     except LayoutError as err:
@@ -178,7 +181,7 @@ def check_dataset(
             message = str(err).removeprefix(f"{path}: ")  # the report line names the folder already
             report.add(path, None, "no_cases", message)
             return report
-    return check_discovered(dataset)
+    return check_discovered(dataset, modalities)
 
 
 def assert_dataset_ok(
@@ -195,11 +198,11 @@ def assert_dataset_ok(
     return report
 
 
-def check_discovered(dataset: Dataset) -> CheckReport:
-    """Check the cases ``discover`` found, including the modalities their folders lack."""
+def check_discovered(dataset: Dataset, modalities: Sequence[str] = MODALITIES) -> CheckReport:
+    """Check the cases ``discover`` found, including the ones of ``modalities`` their folders lack."""
     report = CheckReport(dataset.root, dataset.layout, len(dataset.cases), notes=list(dataset.notes))
     for case in dataset.cases:
-        for modality in dataset.incomplete.get(case.case_id, []):
+        for modality in (m for m in dataset.incomplete.get(case.case_id, []) if m in modalities):
             where, what = _expected_file(dataset, case, modality)
             report.add(where, case.case_id, "missing_modality", f"no {modality} image ({what})")
         _check_case(case, dataset.root, report)
@@ -212,11 +215,14 @@ def check_cases(
     *,
     layout: str = "datalist",
     source: Path | str | None = None,
+    modalities: Sequence[str] = MODALITIES,
 ) -> CheckReport:
     """Check cases already in memory (e.g. a :class:`Datalist`'s), their paths relative to ``root``.
 
     Problems of a case rather than of a file (a modality it lists no image for, a case id listed
     twice) are reported against ``source``, the file that lists the cases (``root`` if None).
+    ``modalities``: the ones a case must have (a job's; a site without T1 can join a job that
+    does not use T1).
     """
     root = Path(root)
     listing = Path(source) if source is not None else root
@@ -229,7 +235,7 @@ def check_cases(
             report.add(listing, case.case_id, "duplicate_case", f"case {case.case_id} is listed twice")
             continue
         seen.add(case.case_id)
-        for modality in (m for m in MODALITIES if m not in case.modalities):
+        for modality in (m for m in modalities if m not in case.modalities):
             message = f"case {case.case_id} lists no {modality} image"
             report.add(listing, case.case_id, "missing_modality", message)
         _check_case(case, root, report)
@@ -239,14 +245,15 @@ def check_cases(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_datalist(datalist: Path, root: Path | None) -> CheckReport:
+def _check_datalist(datalist: Path, root: Path | None, modalities: Sequence[str] = MODALITIES) -> CheckReport:
     try:
         loaded = read_datalist(datalist, data_root=root)
     except DatalistError as err:
         report = CheckReport(datalist.parent, "datalist", 0)
         report.add(datalist, None, "datalist", str(err))
         return report
-    return check_cases(loaded.cases, loaded.data_root, layout=f"datalist {datalist.name}", source=datalist)
+    return check_cases(loaded.cases, loaded.data_root, layout=f"datalist {datalist.name}", source=datalist,
+                       modalities=modalities)
 
 
 def _expected_file(dataset: Dataset, case: Case, modality: str) -> tuple[Path, str]:

@@ -36,8 +36,7 @@ from typing import Any
 
 from fedseg.lightning_modules.labels import check_convention
 
-#: Canonical modality names, in the default channel order of the networks.
-MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+from fedseg.config import MODALITIES  # noqa: E402 - canonical names, default channel order
 
 
 class DatalistError(ValueError):

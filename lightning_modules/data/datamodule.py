@@ -21,8 +21,13 @@ import torch
 from monai.data import DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 
+from fedseg.config import DataSettings
 from fedseg.lightning_modules.data.datalist import Case, Datalist, read_datalist
 from fedseg.lightning_modules.data.transforms import PreprocessConfig, build_transforms, case_to_item
+from fedseg.lightning_modules.owner_only import owner_only_dir
+
+
+_DATA = DataSettings()  # the study defaults (fedseg.config) of the loader settings
 
 
 def default_cache_dir() -> Path:
@@ -44,9 +49,9 @@ class DataConfig:
     """
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    batch_size: int = 2
+    batch_size: int = _DATA.batch_size
     samples_per_volume: int = 1
-    num_workers: int = 1  # 2-core machines: one loader process beside the training process
+    num_workers: int = _DATA.num_workers
     cache_dir: str | Path | None = None
     use_cache: bool = True
 
@@ -73,6 +78,27 @@ def check_cache_dir(cache_dir: Path, datalist: Datalist) -> None:
     for source in sorted(roots):
         if cache == source or source in cache.parents:
             raise ValueError(f"cache dir {cache_dir} is inside the source data folder {source}; choose another")
+
+
+class OwnerOnlyPersistentDataset(PersistentDataset):
+    """MONAI's ``PersistentDataset`` whose cache is owner-only: folder 0700, files 0600.
+
+    The cached volumes are patients' images; on a shared scratch disk the default umask would let
+    every user read them. MONAI writes each entry through a temporary folder and a move
+    (monai/data/dataset.py, ``_cachecheck``), with the process umask: the umask is narrowed around
+    that write (files are created 0600), and the cache folder and its parents made here are 0700.
+    """
+
+    def __init__(self, *args, cache_dir: Path | str, **kwargs) -> None:
+        owner_only_dir(cache_dir)
+        super().__init__(*args, cache_dir=cache_dir, **kwargs)
+
+    def _cachecheck(self, item_transformed):  # noqa: ANN001, ANN202 - MONAI's hook
+        previous = os.umask(0o077)
+        try:
+            return super()._cachecheck(item_transformed)
+        finally:
+            os.umask(previous)
 
 
 class SegDataModule(pl.LightningDataModule):
@@ -130,7 +156,7 @@ class SegDataModule(pl.LightningDataModule):
         items = self._items(cases)
         if not self.config.use_cache:
             return Dataset(items, transform)
-        return PersistentDataset(items, transform, cache_dir=self.cache_dir, hash_transform=pickle_hashing)
+        return OwnerOnlyPersistentDataset(items, transform, cache_dir=self.cache_dir, hash_transform=pickle_hashing)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets ``stage`` needs (lazy: nothing is decoded; missing files raise now)."""

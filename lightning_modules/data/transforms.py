@@ -50,12 +50,13 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from fedseg.config import NORMALIZATIONS, DataSettings
 from fedseg.lightning_modules.data.datalist import MODALITIES, Case, DatalistError
 from fedseg.lightning_modules.labels import LabelError, regions_from_internal, to_internal
 
 Stage = Literal["train", "val", "predict"]
 STAGES: tuple[str, ...] = ("train", "val", "predict")
-NORMALIZATIONS: tuple[str, ...] = ("zscore", "minmax")
+_DATA = DataSettings()  # the study defaults (fedseg.config) of the fields it shares
 CROP_SAMPLERS: tuple[str, ...] = ("posneg", "random")
 
 #: Part of every item, hence of every disk-cache key: bump it when the code of the deterministic
@@ -75,9 +76,9 @@ class PreprocessConfig:
     (``RandCropByPosNegLabeld``, pos = neg = 1), ``"random"`` crops uniformly.
     """
 
-    modalities: tuple[str, ...] = MODALITIES
-    roi_size: tuple[int, int, int] = (128, 128, 128)
-    normalization: Literal["zscore", "minmax"] = "zscore"
+    modalities: tuple[str, ...] = _DATA.modalities
+    roi_size: tuple[int, int, int] = _DATA.roi
+    normalization: Literal["zscore", "minmax"] = _DATA.normalization  # type: ignore[assignment]
     crop_foreground: bool = True
     pad_multiple: int = 16
     crop_sampler: Literal["posneg", "random"] = "posneg"

@@ -59,12 +59,12 @@ def _find_checkpoint(folder: Path) -> Path:
     return found[-1]
 
 def _rounds_done(checkpoint: Path) -> int:
-    import torch
+    from fedseg.lightning_modules.safe_load import CheckpointError, load_checkpoint
 
     try:
-        doc = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ResumeError(f"{checkpoint}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+        doc = load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ResumeError(str(err)) from None
     meta = doc.get("meta_props") if isinstance(doc, dict) else None
     current = meta.get("current_round") if isinstance(meta, dict) else None
     if not isinstance(current, int) or isinstance(current, bool) or current < 0:

@@ -11,7 +11,7 @@ Run folder::
     RUN/heads/<site>/<study>.pt  FedPer heads (site-local; in a real study they stay at the site)
     RUN/nvflare/<job>/...        NVFlare's simulator workspace (server and site logs)
     RUN/wandb/offline-run-*      one W&B run per site, with ``job.wandb != "off"`` (server-side receiver)
-    RUN/results.json, results.csv, rounds.csv, val_dice_per_round.png, checkpoints/  (jobs.results)
+    RUN/results.json, results.csv, rounds.csv, val_dice_per_round.png, checkpoints/  (fedseg.run.results)
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.app.site_config import ENV_VAR, write_site_config
-from fedseg.jobs.fedavg import FedAvgJob, build_recipe, execute
-from fedseg.jobs.results import FederatedResults, collect_results
+from fedseg.jobs.base import Job, build_recipe, execute
+from fedseg.run.results import FederatedResults, collect_results
 
 
 def simulate(
-    job: FedAvgJob,
+    job: Job,
     site_datalists: dict[str, Path],
     run_dir: Path,
     *,
@@ -62,7 +62,7 @@ def simulate(
         workspace_root=str(run_dir / "nvflare"),
     )
     # the simulated sites inherit the site configs; the server's W&B receiver writes RUN/wandb
-    overrides = {ENV_VAR: str(configs), **({"WANDB_DIR": str(run_dir)} if job.wandb != "off" else {})}
+    overrides = {ENV_VAR: str(configs), **({"WANDB_DIR": str(run_dir)} if job.addons.wandb != "off" else {})}
     previous = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
     started = time.time()
@@ -84,7 +84,7 @@ def simulate(
                 os.environ[name] = value
     job_info: dict[str, Any] = {**job.to_json(), "environment": "simulator", "seconds": round(time.time() - started, 1)}
     return collect_results(
-        server_dir, run_dir, job=job_info, hyper_parameters=job.checkpoint_hparams(), encoder_only=job.algorithm == "fedper"
+        server_dir, run_dir, job=job_info, hyper_parameters=job.checkpoint_hparams(), encoder_only=bool(job.personal_keys())
     )
 
 

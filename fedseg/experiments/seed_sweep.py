@@ -2,7 +2,7 @@
 
 ``fedseg compare --seeds 0 1 2`` runs ``compare`` once per seed, each in its own folder and each
 resumable as usual, and summarizes them. A seed fixes a method's initial weights, data order and
-augmentation (``CompareSettings.seed``), so two methods under one seed start from the same weights,
+augmentation (the study's ``seed``), so two methods under one seed start from the same weights,
 and the difference between them can be paired by seed.
 
 Run folder::
@@ -14,7 +14,6 @@ Run folder::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedseg.jobs.compare import DEFAULT_METHODS, CompareSettings, ComparisonError, ComparisonResults, compare
+from fedseg.experiments.compare import DEFAULT_METHODS, CompareSettings, ComparisonError, ComparisonResults, compare
 from fedseg.lightning_modules.data.datalist import json_safe, write_json_atomic
 
 #: the method every other one is compared with, paired by seed
@@ -98,7 +97,7 @@ class SeedSweep:
     def to_json(self) -> dict[str, Any]:
         paired = {m: self.difference(m) for m in self.methods if m != REFERENCE} if REFERENCE in self.methods else {}
         return json_safe({"seeds": self.seeds, "sites": self.sites, "methods": self.methods,
-                          "settings": self.runs[0].settings.to_json() | {"seed": None},
+                          "settings": self.runs[0].settings.to_json(),
                           "rows": self.rows(), f"difference_to_{REFERENCE}": paired,
                           "runs": [str(run.out) for run in self.runs]})
 
@@ -132,7 +131,7 @@ def sweep_seeds(
     runs = []
     for k, seed in enumerate(seeds, 1):
         progress(f"[seeds] {k}/{len(seeds)}: seed {seed} -> {out / f'seed-{seed}'}")
-        runs.append(compare(site_datalists, out / f"seed-{seed}", dataclasses.replace(settings, seed=seed),
+        runs.append(compare(site_datalists, out / f"seed-{seed}", settings.with_seed(seed),
                             methods=methods, data_root=data_root, progress=progress))
     sweep = SeedSweep(out, seeds, runs)
     sweep.write()

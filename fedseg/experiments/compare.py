@@ -50,10 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedseg.config import StudyConfig
 from fedseg.lightning_modules.data.datalist import json_safe, read_datalist, write_json_atomic
 from fedseg.lightning_modules.labels import REGIONS
 
-#: every federated method: the ``FedAvgJob`` fields that make it. Spelled out as plain values so that
+#: every federated method: the algorithm and add-ons (``fedseg.jobs``) that make it. Spelled out as plain values so that
 #: importing this module (``fedseg --help``) stays light (tests/test_compare.py builds each job).
 #: HE (``fedavg-he``) is not here: NVFlare's HE recipe cannot run in the simulator (POC only).
 FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
@@ -61,11 +62,11 @@ FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
     "fedprox": {"algorithm": "fedprox"},
     "fedopt": {"algorithm": "fedopt"},
     "fedper": {"algorithm": "fedper"},
-    "contribution": {"algorithm": "fedavg", "aggregation": "contribution"},
-    "fedavg-svt": {"algorithm": "fedavg", "privacy": "svt"},
-    "fedavg-percentile": {"algorithm": "fedavg", "privacy": "percentile"},
-    "grouped": {"algorithm": "fedavg", "grouped": True},
-    "grouped-shared": {"algorithm": "fedavg", "grouped": True, "share_encoder": True},
+    "contribution": {"algorithm": "fedavg", "addons": {"contribution": {}}},
+    "fedavg-svt": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "svt"}}},
+    "fedavg-percentile": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "percentile"}}},
+    "grouped": {"algorithm": "fedavg", "addons": {"groups": {}}},
+    "grouped-shared": {"algorithm": "fedavg", "addons": {"groups": {"share_encoder": True}}},
 }
 FL_METHODS: tuple[str, ...] = tuple(FL_METHOD_JOBS)
 METHODS: tuple[str, ...] = ("centralized", "local", *FL_METHODS)
@@ -86,93 +87,58 @@ class ComparisonError(ValueError):
 
 @dataclass(frozen=True)
 class CompareSettings:
-    """What every method shares: the network, the optimizer and the budget ``rounds x local_epochs``."""
+    """What every method shares: the study settings (network, optimizer, budget ``rounds x
+    local_epochs``, seed) and each algorithm's own options (e.g. ``{"fedper": FedPerOptions(...)}``)."""
 
-    rounds: int = 10
-    local_epochs: int = 2
-    network: str = "unet"
-    features: int = 8
-    norm: str = "instance"
-    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-    roi: tuple[int, int, int] = (48, 48, 48)
-    normalization: str = "zscore"
-    lr: float = 3e-3
-    batch_size: int = 2
-    hd95: bool = True
-    #: seed of every method: centralized and local training, and each federated job's initial
-    #: global model and sites (FedAvgJob.seed), so that all start from the same weights
-    seed: int = 0
-    #: FedPer variant: keep normalization layers local too (FedBN)
-    keep_norm_local: bool = False
-    fedprox_mu: float = 0.01
-    #: seconds a simulated site waits between task requests (NVFlare's 2 s dominates short runs)
-    poll_interval: float = 0.5
-    #: torch threads per simulated site
-    site_threads: int = 1
+    study: StudyConfig = field(default_factory=StudyConfig)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "modalities", tuple(self.modalities))
-        object.__setattr__(self, "roi", tuple(int(r) for r in self.roi))
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise ComparisonError(f"rounds and local_epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
-        if len(self.roi) != 3:
-            raise ComparisonError(f"roi needs three sizes, got {self.roi}")
+        from fedseg.jobs.base import algorithm
+
+        for name, options in self.options.items():
+            expected = algorithm(name).options
+            if expected is None or not isinstance(options, expected):
+                raise ComparisonError(f"options for {name}: expected {expected.__name__ if expected else 'none'}, "
+                                      f"got {type(options).__name__}")
 
     @property
     def epochs(self) -> int:
         """The budget: how often every training case passes through the network, in every method."""
-        return self.rounds * self.local_epochs
+        return self.study.epochs
+
+    def with_seed(self, seed: int) -> CompareSettings:
+        return dataclasses.replace(self, study=self.study.override(seed=seed))
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Every training setting by name (the synthetic-data settings are not part of a method's
+        training), and each algorithm's options: what a method's scores were made with."""
+        from fedseg.config import FIELD_SECTION
+
+        from fedseg.jobs.base import ALGORITHMS, algorithm
+
+        doc = {k: v for k, v in self.study.flat().items() if FIELD_SECTION.get(k) != "synth"}
+        options = {}
+        for name in ALGORITHMS:  # every algorithm's options, its defaults where none were given
+            chosen = self.options.get(name) or algorithm(name).default_options()
+            if chosen is not None:
+                options[name] = json.loads(json.dumps(dataclasses.asdict(chosen)))
+        return {**doc, "options": options}
 
     def train_config(self, datalists: list[Path], out: Path, data_root: Path | None) -> Any:
         """The ``TrainConfig`` of a centralized (several datalists) or local-only run."""
         from fedseg.lightning_modules.training import TrainConfig
 
-        return TrainConfig(
-            datalists=datalists,
-            out=out,
-            data_root=data_root,
-            network=self.network,
-            features=self.features,
-            network_kwargs={"norm": self.norm},
-            modalities=self.modalities,
-            normalization=self.normalization,
-            roi_size=self.roi,
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            hd95=self.hd95,
-            progress=False,
-        )
+        return TrainConfig(datalists=datalists, out=out, study=self.study, data_root=data_root, progress=False)
 
-    def job(self, algorithm: str, n_sites: int) -> Any:
-        """The ``FedAvgJob`` of a federated method (``FL_METHOD_JOBS``): ``rounds`` rounds of ``local_epochs`` epochs."""
-        from fedseg.jobs.fedavg import FedAvgJob
+    def job(self, method: str, n_sites: int) -> Any:
+        """The ``Job`` of a federated method (``FL_METHOD_JOBS``): ``rounds`` rounds of ``local_epochs`` epochs."""
+        from fedseg.jobs.addons import Addons
+        from fedseg.jobs.base import Job
 
-        return FedAvgJob(
-            name=algorithm,
-            **FL_METHOD_JOBS[algorithm],
-            min_clients=n_sites,
-            rounds=self.rounds,
-            local_epochs=self.local_epochs,
-            network=self.network,
-            features=self.features,
-            norm=self.norm,
-            modalities=self.modalities,
-            roi=self.roi,
-            normalization=self.normalization,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            hd95=self.hd95,
-            fedprox_mu=self.fedprox_mu,
-            keep_norm_local=self.keep_norm_local,
-            task_poll_interval=self.poll_interval,
-            site_threads=self.site_threads,
-            seed=self.seed,
-        )
+        spec = FL_METHOD_JOBS[method]
+        return Job(algorithm=spec["algorithm"], study=self.study, name=method, min_clients=n_sites,
+                   options=self.options.get(spec["algorithm"]), addons=Addons.from_json(spec.get("addons", {})))
 
 
 @dataclass
@@ -252,7 +218,7 @@ class ComparisonResults:
         s = self.settings
         lines = [
             f"Budget: every training case seen {s.epochs} times per method "
-            f"({s.rounds} rounds x {s.local_epochs} local epochs); scores: final models, mean Dice over ET/TC/WT "
+            f"({s.study.federation.rounds} rounds x {s.study.federation.local_epochs} local epochs); scores: final models, mean Dice over ET/TC/WT "
             "on each site's own validation cases.",
         ]
         for site in self.sites:
@@ -330,11 +296,13 @@ def compare(
 ) -> ComparisonResults:
     """Train and score every method in ``methods`` on the sites ``{name: datalist}`` into ``out``.
 
-    ``overrides`` replace fields of ``settings`` (``compare(sites, out, rounds=2, features=8)``).
+    ``overrides`` replace study settings (``compare(sites, out, rounds=2, features=8)``).
     ``data_root`` overrides every datalist's data root. See the module docstring for the budget,
     the scoring rule and the run folder.
     """
-    settings = dataclasses.replace(settings or CompareSettings(), **overrides)
+    settings = settings or CompareSettings()
+    if overrides:
+        settings = dataclasses.replace(settings, study=settings.study.override(**overrides))
     out = Path(out).resolve()
     methods = _check_methods(methods)
     sites = {name: Path(p).resolve() for name, p in site_datalists.items()}
@@ -378,7 +346,8 @@ def _plan(method: str, s: CompareSettings, n_sites: int) -> str:
         return f"one model on the union of {n_sites} sites' cases, {s.epochs} epochs"
     if method == "local":
         return f"one model per site on its own cases, {s.epochs} epochs each"
-    return f"{s.rounds} rounds x {s.local_epochs} local epochs on {n_sites} simulated sites"
+    fed = s.study.federation
+    return f"{fed.rounds} rounds x {fed.local_epochs} local epochs on {n_sites} simulated sites"
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
@@ -445,7 +414,7 @@ def _score_checkpoint(
     """Region -> metric -> mean over the site's validation cases, of one Lightning checkpoint."""
     from fedseg.lightning_modules.evaluation import evaluate_checkpoint
 
-    metrics = ("dice", "iou", "hd95") if settings.hd95 else ("dice", "iou")
+    metrics = ("dice", "iou", "hd95") if settings.study.model.hd95 else ("dice", "iou")
     evaluation = evaluate_checkpoint(checkpoint, datalist, out=out, split="validation", data_root=data_root, metrics=metrics)
     regions = evaluation.summary["regions"]
     return {
@@ -473,7 +442,7 @@ def _run_local(
 def _run_federated(
     method: str, sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None
 ) -> tuple[Scores, str]:
-    from fedseg.jobs.simulate import simulate
+    from fedseg.run.simulate import simulate
 
     if run_dir.exists() and any(run_dir.iterdir()):
         # An unfinished job cannot be resumed (and FedPer heads from it must not leak into a new one).
@@ -483,11 +452,12 @@ def _run_federated(
     roots = {site: root for site in sites} if root else None
     job = s.job(method, len(sites))
     groups = {site: read_datalist(path, root).meta.get("group") for site, path in sites.items()}
-    site_settings = {site: {"group": g} for site, g in groups.items() if g} if job.grouped else None
-    if job.grouped and len(site_settings or {}) < len(sites):
+    grouped = job.addons.groups is not None
+    site_settings = {site: {"group": g} for site, g in groups.items() if g} if grouped else None
+    if grouped and len(site_settings or {}) < len(sites):
         raise ComparisonError("grouped needs every site's group in its datalist meta (e.g. synthetic sites with --synth-groups 2)")
     results = simulate(job, sites, run_dir, data_roots=roots, site_settings=site_settings)
-    if job.grouped:  # no single global model: each site scores its own group's final model
+    if grouped:  # no single global model: each site scores its own group's final model
         scores = {}
         for site, datalist in sites.items():
             checkpoint = results.checkpoints.get(f"final_group-{groups[site]}")

@@ -1,4 +1,6 @@
-"""FedAvg with homomorphic encryption (``algorithm="fedavg-he"``): NVFlare's CKKS FedAvg recipe.
+"""What runs on the server and the sites of a ``fedavg-he`` job (``fedseg.jobs.fedavg_he``): TenSEAL
+contexts, decryption of the stored global models with a site kit, cross-site evaluation of
+encrypted models and the audit that only ciphertext arrives.
 
 ``FedAvgRecipeWithHE`` (nvflare/app_opt/pt/recipes/fedavg_he.py) runs ScatterAndGather with
 TenSEAL CKKS filters: each site encrypts its weights (already multiplied by its case count) before
@@ -19,7 +21,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nvflare.apis.dxo import DXO, MetaKey, from_shareable
 from nvflare.apis.filter import Filter
@@ -27,9 +29,6 @@ from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
-
-if TYPE_CHECKING:
-    from fedseg.jobs.fedavg import FedAvgJob
 
 INSTALL_HINT = "pip install 'fedseg[he]'"
 #: what CiphertextAudit writes into the server's <run dir>/metrics/
@@ -49,32 +48,6 @@ def require_tenseal() -> Any:
             f"install it with: {INSTALL_HINT}"
         ) from err
     return tenseal
-
-
-def he_recipe(job: FedAvgJob, common: dict[str, Any]) -> Any:
-    """``FedAvgRecipeWithHE`` with the job's common recipe arguments (see ``build_recipe``).
-
-    Sites are weighed by their training cases: the site script puts them in the meta key
-    ``NUM_STEPS_CURRENT_ROUND``, which ``HEModelEncryptor`` multiplies into the weights before
-    encrypting and the aggregator sums as the divisor (nvflare/app_opt/he/model_encryptor.py,
-    nvflare/app_common/aggregators/dxo_aggregator.py), so the result is the case-weighted mean.
-    """
-    require_tenseal()
-    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
-    from nvflare.client.config import ExchangeFormat
-
-    args = dict(common)
-    # Workaround: the HE filters need NumPy on the wire, not torch tensors. HEModelEncryptor calls
-    # np.size() on each value (a torch tensor's .size is a method, so the count breaks) and
-    # HEModelDecryptor returns flat lists (nvflare/app_opt/he/model_encryptor.py, model_decryptor.py).
-    # With NUMPY the client API converts torch <-> NumPy around every send/receive and restores each
-    # tensor's shape from the shapes it recorded on the site's first send
-    # (nvflare/client/converter_utils.py, _numpy_to_pytorch), so the site script stays unchanged.
-    args["server_expected_format"] = ExchangeFormat.NUMPY
-    # No `framework` attribute is set (FedAvgRecipeWithHE has none): NVFlare's add_cross_site_evaluation
-    # then refuses the recipe, as it should: its CrossSiteModelEval cannot send ciphertexts (see
-    # add_he_cross_site_evaluation, which is what an HE job must use instead).
-    return FedAvgRecipeWithHE(**args)
 
 
 def load_context(kit: Path) -> Any:
@@ -118,7 +91,9 @@ def decrypt_global_model(pt_file: Path, site_kit: Path, like: Mapping[str, Any])
     or ``best_FL_global_model.pt``), decrypted with a site kit's key (see ``decrypt_state``)."""
     import torch
 
-    saved = torch.load(pt_file, map_location="cpu", weights_only=False)
+    from fedseg.lightning_modules.safe_load import load_checkpoint
+
+    saved = load_checkpoint(pt_file)  # the ciphertexts are stored as serialized bytes
     return decrypt_state(saved.get("model", saved), site_kit, like)
 
 
@@ -144,30 +119,6 @@ class HECrossSiteEval(CrossSiteModelEval):
         if dxo is not None and isinstance(dxo.data, dict):
             serialize_nested_dict(dxo.data)
         return dxo
-
-
-def add_he_cross_site_evaluation(recipe: Any, submit_model_timeout: int = 600, validation_timeout: int = 6000) -> None:
-    """Cross-site evaluation for a ``fedavg-he`` recipe (instead of NVFlare's
-    ``add_cross_site_evaluation``, whose evaluation cannot send encrypted models).
-
-    Every site evaluates the server's final and best global models and every site's own model,
-    each decrypted at the evaluating site; the scores go to ``cross_site_val/cross_val_results.json``
-    as usual. The recipe already has the model locator and the results writer (``PTModel`` and
-    ``BaseFedJob`` add them, nvflare/app_opt/pt/job_config/model.py, nvflare/job_config/base_fed_job.py).
-    """
-    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
-
-    if not isinstance(recipe, FedAvgRecipeWithHE):
-        raise TypeError(f"add_he_cross_site_evaluation is for FedAvgRecipeWithHE, not {type(recipe).__name__}")
-    if getattr(recipe, "_cse_added", False):
-        raise RuntimeError("cross-site evaluation was already added to this recipe")
-    job = recipe._job  # the recipe's FedJob (nvflare/recipe/spec.py); NVFlare's utilities use it too
-    locator_id = job.comp_ids.get("locator_id")
-    if not locator_id:
-        raise ValueError("the HE recipe has no model locator: cross-site evaluation needs the job's model")
-    job.to_server(HECrossSiteEval(model_locator_id=locator_id, submit_model_timeout=submit_model_timeout,
-                                  validation_timeout=validation_timeout))
-    recipe._cse_added = True  # what NVFlare's add_cross_site_evaluation marks (nvflare/recipe/utils.py)
 
 
 class CiphertextAudit(Filter):

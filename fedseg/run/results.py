@@ -150,7 +150,9 @@ def global_checkpoint(pt_file: Path, hyper_parameters: dict[str, Any], out: Path
     import pytorch_lightning as pl
     import torch
 
-    saved = torch.load(pt_file, map_location="cpu", weights_only=False)
+    from fedseg.lightning_modules.safe_load import load_checkpoint
+
+    saved = load_checkpoint(pt_file)
     state = saved.get("model", saved)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -1,0 +1,421 @@
+"""The site side of every fedseg job: ``SiteRunner`` and the plug-ins an algorithm adds to it.
+
+NVFlare runs the job's ``site_entry.py`` at every hospital with one argument, ``--job-config
+<JSON>`` (``fedseg.jobs.base.Job.site_document``): the study settings, the algorithm and its
+options. The runner is a plain Lightning loop: the same ``SegmentationModule`` and data module as
+``fedseg train``, with the Trainer patched by NVFlare's Lightning client API. Per task:
+
+- ``train``: validate the received global model on the site's validation cases (these metrics
+  drive the server's best-model selection), train ``local_epochs`` epochs and send the update,
+  weighted by the site's number of training cases; one progress line;
+- ``validate`` (cross-site evaluation): score the received model, send the metrics;
+- ``submit_model`` (cross-site evaluation): send this site's model (its shareable part).
+
+A crash inside a task (an exception, an out-of-memory, a bad case, a ``fault_drill`` of the site
+config) is answered as this site's failure for that round (no weights, the error's class only,
+``fedseg.app.protocol``) and the site takes the next task as usual. A site that cannot start
+(its config, its datalist, data that fails the check) answers every task the same way, so the
+server names it ("hospital-b refused its data (DatasetCheckError)") instead of failing the job;
+the full message and traceback stay in the site's own log.
+
+What an algorithm adds at the site is a ``SitePlugin`` (``FedPerPlugin``: the personal head;
+``ContributionPlugin``; ``FaultDrillPlugin``); ``plugins_for`` picks them. The site's data is
+found through site-local configuration (``fedseg.app.site_config``), never through the job.
+Only weights and scalar metrics leave the site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedseg.config import StudyConfig
+
+
+@dataclass(frozen=True)
+class SiteJob:
+    """What the job tells every site (``--job-config``)."""
+
+    algorithm: str
+    options: dict[str, Any]
+    study: StudyConfig
+    study_name: str
+    contribution: bool = False
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> SiteJob:
+        return cls(algorithm=doc["algorithm"], options=dict(doc.get("options") or {}),
+                   study=StudyConfig.from_json(doc["study"]), study_name=doc["study_name"],
+                   contribution=bool(doc.get("contribution")))
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None = None) -> SiteJob:
+        parser = argparse.ArgumentParser(description="fedseg site script (run by NVFlare)")
+        parser.add_argument("--job-config", required=True, help="the job's site document (JSON)")
+        args = parser.parse_args(argv)
+        return cls.from_document(json.loads(args.job_config))
+
+
+def progress(line: str) -> None:
+    """One line to the site log (NVFlare redirects ``print``) and to the process console."""
+    print(line)
+    if sys.__stdout__ is not None and sys.stdout is not sys.__stdout__:
+        sys.__stdout__.write(line + "\n")
+        sys.__stdout__.flush()
+
+
+def site_seed(seed: int, site: str) -> int:
+    """The seed of one site: the job's seed plus an offset fixed by the site's name, so that sites do
+    not draw the same crops in lockstep, and a site draws the same ones in every run of the job."""
+    return seed + zlib.crc32(site.encode()) % 1_000_003
+
+
+def site_group(extra: dict[str, Any], source: object) -> str:
+    """The ``group`` a site declares in its config ('' if none); ``ValueError`` naming the file if malformed."""
+    import re
+
+    group = extra.get("group", "")
+    if group and (not isinstance(group, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", group)):
+        raise ValueError(f"{source}: 'group' must be a short name of letters, digits, '.', '_' or '-', got {group!r}")
+    return group
+
+
+# ------------------------------------------------------------------------------ plug-ins
+
+
+class SitePlugin:
+    """What an algorithm or a site setting adds to the site's rounds; every hook is optional."""
+
+    #: load the received global model strictly (every key) or keep local keys it lacks
+    strict_load: bool = True
+
+    def setup(self, runner: SiteRunner) -> None:
+        """Once, after the model and data exist and before the Trainer is made."""
+
+    def callbacks(self) -> list[Any]:
+        """Lightning callbacks for the site's Trainer (placed before NVFlare's own)."""
+        return []
+
+    def check_received(self, runner: SiteRunner, input_model: Any) -> None:
+        """Before a train or validate task uses the model the server sent; raise to fail the task."""
+
+    def before_fit(self, runner: SiteRunner, round_no: int) -> None:
+        """Before the round's training (1-based round number)."""
+
+    def after_round(self, runner: SiteRunner, input_model: Any) -> None:
+        """After a round's update was sent."""
+
+    def after_failure(self, runner: SiteRunner) -> None:
+        """After a failed round was reported: drop what the failed round half-changed."""
+
+    def shareable(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The part of the site's model that may leave it (cross-site ``submit_model``)."""
+        return state
+
+
+class SharedKeysMismatch(RuntimeError):
+    """The model the server sent does not have exactly the keys this site shares."""
+
+
+class FedPerPlugin(SitePlugin):
+    """The personal head stays here: only shared keys are sent, the received encoder is loaded
+    without touching the head, and the head lives in the site's ``FedPerHeadStore``."""
+
+    strict_load = False
+
+    def __init__(self, keep_norm_local: bool) -> None:
+        self.keep_norm_local = keep_norm_local
+        self.personal: list[str] = []
+        self.shared: list[str] = []
+        self.store: Any = None
+
+    def setup(self, runner: SiteRunner) -> None:
+        from fedseg.app.fedper import SharedKeysFLCallback, personal_keys
+        from fedseg.app.head_store import FedPerHeadStore
+        from fedseg.app.site_config import default_head_store
+
+        self.personal = personal_keys(runner.model, self.keep_norm_local)
+        self.shared = [k for k in runner.model.state_dict() if k not in set(self.personal)]
+        self._callback = SharedKeysFLCallback(self.shared, load_state_dict_strict=False)
+        self.store = FedPerHeadStore(runner.config.head_store or default_head_store(runner.site), runner.job.study_name)
+        record = self.store.load_into(runner.model, self.personal)
+        progress(f"[fedseg] {runner.site}: FedPer head " + (
+            f"reused from {self.store.path} (encoder round {record.encoder_round})" if record
+            else "new (site new to the study)"))
+
+    def callbacks(self) -> list[Any]:
+        return [self._callback]
+
+    def check_received(self, runner: SiteRunner, input_model: Any) -> None:
+        """The received encoder must be exactly this site's shared keys: the model is loaded without
+        its head (non-strictly), so a naming drift between server and site would otherwise leave
+        encoder weights silently unloaded."""
+        received = set(input_model.params or {})
+        if received and received != set(self.shared):
+            missing, unexpected = sorted(set(self.shared) - received), sorted(received - set(self.shared))
+            raise SharedKeysMismatch(
+                f"the server sent {len(received)} parameters, not this site's {len(self.shared)} shared encoder keys "
+                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                f"{'...' if len(unexpected) > 3 else ''}): the job's network differs from the site's")
+
+    def after_round(self, runner: SiteRunner, input_model: Any) -> None:
+        self.store.save(runner.model, self.personal, encoder_round=input_model.current_round, job_id=runner.job_id)
+
+    def after_failure(self, runner: SiteRunner) -> None:
+        self.store.load_into(runner.model, self.personal)  # drop the half-trained head of the failed round
+
+    def shareable(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in state.items() if k not in set(self.personal)}
+
+
+class ContributionPlugin(SitePlugin):
+    """Contribution-weighted aggregation: the update carries its own validation loss too."""
+
+    def callbacks(self) -> list[Any]:
+        from fedseg.app.contribution import UpdateValidationLoss
+
+        return [UpdateValidationLoss()]
+
+
+class FaultDrillPlugin(SitePlugin):
+    """The site config's ``fault_drill``: training fails or hangs in chosen rounds, on purpose."""
+
+    def __init__(self, drill: Any) -> None:
+        self.drill = drill
+
+    def setup(self, runner: SiteRunner) -> None:
+        progress(f"[fedseg] {runner.site}: fault drill on: training fails in round(s) {sorted(self.drill.raise_in_rounds)}, "
+                 f"hangs in round(s) {sorted(self.drill.hang_in_rounds)}")
+
+    def callbacks(self) -> list[Any]:
+        return [self.drill]
+
+    def before_fit(self, runner: SiteRunner, round_no: int) -> None:
+        self.drill.current_round = round_no
+
+
+def plugins_for(job: SiteJob, config: Any) -> list[SitePlugin]:
+    """The plug-ins of this job and site: the algorithm's, contribution, the site's fault drill."""
+    from fedseg.app.fault_drill import FaultDrill
+
+    plugins: list[SitePlugin] = []
+    if job.contribution:  # before the Lightning patch's callback, which sends the update
+        plugins.append(ContributionPlugin())
+    drill = FaultDrill.from_site_config(config.extra, config.source)
+    if drill is not None:
+        plugins.append(FaultDrillPlugin(drill))
+    if job.algorithm == "fedper":
+        plugins.append(FedPerPlugin(keep_norm_local=bool(job.options.get("keep_norm_local"))))
+    return plugins
+
+
+# ------------------------------------------------------------------------------ the runner
+
+
+class SiteRunner:
+    """One site's part of one job: set up once, then answer the server's tasks until the job ends."""
+
+    def __init__(self, job: SiteJob, site: str, job_id: str | None = None) -> None:
+        self.job = job
+        self.site = site
+        self.job_id = job_id
+        self.config: Any = None
+        self.datalist: Any = None
+        self.datamodule: Any = None
+        self.model: Any = None
+        self.trainer: Any = None
+        self.plugins: list[SitePlugin] = []
+        self._schedule_noted = False
+
+    # -------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Seed, site config, checked data, model, plug-ins and the patched Trainer."""
+        import nvflare.client.lightning as flare
+        import pytorch_lightning as pl
+        import torch
+
+        from fedseg.app.protocol import GROUP_KEY, update_meta
+        from fedseg.app.site_config import load_site_config
+        from fedseg.lightning_modules.data.datalist import read_datalist
+        from fedseg.lightning_modules.module import SegmentationModule
+        from fedseg.lightning_modules.training import build_datamodule, make_trainer, refuse_unchecked_data
+
+        study = self.job.study
+        if study.federation.site_threads:
+            torch.set_num_threads(study.federation.site_threads)
+        # before the model and data: a personal head's initial weights and the site's crops
+        pl.seed_everything(site_seed(study.seed, self.site), workers=True, verbose=False)
+        # NVFlare runs the job's custom/site_entry.py with it as sys.argv[0]: the search for the site's
+        # local/ folder starts there (and at the working directory, the site's kit root).
+        self.config = load_site_config(self.site, script_file=sys.argv[0] if sys.argv and sys.argv[0] else None)
+        self.datalist = read_datalist(self.config.datalist, self.config.data_root)
+        refuse_unchecked_data(self.datalist, self.config.datalist, study.data.modalities)
+        self.datamodule = build_datamodule(study, self.datalist, self.config.cache_dir)
+        # the constructor the server builds the global model with (fedseg.jobs.base)
+        self.model = SegmentationModule(**study.module_args())
+        n_train = self.datamodule.n_train_cases
+        # FedAvg weighs an update by meta NUM_STEPS_CURRENT_ROUND; the Lightning callback fills it with
+        # the step count only when the module's __fl_meta__ lacks it. Weight by training cases instead.
+        self.model.__fl_meta__ = update_meta(n_train)
+        group = site_group(self.config.extra, self.config.source)
+        if group:  # grouped models: the server averages this site with the sites of its own group only
+            self.model.__fl_meta__[GROUP_KEY] = group
+            progress(f"[fedseg] {self.site}: site group {group}")
+        self.plugins = plugins_for(self.job, self.config)
+        for plugin in self.plugins:
+            plugin.setup(self)
+        strict = all(p.strict_load for p in self.plugins)
+        self.trainer = make_trainer(
+            Path.cwd() / "lightning",
+            study.federation.local_epochs,
+            callbacks=[c for p in self.plugins for c in p.callbacks()],
+            logger=flare.logger(),  # every self.log() streams to the server as a scalar
+            progress=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+        )
+        flare.patch(self.trainer, load_state_dict_strict=strict)
+        progress(f"[fedseg] {self.site}: {n_train} training / {len(self.datalist.validation)} validation cases")
+
+    # -------------------------------------------------------------- the task loop
+
+    def run(self) -> None:
+        """Answer the server's tasks until the job ends."""
+        import nvflare.client as flapi
+        import nvflare.client.lightning as flare
+
+        while flare.is_running():
+            input_model = flare.receive()
+            if input_model is None:
+                break
+            if flapi.is_submit_model():  # cross-site evaluation asks for this site's model
+                self.submit_model()
+                continue
+            try:
+                for plugin in self.plugins:
+                    plugin.check_received(self, input_model)
+                if flapi.is_train():
+                    self.train_round(input_model)
+                else:
+                    self.evaluate()
+            except Exception as err:  # noqa: BLE001 - any crash of this task is this site's failure for the round
+                self.fail(err, input_model, evaluate=flapi.is_evaluate())
+
+    def submit_model(self) -> None:
+        import nvflare.client as flapi
+        from nvflare.app_common.abstract.fl_model import FLModel
+
+        state = self.model.cpu().state_dict()
+        for plugin in self.plugins:
+            state = plugin.shareable(state)
+        flapi.send(FLModel(params=state))
+
+    def evaluate(self) -> None:
+        """Cross-site evaluation: score the received model (NVFlare's callback sends the metrics)."""
+        metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        val_dice = metrics[0].get("val_dice", float("nan")) if metrics else float("nan")
+        progress(f"[fedseg] {self.site}: cross-site validation val_dice={val_dice:.4f}")
+
+    def train_round(self, input_model: Any) -> None:
+        """Validate the received global model, train ``local_epochs`` epochs, send the update."""
+        from fedseg.app.protocol import RECEIVED_KEY, model_fingerprint
+
+        started = time.time()
+        round_no = (input_model.current_round or 0) + 1
+        name = f"round {round_no}/{input_model.total_rounds}"
+        progress(f"[fedseg] {name} {self.site}: started (validating the global model, then training)")
+        # which global model this round trained on, for the server's round report
+        self.model.__fl_meta__ = {**self.model.__fl_meta__, RECEIVED_KEY: model_fingerprint(input_model.params or {})}
+        metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        val_dice = metrics[0].get("val_dice", float("nan")) if metrics else float("nan")
+        self._continue_schedule(input_model, name)
+        for plugin in self.plugins:
+            plugin.before_fit(self, round_no)
+        self.trainer.fit(self.model, datamodule=self.datamodule)
+        for plugin in self.plugins:
+            plugin.after_round(self, input_model)
+        loss = self.trainer.callback_metrics.get("train_loss")
+        progress(f"[fedseg] {name} {self.site}: global val_dice={val_dice:.4f} "
+                 f"train_loss={float(loss) if loss is not None else float('nan'):.4f} "
+                 f"cases={self.datamodule.n_train_cases} {time.time() - started:.1f}s")
+
+    def _continue_schedule(self, input_model: Any, name: str) -> None:
+        """Where the cosine schedule (rounds x local epochs) stands at this round.
+
+        From the second fit on, NVFlare's RestoreState callback restores the scheduler and this is
+        overridden; it matters for the first round a site trains in this job, e.g. of a resumed study.
+        """
+        fed = self.job.study.federation
+        self.model.schedule_offset = (input_model.current_round or 0) * fed.local_epochs
+        if self.model.schedule_offset and not self._schedule_noted:
+            progress(f"[fedseg] {name} {self.site}: learning-rate schedule continues at epoch "
+                     f"{self.model.schedule_offset} of {self.job.study.epochs}")
+            self._schedule_noted = True
+
+    def fail(self, err: BaseException, input_model: Any, *, evaluate: bool) -> None:
+        """Report the task as this site's failure and make the site ready for the next one.
+
+        The traceback stays in the site's log; the server learns only the error class (a message may
+        hold file paths or case ids), and the site takes the next task as usual.
+        """
+        import nvflare.client as flapi
+        from nvflare.app_opt.lightning.api import FLCallback
+
+        from fedseg.app.protocol import failure_answer
+
+        traceback.print_exc(file=sys.stdout)  # the site's own log (print goes there), never an ERROR record
+        flapi.send(failure_answer(err, evaluate=evaluate))
+        # The Lightning patch's callback still holds the failed round (received model, round start);
+        # reset it as its own on_train_end does after a send, so the next round starts clean.
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, FLCallback):
+                callback.reset_state(self.trainer)
+        for plugin in self.plugins:
+            plugin.after_failure(self)
+        round_no = (input_model.current_round or 0) + 1
+        progress(f"[fedseg] round {round_no}/{input_model.total_rounds} {self.site}: FAILED ({type(err).__name__}, "
+                 "traceback in the site log); reported to the server, the site stays in the study")
+
+
+def answer_refused(site: str, err: BaseException) -> None:
+    """A site that could not start answers every task with its failure until the job ends.
+
+    The server names the site and the error class ("refused its data (DatasetCheckError)"); the
+    full message and traceback are printed to the site's own log only.
+    """
+    import nvflare.client as flapi
+    import nvflare.client.lightning as flare
+
+    from fedseg.app.protocol import failure_answer
+
+    traceback.print_exc(file=sys.stdout)
+    progress(f"[fedseg] {site}: could not start ({type(err).__name__}: see above in this log); "
+             "every task of this job is answered as failed")
+    while flare.is_running():
+        if flare.receive() is None:
+            break
+        flapi.send(failure_answer(err, evaluate=flapi.is_evaluate(), stage="startup"))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The site script: read the job's site document, set up, answer tasks."""
+    import nvflare.client.lightning as flare
+
+    job = SiteJob.from_argv(argv)
+    flare.init()
+    runner = SiteRunner(job, flare.get_site_name(), job_id=flare.get_job_id())
+    try:
+        runner.setup()
+    except Exception as err:  # noqa: BLE001 - any start-up failure is answered, not raised to NVFlare's log
+        answer_refused(runner.site, err)
+        return
+    runner.run()

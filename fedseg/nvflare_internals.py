@@ -1,0 +1,237 @@
+"""Every private NVFlare name fedseg uses, behind a named function, for NVFlare 2.9.0 only.
+
+NVFlare's recipes and controllers keep some of what fedseg needs in private attributes and
+helpers (the recipe's ``FedJob``, the server app's component table, the executor's transfer type,
+FedAvg's per-round aggregation state, ...). Reaching them from one module means that an NVFlare
+upgrade breaks here, loudly, and nowhere else: importing this module on another NVFlare version
+raises ``UnsupportedNVFlareVersion``. ``tests/test_nvflare_internals.py`` checks that no other
+module names any of ``PRIVATE_NAMES`` and that the hooks fedseg overrides still have the
+signatures it overrides (``OVERRIDDEN_HOOKS``).
+
+Nothing here changes NVFlare's behaviour except ``patch_job_export`` (see its docstring).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import nvflare
+
+#: the NVFlare version whose private names this module was written against
+SUPPORTED_VERSION = "2.9.0"
+
+
+class UnsupportedNVFlareVersion(RuntimeError):
+    """fedseg reaches into NVFlare internals that are checked for one version only."""
+
+
+def require_supported_version(version: str | None = None) -> None:
+    """``UnsupportedNVFlareVersion`` unless NVFlare is ``SUPPORTED_VERSION``."""
+    version = version or nvflare.__version__
+    if version != SUPPORTED_VERSION:
+        raise UnsupportedNVFlareVersion(
+            f"fedseg {_fedseg_version()} works with NVFlare {SUPPORTED_VERSION}, but NVFlare {version} is installed: "
+            f"pip install 'nvflare=={SUPPORTED_VERSION}' (fedseg.nvflare_internals lists what would need re-checking)"
+        )
+
+
+def _fedseg_version() -> str:
+    from fedseg import __version__
+
+    return __version__
+
+
+require_supported_version()
+
+# Imports of NVFlare modules come after the version check, so another version fails with the message above.
+from nvflare.app_common.abstract.fl_model import FLModel  # noqa: E402
+from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper  # noqa: E402
+from nvflare.app_common.workflows import base_fedavg  # noqa: E402
+from nvflare.app_common.workflows.fedavg import FedAvg  # noqa: E402
+
+#: private NVFlare attributes and functions read, written or called here; no other module may name them
+PRIVATE_NAMES: tuple[str, ...] = (
+    "_job", "_deploy_map", "_params_transfer_type", "_cse_added", "_get_client_name", "_get_num_steps_weight",
+    "_get_job_id_tag", "_persistor_id", "_aggr_helper", "_aggr_metrics_helper", "_all_metrics", "_received_count",
+    "_expected_count", "_params_type", "_site_metric_weights", "_maybe_cleanup_memory", "_get_aggregated_result",
+    "_get_custom_file", "_aggregate_one_result",
+)  # fmt: skip
+
+#: NVFlare's extension hooks fedseg overrides in subclasses (``class -> hook -> its parameters``);
+#: an override may name only its own hook, and the test pins these signatures
+OVERRIDDEN_HOOKS: dict[str, dict[str, tuple[str, ...]]] = {
+    "nvflare.recipe.fedavg.FedAvgRecipe": {"_create_controller": ("self", "persistor_id", "model_params", "model_aggregator")},
+    "nvflare.app_common.workflows.base_model_controller.BaseModelController": {
+        "_accept_train_result": ("self", "client_name", "result", "fl_ctx", "is_unknown_task"),
+    },
+    "nvflare.app_opt.lightning.api.FLCallback": {"_send_model": ("self", "output_model")},
+    "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval": {
+        "_load_validation_content": ("self", "name", "load_dir", "fl_ctx"),
+    },
+}
+
+
+def hook_signature(class_path: str, hook: str) -> tuple[str, ...]:
+    """The parameter names of ``class_path.hook`` in the installed NVFlare (for the pinning test)."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return tuple(inspect.signature(getattr(getattr(importlib.import_module(module), name), hook)).parameters)
+
+
+# ------------------------------------------------------------------------------ recipes and jobs
+
+
+def fed_job(recipe: Any) -> Any:
+    """The ``FedJob`` a recipe assembles (``recipe._job``, nvflare/recipe/spec.py); server components
+    and app packages can only be added through it, as NVFlare's own recipe utilities do."""
+    return recipe._job
+
+
+def server_components(recipe: Any, comp_id: str) -> dict[str, Any]:
+    """The server app's component table that holds ``comp_id`` (recipes expose no setter for the
+    components BaseFedJob adds; the app config keeps them by id)."""
+    for app in fed_job(recipe)._deploy_map.values():
+        config = getattr(app, "app_config", None)
+        if config is not None and hasattr(config, "workflows") and comp_id in getattr(config, "components", {}):
+            return config.components
+    raise RuntimeError(f"server component {comp_id!r} not found in the recipe")
+
+
+def replace_server_component(recipe: Any, comp_id: str, component: Any) -> None:
+    server_components(recipe, comp_id)[comp_id] = component
+
+
+def remove_server_component(recipe: Any, comp_id: str) -> None:
+    del server_components(recipe, comp_id)[comp_id]
+
+
+def client_api_executors(recipe: Any) -> list[Any]:
+    """Every ``ClientAPIExecutor`` of the recipe's client apps (built at the first client filter)."""
+    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+
+    return [
+        item.executor
+        for app in fed_job(recipe)._deploy_map.values()
+        for item in getattr(getattr(app, "app_config", None), "executors", [])
+        if isinstance(item.executor, ClientAPIExecutor)
+    ]
+
+
+def send_weight_diffs(recipe: Any) -> None:
+    """Make every site send ``params_transfer_type=DIFF``: the executor keeps it in
+    ``_params_transfer_type`` (nvflare/app_common/executors/client_api_executor.py), which the job
+    export writes; the recipe's own attribute is set too, for anything it builds later."""
+    from nvflare.client.config import TransferType
+
+    executors = client_api_executors(recipe)
+    if not executors:
+        raise RuntimeError("no client API executor found in the recipe: cannot make the sites send weight diffs")
+    for executor in executors:
+        executor._params_transfer_type = TransferType.DIFF
+    if hasattr(recipe, "params_transfer_type"):
+        recipe.params_transfer_type = TransferType.DIFF
+
+
+def cross_site_evaluation_added(recipe: Any) -> bool:
+    """Whether cross-site evaluation was added (the flag NVFlare's ``add_cross_site_evaluation`` sets)."""
+    return bool(getattr(recipe, "_cse_added", False))
+
+
+def mark_cross_site_evaluation_added(recipe: Any) -> None:
+    recipe._cse_added = True
+
+
+def persistor_id(controller: Any) -> str:
+    """The persistor component id of a recipe-built ``FedAvg`` controller."""
+    return controller._persistor_id
+
+
+def patch_job_export() -> None:
+    """NVFlare 2.9's job export refuses fedseg's package map; move its check behind its own skip.
+
+    fedseg maps its repository folders into one import namespace (``lightning_modules/`` is
+    ``fedseg.lightning_modules``, pyproject.toml). ``FedJobConfig._get_custom_file`` first checks
+    that a component's source file path ends with its module path and raises "Source path ... does
+    not match module", and only afterwards skips packages listed in ``app_packages``, which are
+    never copied into the job anyway (nvflare/job_config/fed_job_config.py). For app packages and
+    NVFlare's own, nothing is checked or copied, as the library does after its check. Idempotent;
+    ``tests/test_jobs.py`` pins the library behaviour and this fix.
+    """
+    from nvflare.job_config.fed_job_config import FL_PACKAGES, FedJobConfig
+
+    if getattr(FedJobConfig._get_custom_file, "__fedseg__", False):
+        return
+    original = FedJobConfig._get_custom_file
+
+    def _get_custom_file(self: FedJobConfig, custom_dir: str, module: str, source_file: str, *args: Any, **kwargs: Any):
+        if module.split(".")[0] in FL_PACKAGES or module.split(".")[0] in self.app_packages:
+            return None
+        return original(self, custom_dir, module, source_file, *args, **kwargs)
+
+    _get_custom_file.__fedseg__ = True  # type: ignore[attr-defined]
+    _get_custom_file.original = original  # type: ignore[attr-defined]
+    FedJobConfig._get_custom_file = _get_custom_file
+
+
+def unpatched_get_custom_file() -> Any:
+    """NVFlare's own ``FedJobConfig._get_custom_file`` (the test shows it still needs the patch)."""
+    from nvflare.job_config.fed_job_config import FedJobConfig
+
+    return getattr(FedJobConfig._get_custom_file, "original", FedJobConfig._get_custom_file)
+
+
+# ------------------------------------------------------------------------------ FedAvg's round state
+
+
+def client_name(result: FLModel) -> str:
+    """The site that sent ``result`` (FedAvg reads it from the result's meta)."""
+    return base_fedavg._get_client_name(result)
+
+
+def num_steps_weight(result: FLModel) -> float:
+    """FedAvg's weight of ``result`` (its ``NUM_STEPS_CURRENT_ROUND``, 1 when missing or bad)."""
+    return base_fedavg._get_num_steps_weight(result)
+
+
+def start_round_aggregation(controller: FedAvg, expected: int) -> None:
+    """Reset ``FedAvg``'s in-time aggregation for a new round, as its own ``run()`` does."""
+    if controller.aggregator:
+        controller.aggregator.reset_stats()
+    else:
+        controller._aggr_helper = WeightedAggregationHelper(exclude_vars=controller.exclude_vars)
+        controller._aggr_metrics_helper = WeightedAggregationHelper()
+        controller._all_metrics = True
+    controller._received_count, controller._expected_count = 0, expected
+    controller._params_type, controller._site_metric_weights = None, {}
+
+
+def aggregate_one_result(controller: FedAvg, result: FLModel) -> bool:
+    """``FedAvg``'s own handling of one site's result (in-time weighted sum)."""
+    return FedAvg._aggregate_one_result(controller, result)
+
+
+def aggregated_result(controller: FedAvg) -> FLModel:
+    """The round's aggregate from ``FedAvg``'s in-time sums (or its aggregator)."""
+    return controller._get_aggregated_result()
+
+
+def site_weights(controller: FedAvg) -> dict[str, float]:
+    """Each averaged site's weight this round, as ``FedAvg`` recorded it (case counts)."""
+    return {site: entry["weight"] for site, entry in controller._site_metric_weights.items()}
+
+
+def cleanup_memory(controller: FedAvg) -> None:
+    """``FedAvg``'s periodic garbage collection after a round."""
+    controller._maybe_cleanup_memory()
+
+
+# ------------------------------------------------------------------------------ tracking
+
+
+def wandb_job_tag(fl_ctx: Any) -> str:
+    """The job id NVFlare's W&B receiver puts in run names (a timestamp in the simulator)."""
+    from nvflare.app_opt.tracking.wandb.wandb_receiver import _get_job_id_tag
+
+    return _get_job_id_tag(fl_ctx)

@@ -1,0 +1,242 @@
+"""The options every algorithm may add to its job, each in one place: privacy filter, contribution
+weights, site groups, W&B tracking and resume.
+
+An ``Addons`` value lists the ones a job uses. Each add-on checks its own arguments when it is made;
+``Addons.check`` refuses an add-on the job's algorithm does not declare (``Algorithm.addons``) and
+the few combinations that cannot work; ``fedseg.jobs.base.build_recipe`` applies them. The round's
+timeout and minimum of sites are study settings (``FederationSettings``), applied here too.
+
+- ``PrivacyFilter``: NVFlare's ``PercentilePrivacy`` or ``SVTPrivacy`` (torch-ready subclasses in
+  ``fedseg.app.privacy_filters``) on every ``train`` update a site sends; the sites then send weight
+  DIFFs (both filters clip, sparsify and noise diffs and would wreck full weights), and the server
+  records what it received in ``metrics/update_stats.jsonl``. Only the ``train`` task is filtered,
+  so a privacy job scores only the global models in its final evaluation (no site's local model
+  leaves it, ``fedseg.jobs.base``). The epsilon SVT reports covers one filter call.
+- ``ContributionWeights``: the server weighs a site by its cases and by how much its update lowered
+  its own validation loss (``fedseg.app.contribution``, FedCostWAvg-style, capped share).
+- ``SiteGroups``: one global model per site group declared in each site's own config
+  (``fedseg.app.grouped_fedavg``), optionally sharing the encoder across groups.
+- ``wandb``: "offline" / "online" W&B runs on the server, one per site (``fedseg.app.wandb_receiver``).
+- ``resume_from``: continue a study from its last global checkpoint (``fedseg.run.resume``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedseg.config import setting
+
+WANDB_MODES = ("off", "offline", "online")
+#: the task whose results the privacy filter covers (NVFlare matches task filters by exact name)
+TRAIN_TASK = "train"
+
+
+# ------------------------------------------------------------------------------ privacy
+
+
+@dataclass(frozen=True)
+class PrivacyArg:
+    """One argument of a privacy filter: its type, the values allowed and how to say so."""
+
+    kind: type
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def _number(check: Callable[[float], bool], allowed: str) -> PrivacyArg:
+    return PrivacyArg(float, lambda v: math.isfinite(v) and check(v), allowed)
+
+
+_POSITIVE = _number(lambda v: v > 0, "a number > 0")
+_OPTIONAL_POSITIVE = PrivacyArg(float, lambda v: v is None or (math.isfinite(v) and v > 0), "a number > 0 or none")
+
+#: the arguments of each filter (nvflare/app_common/filters/percentile_privacy.py, svt_privacy.py);
+#: data_kinds is not one of them: the filters act on weight diffs only
+FILTER_ARGS: dict[str, dict[str, PrivacyArg]] = {
+    "percentile": {
+        "percentile": _number(lambda v: 0 <= v <= 100, "a number in [0, 100]"),
+        "gamma": _POSITIVE,
+    },
+    "svt": {
+        "fraction": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "epsilon": _POSITIVE,
+        "noise_var": _POSITIVE,
+        "gamma": _POSITIVE,
+        "tau": _number(lambda v: True, "a number"),
+        "replace": PrivacyArg(bool, lambda v: True, "true or false"),
+        "epsilon_threshold": _OPTIONAL_POSITIVE,
+        "epsilon_query": _OPTIONAL_POSITIVE,
+        "epsilon_release": _OPTIONAL_POSITIVE,
+    },
+}
+PRIVACY_FILTERS = tuple(FILTER_ARGS)
+
+
+@dataclass(frozen=True)
+class PrivacyFilter:
+    """A privacy filter on every site update: ``kind`` "svt" or "percentile", NVFlare's arguments."""
+
+    kind: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", validate_privacy_args(self.kind, self.args))
+
+    def build(self) -> Any:
+        """The site-side filter."""
+        from fedseg.app.privacy_filters import TorchPercentilePrivacy, TorchSVTPrivacy
+
+        return TorchPercentilePrivacy(**self.args) if self.kind == "percentile" else TorchSVTPrivacy(**self.args)
+
+    def apply(self, recipe: Any) -> None:
+        """Filter every ``train`` update, record what the server receives, make the sites send diffs."""
+        from fedseg import nvflare_internals
+        from fedseg.app.privacy_filters import UpdateStatsRecorder
+
+        # One registration per task name ("*" matches nothing: nvflare/apis/utils/task_utils.py).
+        recipe.add_client_output_filter(self.build(), tasks=[TRAIN_TASK])
+        recipe.add_server_input_filter(UpdateStatsRecorder(), tasks=[TRAIN_TASK])
+        nvflare_internals.send_weight_diffs(recipe)  # after the filter: the client app exists now
+
+
+def validate_privacy_args(privacy: str, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` checked against the filter's arguments, values converted (``ValueError`` naming the bad one)."""
+    if privacy not in FILTER_ARGS:
+        raise ValueError(f"unknown privacy filter {privacy!r}; known: {', '.join(FILTER_ARGS)}")
+    spec = FILTER_ARGS[privacy]
+    checked: dict[str, Any] = {}
+    for name, value in args.items():
+        if name not in spec:
+            raise ValueError(f"unknown {privacy} privacy argument {name!r}; allowed: {', '.join(spec)}")
+        rule = spec[name]
+        try:
+            converted = _convert(value, rule.kind)
+            ok = rule.check(converted)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{privacy} privacy argument {name}={value!r}: must be {rule.allowed} "
+                             f"(allowed arguments: {', '.join(spec)})")
+        checked[name] = converted
+    if privacy == "svt":
+        _check_svt_budget(checked)
+    return checked
+
+
+def parse_privacy_args(items: Iterable[str]) -> dict[str, Any]:
+    """``["gamma=0.01", "percentile=90"]`` (the CLI's repeated ``--privacy-arg KEY=VALUE``) as a dict of strings."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"privacy argument {item!r}: expected KEY=VALUE")
+        parsed[name.strip()] = value.strip()
+    return parsed
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        raise ValueError(f"not a boolean: {value!r}")
+    if isinstance(value, bool):  # True is an int to Python, not a number to the filter
+        raise ValueError(f"not a number: {value!r}")
+    return float(value)
+
+
+def _check_svt_budget(args: dict[str, Any]) -> None:
+    # SVTPrivacy checks these only when it filters the first update (svt_privacy.py, _compute_epsilon_split):
+    # checked here so a bad split fails when the job is built, not at the sites in round 1.
+    epsilon = args.get("epsilon", 0.1)
+    threshold, query = args.get("epsilon_threshold"), args.get("epsilon_query")
+    if threshold is not None and query is not None and not math.isclose(threshold + query, epsilon):
+        raise ValueError("svt privacy arguments epsilon_threshold + epsilon_query must equal epsilon "
+                         f"(allowed arguments: {', '.join(FILTER_ARGS['svt'])})")
+    for name, part in (("epsilon_threshold", threshold), ("epsilon_query", query)):
+        if part is not None and part >= epsilon and (threshold is None or query is None):
+            raise ValueError(f"svt privacy argument {name}={part}: must be < epsilon ({epsilon}), "
+                             "the rest of epsilon goes to the other part")
+
+
+# ------------------------------------------------------------------------------ contribution and groups
+
+
+@dataclass(frozen=True)
+class ContributionWeights:
+    """Weigh each site by its cases and by how much its update lowered its own validation loss."""
+
+    contribution_alpha: float = setting(0.5, "contribution: weight of the case share (1 = FedAvg)")
+    max_site_share: float = setting(0.5, "contribution: most any site may weigh in a round")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.contribution_alpha <= 1.0 or not 0.0 < self.max_site_share <= 1.0:
+            raise ValueError("contribution_alpha must be in [0, 1] and max_site_share in (0, 1]")
+
+    def aggregator(self) -> Any:
+        from fedseg.app.contribution import ContributionWeightedAggregator
+
+        return ContributionWeightedAggregator(self.contribution_alpha, self.max_site_share)
+
+
+@dataclass(frozen=True)
+class SiteGroups:
+    """One global model per site group (each site names its group in its own site config)."""
+
+    share_encoder: bool = setting(False, "grouped: average the encoder across the groups")
+
+
+# ------------------------------------------------------------------------------ all of them
+
+
+@dataclass(frozen=True)
+class Addons:
+    """The add-ons of one job (none by default)."""
+
+    privacy: PrivacyFilter | None = None
+    contribution: ContributionWeights | None = None
+    groups: SiteGroups | None = None
+    #: W&B tracking on the server: "off", "offline" or "online"
+    wandb: str = "off"
+    #: continue a study from this global checkpoint or run folder
+    resume_from: str = ""
+
+    def __post_init__(self) -> None:
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"unknown W&B mode {self.wandb!r}; known: {', '.join(WANDB_MODES)}")
+        if self.groups is not None and (self.privacy or self.contribution or self.resume_from):
+            # GroupedFedAvg averages full weights per group: no diffs for a privacy filter, no
+            # contribution aggregator, no single global checkpoint to resume from
+            raise ValueError("grouped models work with case weights, without privacy filters, contribution "
+                             "weights or resume_from")
+
+    def names(self) -> list[str]:
+        """The add-ons in use: "privacy", "contribution", "groups", "wandb", "resume"."""
+        used = {"privacy": self.privacy, "contribution": self.contribution, "groups": self.groups,
+                "wandb": self.wandb != "off", "resume": self.resume_from}
+        return [name for name, on in used.items() if on]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "privacy": {"kind": self.privacy.kind, "args": self.privacy.args} if self.privacy else None,
+            "contribution": vars(self.contribution) if self.contribution else None,
+            "groups": vars(self.groups) if self.groups else None,
+            "wandb": self.wandb,
+            "resume_from": self.resume_from,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Addons:
+        return cls(
+            privacy=PrivacyFilter(**doc["privacy"]) if doc.get("privacy") else None,
+            contribution=ContributionWeights(**doc["contribution"]) if doc.get("contribution") else None,
+            groups=SiteGroups(**doc["groups"]) if doc.get("groups") else None,
+            wandb=doc.get("wandb", "off"),
+            resume_from=doc.get("resume_from", ""),
+        )

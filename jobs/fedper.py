@@ -1,0 +1,59 @@
+"""FedPer: a shared encoder averaged on the server, a personal segmentation head kept at each site.
+
+A FedAvg recipe over the shared keys only: the server model is ``SegmentationEncoder`` (no head),
+each site keeps its head in a site-local store and sends only shared keys (``fedseg.app.fedper``),
+and a site-side ``ExcludeVars`` output filter strips the personal keys again on every result a site
+returns. The server's ``PayloadKeyAudit`` records the names of every payload it receives.
+``keep_norm_local`` keeps the normalization layers local too (FedBN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedseg.config import setting
+from fedseg.jobs.base import RESULT_TASKS, Algorithm, Job
+
+
+@dataclass(frozen=True)
+class FedPerOptions:
+    keep_norm_local: bool = setting(False, "fedper: keep normalization layers local too (FedBN)")
+
+
+class FedPer(Algorithm):
+    """Federated learning with personalization layers (Arivazhagan et al. 2019)."""
+
+    name = "fedper"
+    options = FedPerOptions
+    # the server averages the encoder only: per-group full models make no sense here
+    addons = frozenset({"privacy", "contribution", "wandb", "resume"})
+
+    def server_model(self, job: Job) -> dict[str, Any]:
+        args = {**job.study.module_args(), "keep_norm_local": job.options.keep_norm_local}
+        return {"class_path": "fedseg.app.fedper.SegmentationEncoder", "args": args}
+
+    def personal_keys(self, job: Job) -> list[str]:
+        from fedseg.app.fedper import personal_keys
+        from fedseg.lightning_modules.module import SegmentationModule
+
+        return personal_keys(SegmentationModule(**job.study.module_args()), job.options.keep_norm_local)
+
+    def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
+        from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
+
+        return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
+
+    def finish(self, recipe: Any, job: Job) -> None:
+        """The second line of defence for the head, and the audit that shows it held."""
+        from nvflare.app_common.filters.exclude_vars import ExcludeVars
+
+        from fedseg.app.payload_audit import PayloadKeyAudit
+
+        # An explicit key list: a regex string would export a compiled re.Pattern. One registration
+        # per task: NVFlare matches filters by exact task name ("*" matches nothing,
+        # nvflare/apis/utils/task_utils.py) and keeps a task list as a set, which would make the
+        # exported order vary. Results without weights (validate metrics) pass ExcludeVars unchanged.
+        for task in RESULT_TASKS:
+            recipe.add_client_output_filter(ExcludeVars(self.personal_keys(job)), tasks=[task])
+            recipe.add_server_input_filter(PayloadKeyAudit(), tasks=[task])
