@@ -1,8 +1,8 @@
 """FedPer: a shared encoder averaged on the server, a personal head that each site keeps.
 
 Which keys are personal comes from the network registry (``networks.partition_keys``): the head
-(expanding path and output layer), plus the normalization layers with ``keep_norm_local`` (the
-FedBN variant). The head never leaves its site; this is enforced three times:
+(the decoder levels nearest the output: ``head_depth`` "output", "last" or "decoder"), plus the
+normalization layers with ``keep_norm_local`` (the FedBN variant). The head never leaves its site; this is enforced three times:
 
 1. the server's model is ``SegmentationEncoder``, a ``SegmentationModule`` without its personal
    parameters, so the server never sends, aggregates or checkpoints a head;
@@ -24,9 +24,10 @@ from fedseg.lightning_modules.module import SegmentationModule
 from fedseg.lightning_modules.networks import partition_keys
 
 
-def personal_keys(module: SegmentationModule, keep_norm_local: bool = False) -> list[str]:
-    """State-dict keys of ``module`` that stay at the site (head, and norm layers for FedBN)."""
-    parts = partition_keys(module.network, module.network.state_dict().keys(), prefix="")
+def personal_keys(module: SegmentationModule, keep_norm_local: bool = False, head_depth: str = "decoder") -> list[str]:
+    """State-dict keys of ``module`` that stay at the site (the head of ``head_depth``, and norm
+    layers for FedBN); a key the network does not declare is an error (``partition_keys``)."""
+    parts = partition_keys(module.network, module.network.state_dict().keys(), prefix="", head_depth=head_depth)
     personal = set(parts.head) | (set(parts.norm) if keep_norm_local else set())
     return sorted(f"network.{k}" for k in personal)
 
@@ -38,10 +39,11 @@ class SegmentationEncoder(SegmentationModule):
     persistor holds and checkpoints the encoder only. It is a container, not a runnable network.
     """
 
-    def __init__(self, keep_norm_local: bool = False, **module_args: Any) -> None:
+    def __init__(self, keep_norm_local: bool = False, personal_head: str = "decoder", **module_args: Any) -> None:
         super().__init__(**module_args)
         self.keep_norm_local = keep_norm_local
-        for key in personal_keys(self, keep_norm_local):
+        self.personal_head = personal_head
+        for key in personal_keys(self, keep_norm_local, personal_head):
             owner_path, _, name = key.rpartition(".")
             delattr(self.get_submodule(owner_path), name)  # nn.Module drops the parameter or buffer
 
@@ -63,9 +65,9 @@ class SharedKeysFLCallback(FLCallback):
         super()._send_model(output_model)
 
 
-def shared_state(module: SegmentationModule, keep_norm_local: bool = False) -> dict[str, Any]:
+def shared_state(module: SegmentationModule, keep_norm_local: bool = False, head_depth: str = "decoder") -> dict[str, Any]:
     """The module's state dict without its personal keys (what a FedPer site may send)."""
-    personal = set(personal_keys(module, keep_norm_local))
+    personal = set(personal_keys(module, keep_norm_local, head_depth))
     return {k: v for k, v in module.state_dict().items() if k not in personal}
 
 
@@ -82,7 +84,7 @@ def personalize(encoder_checkpoint: Path | str, head_file: Path | str, out: Path
 
     encoder = load_checkpoint(encoder_checkpoint)
     head = load_checkpoint(head_file)
-    hparams = {k: v for k, v in encoder["hyper_parameters"].items() if k != "keep_norm_local"}
+    hparams = {k: v for k, v in encoder["hyper_parameters"].items() if k not in ("keep_norm_local", "personal_head")}
     module = SegmentationModule(**hparams)
     expected = set(module.state_dict())
     state = {**encoder["state_dict"], **head["state"]}

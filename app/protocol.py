@@ -37,8 +37,9 @@ SITE_STAGE_KEY = "fedseg_site_stage"
 DATA_ERRORS = frozenset({"DatasetCheckError", "DatalistError", "SiteConfigError"})
 WEIGHTS_KEY = "fedseg_weights"
 CONTRIBUTION_KEY = "fedseg_contribution"
-#: meta of a personalization answer: the site's personal model's validation scores (scalars)
-PERSONAL_METRICS_KEY = "fedseg_personal_metrics"
+#: the task that ends a personalized job: each site scores its personal model on its own validation
+#: cases and answers with the scores only (``fedseg.app.resilient_fedavg``, ``fedseg.app.site_runner``)
+PERSONALIZE_TASK = "personalize"
 
 
 def update_meta(n_train_cases: int) -> dict[str, Any]:

@@ -22,6 +22,11 @@ writes ``metrics/participation_summary.json``: which sites answered, failed (wit
 class the site reported, never its message, which may hold paths) or were missing, per round, and
 each averaged site's share of the round's model (``weights``: case counts, or the contribution
 weights of ``fedseg.app.contribution.ContributionWeightedAggregator``).
+
+With ``personalize`` (the personalized methods: FedPer, FedRep, Ditto, fine-tuning), a completed
+study ends with one more task, ``personalize``: every site gets the final global model, makes its
+personal model from it (its own head, its Ditto model, a fine-tuned copy), scores it on its own
+validation cases and answers with those scores only; they go to ``metrics/personal_scores.json``.
 """
 
 from __future__ import annotations
@@ -42,10 +47,18 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.fuel.utils.log_utils import center_message
 
 from fedseg import nvflare_internals
-from fedseg.app.protocol import CONTRIBUTION_KEY, SITE_STAGE_KEY, WEIGHTS_KEY, describe_failure, failure_of
+from fedseg.app.protocol import (
+    CONTRIBUTION_KEY,
+    PERSONALIZE_TASK,
+    SITE_STAGE_KEY,
+    WEIGHTS_KEY,
+    describe_failure,
+    failure_of,
+)
 REPORT_DIR = "metrics"
 ROUND_REPORT = "participation.jsonl"
 SUMMARY_REPORT = "participation_summary.json"
+PERSONAL_SCORES = "personal_scores.json"
 
 
 class ResilientFedAvg(FedAvg):
@@ -58,13 +71,14 @@ class ResilientFedAvg(FedAvg):
     """
 
     def __init__(self, *args: Any, round_timeout: int = 0, min_sites: int = 1, task_check_period: float = 0.5,
-                 ignore_result_error: bool = True, **kwargs: Any) -> None:
+                 ignore_result_error: bool = True, personalize: bool = False, **kwargs: Any) -> None:
         # A site's error result is that site's failure for the round, never the job's: the round
         # decides with min_sites (BaseModelController would otherwise panic on the first error), so
         # the argument (which the job export writes back) is always True.
         del ignore_result_error
         super().__init__(*args, ignore_result_error=True, task_check_period=task_check_period, **kwargs)
         self.task_check_period = float(task_check_period)
+        self.personalize = bool(personalize)
         if int(round_timeout) < 0:
             raise ValueError(f"round_timeout must be >= 0 seconds, got {round_timeout}")
         if int(min_sites) < 1:
@@ -124,7 +138,36 @@ class ResilientFedAvg(FedAvg):
             self.error(reason)
             self.panic(reason)  # ends the job with this reason instead of averaging too few sites
             return
+        if status == "completed" and self.personalize:
+            self._score_personal_models(model)
         self.info(center_message("Finished FedAvg."))
+
+    def _score_personal_models(self, model: FLModel) -> None:
+        """The ``personalize`` task: each site's personal model scored on its own validation cases."""
+        targets = self._live_sites()
+        scores: dict[str, dict[str, float]] = {}
+
+        def take(result: FLModel) -> None:
+            site = nvflare_internals.client_name(result)
+            if self._site_failed(result, weights=False):
+                return
+            scores[site] = {k: float(v) for k, v in (result.metrics or {}).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+        self.info(f"Personal models: every site scores its own on its validation cases ({', '.join(targets)})")
+        final = FLModel(params=model.params, params_type=model.params_type, meta=dict(model.meta or {}),
+                        current_round=self.current_round, total_rounds=self.start_round + self.num_rounds)
+        self.send_model(task_name=PERSONALIZE_TASK, targets=targets, data=final, timeout=self.round_timeout,
+                        callback=take)
+        self._wait_for_round()
+        doc = {"scores": dict(sorted(scores.items())), "failed": {s: self._failed[s] for s in sorted(self._failed)},
+               "missing": sorted(s for s in targets if s not in scores and s not in self._failed)}
+        path = os.path.join(self._report_dir(), PERSONAL_SCORES)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(f"{path}.tmp", path)
+        self.info("Personal models scored: " + ", ".join(f"{s} val_dice={m.get('val_dice', float('nan')):.4f}"
+                                                          for s, m in sorted(scores.items())))
 
     def _initial_model(self) -> FLModel | None:
         if self.model is not None:
@@ -166,11 +209,11 @@ class ResilientFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ results of one site
 
-    def _site_failed(self, result: FLModel) -> bool:
-        """True (and noted) when a site answered "failed" or sent no weights."""
+    def _site_failed(self, result: FLModel, weights: bool = True) -> bool:
+        """True (and noted) when a site answered "failed", or sent no weights where ``weights`` are due."""
         site = nvflare_internals.client_name(result)
         failure = failure_of(result.meta)
-        if not failure and result.params:
+        if not failure and (result.params or not weights):
             return False
         self._failed[site] = str(failure or "sent no weights")
         if (result.meta or {}).get(SITE_STAGE_KEY) == "startup":

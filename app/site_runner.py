@@ -18,8 +18,10 @@ config) is answered as this site's failure for that round (no weights, the error
 server names it ("hospital-b refused its data (DatasetCheckError)") instead of failing the job;
 the full message and traceback stay in the site's own log.
 
-What an algorithm adds at the site is a ``SitePlugin`` (``FedPerPlugin``: the personal head;
-``ContributionPlugin``; ``FaultDrillPlugin``); ``plugins_for`` picks them. The site's data is
+What an algorithm adds at the site is a ``SitePlugin`` (the personalized methods' in
+``fedseg.app.personalization``; ``ContributionPlugin``; ``FaultDrillPlugin``); ``plugins_for``
+picks them. A personalized job ends with the ``personalize`` task: the site makes its personal
+model from the final global model and answers with its scores on the site's own validation cases. The site's data is
 found through site-local configuration (``fedseg.app.site_config``), never through the job.
 Only weights and scalar metrics leave the site.
 """
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedseg.app.protocol import PERSONALIZE_TASK
 from fedseg.config import StudyConfig
 
 
@@ -120,60 +123,9 @@ class SitePlugin:
         """The part of the site's model that may leave it (cross-site ``submit_model``)."""
         return state
 
-
-class SharedKeysMismatch(RuntimeError):
-    """The model the server sent does not have exactly the keys this site shares."""
-
-
-class FedPerPlugin(SitePlugin):
-    """The personal head stays here: only shared keys are sent, the received encoder is loaded
-    without touching the head, and the head lives in the site's ``FedPerHeadStore``."""
-
-    strict_load = False
-
-    def __init__(self, keep_norm_local: bool) -> None:
-        self.keep_norm_local = keep_norm_local
-        self.personal: list[str] = []
-        self.shared: list[str] = []
-        self.store: Any = None
-
-    def setup(self, runner: SiteRunner) -> None:
-        from fedseg.app.fedper import SharedKeysFLCallback, personal_keys
-        from fedseg.app.head_store import FedPerHeadStore
-        from fedseg.app.site_config import default_head_store
-
-        self.personal = personal_keys(runner.model, self.keep_norm_local)
-        self.shared = [k for k in runner.model.state_dict() if k not in set(self.personal)]
-        self._callback = SharedKeysFLCallback(self.shared, load_state_dict_strict=False)
-        self.store = FedPerHeadStore(runner.config.head_store or default_head_store(runner.site), runner.job.study_name)
-        record = self.store.load_into(runner.model, self.personal)
-        progress(f"[fedseg] {runner.site}: FedPer head " + (
-            f"reused from {self.store.path} (encoder round {record.encoder_round})" if record
-            else "new (site new to the study)"))
-
-    def callbacks(self) -> list[Any]:
-        return [self._callback]
-
-    def check_received(self, runner: SiteRunner, input_model: Any) -> None:
-        """The received encoder must be exactly this site's shared keys: the model is loaded without
-        its head (non-strictly), so a naming drift between server and site would otherwise leave
-        encoder weights silently unloaded."""
-        received = set(input_model.params or {})
-        if received and received != set(self.shared):
-            missing, unexpected = sorted(set(self.shared) - received), sorted(received - set(self.shared))
-            raise SharedKeysMismatch(
-                f"the server sent {len(received)} parameters, not this site's {len(self.shared)} shared encoder keys "
-                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                f"{'...' if len(unexpected) > 3 else ''}): the job's network differs from the site's")
-
-    def after_round(self, runner: SiteRunner, input_model: Any) -> None:
-        self.store.save(runner.model, self.personal, encoder_round=input_model.current_round, job_id=runner.job_id)
-
-    def after_failure(self, runner: SiteRunner) -> None:
-        self.store.load_into(runner.model, self.personal)  # drop the half-trained head of the failed round
-
-    def shareable(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in state.items() if k not in set(self.personal)}
+    def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:
+        """The site's personal model made from the final global model (``personalize`` task), or None."""
+        return None
 
 
 class ContributionPlugin(SitePlugin):
@@ -212,8 +164,11 @@ def plugins_for(job: SiteJob, config: Any) -> list[SitePlugin]:
     drill = FaultDrill.from_site_config(config.extra, config.source)
     if drill is not None:
         plugins.append(FaultDrillPlugin(drill))
-    if job.algorithm == "fedper":
-        plugins.append(FedPerPlugin(keep_norm_local=bool(job.options.get("keep_norm_local"))))
+    from fedseg.app.personalization import plugin_for
+
+    personal = plugin_for(job)
+    if personal is not None:
+        plugins.append(personal)
     return plugins
 
 
@@ -303,7 +258,9 @@ class SiteRunner:
             try:
                 for plugin in self.plugins:
                     plugin.check_received(self, input_model)
-                if flapi.is_train():
+                if flapi.get_task_name() == PERSONALIZE_TASK:
+                    self.personalize(input_model)
+                elif flapi.is_train():
                     self.train_round(input_model)
                 else:
                     self.evaluate()
@@ -318,6 +275,23 @@ class SiteRunner:
         for plugin in self.plugins:
             state = plugin.shareable(state)
         flapi.send(FLModel(params=state))
+
+    def personalize(self, input_model: Any) -> None:
+        """The job's last task: score this site's personal model; only the scores leave the site."""
+        import nvflare.client as flapi
+        from nvflare.app_common.abstract.fl_model import FLModel
+
+        from fedseg.lightning_modules.training import make_trainer
+
+        model = next((m for p in self.plugins if (m := p.personal_model(self, input_model)) is not None), None)
+        if model is None:  # not a personalized method: the final global model is the site's model
+            self.model.load_state_dict(dict(input_model.params), strict=True)
+            model = self.model
+        trainer = make_trainer(Path.cwd() / "personal", 1, logger=False, progress=False, enable_checkpointing=False)
+        (metrics,) = trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        scores = {k: float(v) for k, v in metrics.items()}
+        flapi.send(FLModel(metrics=scores))  # scalars only, like a cross-site validation answer
+        progress(f"[fedseg] {self.site}: personal model val_dice={scores.get('val_dice', float('nan')):.4f}")
 
     def evaluate(self) -> None:
         """Cross-site evaluation: score the received model (NVFlare's callback sends the metrics)."""

@@ -40,14 +40,17 @@ APP_DIR = Path(__file__).resolve().parents[1] / "app"
 SITE_SCRIPT = "site_entry.py"
 #: every task whose results a site returns with weights
 WEIGHT_TASKS = ("train", "submit_model")
-#: every task whose results a site returns
-RESULT_TASKS = ("train", "validate", "submit_model")
+#: every task whose results a site returns ("personalize": the personalized methods' final step)
+RESULT_TASKS = ("train", "validate", "submit_model", "personalize")
 #: algorithm name -> "module:class"; each module is one algorithm's recipe
 ALGORITHMS: dict[str, str] = {
     "fedavg": "fedseg.jobs.fedavg:FedAvg",
     "fedprox": "fedseg.jobs.fedprox:FedProx",
     "fedopt": "fedseg.jobs.fedopt:FedOpt",
     "fedper": "fedseg.jobs.fedper:FedPer",
+    "fedrep": "fedseg.jobs.fedrep:FedRep",
+    "ditto": "fedseg.jobs.ditto:Ditto",
+    "finetune": "fedseg.jobs.finetune:FineTune",
     "fedavg-he": "fedseg.jobs.fedavg_he:FedAvgHE",
 }
 
@@ -60,6 +63,9 @@ class Algorithm:
     options: ClassVar[type | None] = None
     #: the add-ons (``Addons.names()``) this algorithm's server workflow supports
     addons: ClassVar[frozenset[str]] = frozenset({"privacy", "contribution", "groups", "wandb", "resume"})
+    #: each site keeps a personal model: the job ends with every site scoring it on its own validation
+    #: cases (the "personalize" task, ``ResilientFedAvg``), and only those scores leave the site
+    personal: ClassVar[bool] = False
 
     def default_options(self) -> Any:
         return self.options() if self.options else None
@@ -256,6 +262,8 @@ def build_recipe(job: Job) -> Any:
         server_expected_format=ExchangeFormat.PYTORCH,
     )
     round_args: dict[str, Any] = dict(round_timeout=fed.round_timeout, min_sites=job.min_sites, start_round=0)
+    if job.spec.personal:
+        round_args["personalize"] = True
     if job.addons.resume_from:
         round_args["start_round"], common["initial_ckpt"] = resume_start(job)
         common["num_rounds"] = fed.rounds - round_args["start_round"]

@@ -16,9 +16,12 @@ from fedseg.jobs.base import Job, export
 
 JOBS_DIR = Path(__file__).resolve().parent
 
-#: the checked-in jobs: every plaintext algorithm with the study profile's settings
+#: the checked-in jobs: every plaintext algorithm with the study profile's settings (FedRep splits a
+#: round's epochs between head and encoder: 25 rounds of 2 epochs, the same 50 epochs per case)
 STUDY_JOBS: dict[str, Job] = {
-    name: Job(algorithm=name, study=profile("study"), name=name) for name in ("fedavg", "fedprox", "fedopt", "fedper")
+    **{name: Job(algorithm=name, study=profile("study"), name=name)
+       for name in ("fedavg", "fedprox", "fedopt", "fedper", "ditto", "finetune")},
+    "fedrep": Job(algorithm="fedrep", study=profile("study").override(rounds=25, local_epochs=2), name="fedrep"),
 }
 
 

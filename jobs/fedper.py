@@ -4,7 +4,10 @@ A FedAvg recipe over the shared keys only: the server model is ``SegmentationEnc
 each site keeps its head in a site-local store and sends only shared keys (``fedseg.app.fedper``),
 and a site-side ``ExcludeVars`` output filter strips the personal keys again on every result a site
 returns. The server's ``PayloadKeyAudit`` records the names of every payload it receives.
-``keep_norm_local`` keeps the normalization layers local too (FedBN).
+``personal_head`` is how much of the decoder stays at the site (``networks.HEAD_DEPTHS``: the
+output layer, the last decoder level and the output layer, or the whole decoder);
+``keep_norm_local`` keeps the normalization layers local too (FedBN). The job ends with each site
+scoring its personal model (the final encoder with its own head) on its own validation cases.
 """
 
 from __future__ import annotations
@@ -15,10 +18,19 @@ from typing import Any
 from fedseg.config import setting
 from fedseg.jobs.base import RESULT_TASKS, Algorithm, Job
 
+#: how much of the decoder stays at the site (``fedseg.lightning_modules.networks.HEAD_DEPTHS``)
+HEAD_DEPTHS = ("output", "last", "decoder")
+
 
 @dataclass(frozen=True)
 class FedPerOptions:
-    keep_norm_local: bool = setting(False, "fedper: keep normalization layers local too (FedBN)")
+    personal_head: str = setting("decoder", "fedper/fedrep: the personal head: the output layer, the last decoder "
+                                 "level and the output layer, or the whole decoder", choices=HEAD_DEPTHS)
+    keep_norm_local: bool = setting(False, "fedper/fedrep: keep normalization layers local too (FedBN)")
+
+    def __post_init__(self) -> None:
+        if self.personal_head not in HEAD_DEPTHS:
+            raise ValueError(f"unknown personal_head {self.personal_head!r}; known: {', '.join(HEAD_DEPTHS)}")
 
 
 class FedPer(Algorithm):
@@ -26,18 +38,21 @@ class FedPer(Algorithm):
 
     name = "fedper"
     options = FedPerOptions
+    personal = True
     # the server averages the encoder only: per-group full models make no sense here
     addons = frozenset({"privacy", "contribution", "wandb", "resume"})
 
     def server_model(self, job: Job) -> dict[str, Any]:
-        args = {**job.study.module_args(), "keep_norm_local": job.options.keep_norm_local}
+        args = {**job.study.module_args(), "keep_norm_local": job.options.keep_norm_local,
+                "personal_head": job.options.personal_head}
         return {"class_path": "fedseg.app.fedper.SegmentationEncoder", "args": args}
 
     def personal_keys(self, job: Job) -> list[str]:
         from fedseg.app.fedper import personal_keys
         from fedseg.lightning_modules.module import SegmentationModule
 
-        return personal_keys(SegmentationModule(**job.study.module_args()), job.options.keep_norm_local)
+        module = SegmentationModule(**job.study.module_args())
+        return personal_keys(module, job.options.keep_norm_local, job.options.personal_head)
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
         from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe

@@ -36,8 +36,10 @@ class _ResilientRound:
         shared_keys: list[str] | None = None,
         server_optimizer: dict[str, Any] | None = None,
         optimizer_state: str = "",
+        personalize: bool = False,
         **kwargs: Any,
     ) -> None:
+        self.personalize = personalize
         self.round_timeout, self.min_sites, self.start_round = round_timeout, min_sites, start_round
         self.grouped, self.shared_keys = grouped, shared_keys
         self.server_optimizer, self.optimizer_state = server_optimizer, optimizer_state
@@ -50,12 +52,14 @@ class _ResilientRound:
         # Same arguments as the recipe's own FedAvg (read back from it, so none is forgotten when
         # NVFlare adds one), plus the round's timeout, its minimum and the resume round.
         extra: dict[str, Any] = {"shared_keys": self.shared_keys} if self.grouped else {}
+        if self.personalize:
+            extra["personalize"] = True
         controller = GroupedFedAvg if self.grouped else ResilientFedAvg
         if self.server_optimizer is not None:
             controller = ResilientFedOpt
             # config_type "dict": the job loader must pass these through, not build them (an optimizer
             # needs the model's parameters, which FedOpt.run gives it); FedOptRecipe does the same.
-            extra = dict(source_model=FEDOPT_MODEL_ID, optimizer_args=ensure_config_type_dict(self.server_optimizer),
+            extra = dict(extra, source_model=FEDOPT_MODEL_ID, optimizer_args=ensure_config_type_dict(self.server_optimizer),
                          lr_scheduler_args=ensure_config_type_dict(CONSTANT_LR), device="cpu",
                          optimizer_state=self.optimizer_state)
         return controller(

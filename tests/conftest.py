@@ -73,3 +73,28 @@ def tiny_train_config(datalists, out, *, epochs: int = 2, wandb: str = "off", in
 
     return TrainConfig(datalists=list(datalists), out=out, study=profile("tiny").override(**settings), epochs=epochs,
                        progress=False, wandb=wandb, init_from=init_from)
+
+
+@pytest.fixture(scope="session")
+def fedavg_run(tmp_path_factory):
+    """One FedAvg-family job in NVFlare's simulator, shared by the tests that read it (jobs, tracking):
+    2 sites x 3 cases of 32^3, 2 rounds, cross-site evaluation, W&B offline on the server, and the
+    fine-tuning step at the end (``finetune`` is FedAvg plus that step).
+
+    Returns ``(job, synth, run folder, FederatedResults)``.
+    """
+    import os
+
+    from fedseg.jobs.addons import Addons
+    from fedseg.run.simulate import simulate
+
+    root = tmp_path_factory.mktemp("fedavg")
+    synth = tiny_synth(root / "synth", sites=2, cases=3, size=32)
+    job = tiny_job("finetune", name="fedavg", rounds=2, features=8, roi=(32, 32, 32), hd95=True,
+                   addons=Addons(wandb="offline"))
+    env = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", "WANDB_MODE") if k in os.environ}
+    try:
+        results = simulate(job, synth.datalists, root / "run")
+    finally:
+        os.environ.update(env)
+    return job, synth, root / "run", results

@@ -53,11 +53,10 @@ def test_tables_and_verdict_from_scores(tmp_path):
     verdict = results.verdict()
     assert "every training case seen 6 times" in verdict
     assert "site-1: fedavg wins with 0.6000" in verdict and "site-2: fedper wins with 0.6500" in verdict
-    assert "site-1 0.5800 vs 0.6000 (-0.0200, FedAvg better)" in verdict
-    assert "site-2 0.6500 vs 0.5500 (+0.1000, FedPer better)" in verdict
-    assert "FedPer beats FedAvg on 1 of 2 sites; mean difference +0.0400" in verdict
+    assert "fedper - fedavg: mean +0.0400, better on 1 of 2 sites (site-1 -0.0200; site-2 +0.1000)." in verdict
+    assert "fedper - local: mean +0.1650, better on 2 of 2 sites (site-1 +0.0800; site-2 +0.2500)." in verdict
     assert "fedper has the best mean (0.6150), fedper the best worst site (0.5800)" in verdict
-    assert "per region: site-1 ET -0.0200 TC -0.0200 WT -0.0200; site-2 ET +0.1000" in verdict
+    assert "fedper - fedavg Dice per region: site-1 ET -0.0200 TC -0.0200 WT -0.0200; site-2 ET +0.1000" in verdict
 
     files = results.write()
     with files["csv"].open() as f:
@@ -74,7 +73,7 @@ def test_bad_methods_and_settings_are_refused(tmp_path):
     from fedseg.jobs.base import ALGORITHMS
 
     # every federated method is a valid job (spelled out in compare.py to keep `fedseg --help` light)
-    jobs = {m: tiny_settings().job(m, n_sites=3) for m in FL_METHODS}
+    jobs = {m: tiny_settings(local_epochs=2).job(m, n_sites=3) for m in FL_METHODS}  # FedRep splits its epochs
     assert {j.algorithm for j in jobs.values()} <= set(ALGORITHMS)
     assert set(ALGORITHMS) - {j.algorithm for j in jobs.values()} == {"fedavg-he"}  # HE runs in POC only
     assert len({json.dumps(j.to_json(), sort_keys=True) for j in jobs.values()}) == len(FL_METHODS)
@@ -99,26 +98,26 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
     out = tmp_path / "cmp"
     settings = tiny_settings(rounds=2, local_epochs=1, features=8, roi=(32, 32, 32))
     lines: list[str] = []
-    results = compare(sites, out, settings, progress=lines.append)
+    methods = ("centralized", "local", "fedavg", "ditto")  # a personalized method: Ditto's personal models
+    results = compare(sites, out, settings, methods=methods, progress=lines.append)
 
     # every method x site x region, overlap scores in [0, 1]
     with (out / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
     got = {(r["method"], r["site"], r["region"]) for r in table}
-    methods = ("centralized", "local", "fedavg", "fedper")
     assert got >= {(m, s, reg) for m in methods for s in sites for reg in TABLE_REGIONS}
     for r in table:
         assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["iou"]) <= 1.0, r
         assert r["hd95"] == "nan"  # hd95 off
     verdict = (out / "verdict.txt").read_text()
-    assert all(f"{s}: " in verdict for s in sites) and "FedPer vs FedAvg" in verdict
+    assert all(f"{s}: " in verdict for s in sites) and "ditto - fedavg: mean" in verdict
     assert json.loads((out / "comparison.json").read_text())["budget_epochs_per_case"] == 2
     assert (out / "comparison.png").stat().st_size > 5000
 
     # the same budget: centralized and local ran R x E epochs; the FL jobs R rounds of E epochs
     for run in (out / "centralized", out / "local" / "site-1", out / "local" / "site-2"):
         assert json.loads((run / "results.json").read_text())["epochs_done"] == 2
-    for method in ("fedavg", "fedper"):
+    for method in ("fedavg", "ditto"):
         job = json.loads((out / method / "job.json").read_text())
         fed = job["study"]["federation"]
         assert (job["algorithm"], fed["rounds"], fed["local_epochs"]) == (method, 2, 1)
@@ -136,18 +135,25 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
             assert results.methods["fedavg"].scores[site][region]["dice"] == pytest.approx(ours, abs=1e-5)
             assert any(r["site"] == site and r["region"] == region and r["dice"] == pytest.approx(ours, abs=1e-5)
                        for r in cross)
-    assert FINAL_MODEL in results.methods["fedper"].source
+    assert FINAL_MODEL in results.methods["fedavg"].source and "personal model" in results.methods["ditto"].source
+    # Ditto: each site's personal model is in its store, and its scores are what the site reported
+    personal = json.loads((out / "ditto" / "results.json").read_text())["personal_models"]
+    for site in sites:
+        assert (out / "ditto" / "heads" / site / "ditto.ditto.pt").is_file()
+        assert any(r["site"] == site and r["region"] == "mean"
+                   and r["dice"] == pytest.approx(results.methods["ditto"].scores[site]["mean"]["dice"]) for r in personal)
+    assert results.methods["ditto"].scores != results.methods["fedavg"].scores  # its own models, not the global one
 
     # resumable: a second run (here through the CLI) trains nothing and reproduces the scores
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("scores.json", "last.ckpt", "final_global_encoder.ckpt")}
-    assert len(stamps) == 4 + 3 + 1  # four methods' scores, three last.ckpt, FedPer's encoder
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("scores.json", "last.ckpt", "ditto.ditto.pt")}
+    assert len(stamps) == 4 + 3 + 2  # four methods' scores, three last.ckpt, the sites' Ditto models
     capsys.readouterr()
     argv = ["compare", "--out", str(out), "--datalists", *map(str, sites.values()), "--profile", "tiny",
-            "--rounds", "2", "--local-epochs", "1", "--features", "8", "--roi", "32"]
+            "--rounds", "2", "--local-epochs", "1", "--features", "8", "--roi", "32", "--methods", *methods]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("not run again") == 4
-    assert "mean Dice (ET, TC, WT averaged)" in printed and "FedPer beats FedAvg on" in printed
+    assert "mean Dice (ET, TC, WT averaged)" in printed and "ditto - local: mean" in printed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads((out / "comparison.json").read_text())["rows"]
     assert again == json.loads(json.dumps(results.to_json()))["rows"]

@@ -1,15 +1,15 @@
-"""FedOpt: NVFlare's server-optimizer controller with fedseg's resilient round."""
+"""FedOpt: NVFlare's server-optimizer controller with fedseg's resilient round.
+
+Its simulator run (a failing site, a stop below the minimum, resume with the momentum) is the
+resilience test's study (``test_resilience.py``)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 
 from fedseg.app.resilient_fedopt import ResilientFedOpt
-from conftest import tiny_job
 
 
 def _controller(app_dir, **kwargs) -> ResilientFedOpt:
@@ -69,33 +69,3 @@ def test_a_fedopt_study_resumes_only_with_its_optimizer_state(tmp_path):
     torch.save({"round": 0, "state": {}}, tmp_path / "fedopt_optimizer.pt")  # round 1, the checkpoint round 2
     with pytest.raises(ValueError, match="is from round 1, the checkpoint .* from round 2"):
         export(tiny_job("fedopt", rounds=4, addons=Addons(resume_from=str(tmp_path))), tmp_path / "out")
-
-
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_simulator_fedopt_survives_a_failing_site_and_its_optimizer_updates_every_round(tmp_path):
-    from fedseg.lightning_modules.data.synth import SynthConfig, generate
-    from fedseg.lightning_modules.module import SegmentationModule
-    from fedseg.run.simulate import simulate
-
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
-    job = tiny_job("fedopt", rounds=2, features=8, roi=(24, 24, 24), min_sites_per_round=1, round_timeout=120,
-                   cross_site_eval=False)
-    run = tmp_path / "run"
-    simulate(job, synth.datalists, run, site_settings={"site-2": {"fault_drill": {"raise_in_rounds": [2]}}})
-
-    workspace = run / "nvflare" / "fedopt" / "server"
-    metrics = workspace / "simulate_job" / "metrics"
-    rounds = [json.loads(line) for line in (metrics / "participation.jsonl").read_text().splitlines()]
-    assert rounds[0]["answered"] == ["site-1", "site-2"]
-    assert rounds[1]["answered"] == ["site-1"] and rounds[1]["failed"] == {"site-2": "FaultDrillError"}
-    summary = json.loads((metrics / "participation_summary.json").read_text())
-    assert summary["status"] == "completed" and summary["sites"]["site-2"]["rounds_missed"] == [2]
-    # the server optimizer made both rounds' global models, on every trainable parameter
-    n_params = len(list(SegmentationModule(**job.study.module_args()).parameters()))
-    log = (workspace / "log.txt").read_text()
-    for k in (0, 1):
-        assert f"server model update round {k}, " in log and f"fedopt layers: {n_params}, fedavg layers: 0" in log
-    final = torch.load(workspace / "simulate_job" / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
-    assert all(isinstance(v, torch.Tensor) for v in final.values())
-    SegmentationModule(**job.study.module_args()).load_state_dict(final, strict=True)

@@ -70,8 +70,27 @@ def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
     assert "SegmentationEncoder" in json.dumps(persistor)
 
 
-def _site_log(run, site):
-    return (run / "nvflare" / "fedper" / site / "log.txt").read_text()
+def _site_log(run, site, job="fedper"):
+    return (run / "nvflare" / job / site / "log.txt").read_text()
+
+
+#: the personal head of the tiny FedPer job (UNet, 8 features, the whole decoder), written out by hand
+#: from MONAI's UNet layout, not derived from the code under test: the up-blocks model.2 (the output
+#: layer), model.1.submodule.2 and model.1.submodule.1.submodule.2 with their conv, norm and PReLU
+EXPECTED_HEAD = {
+    "network.net.model.2.conv.weight", "network.net.model.2.conv.bias",
+    "network.net.model.1.submodule.2.conv.weight", "network.net.model.1.submodule.2.conv.bias",
+    "network.net.model.1.submodule.2.adn.N.weight", "network.net.model.1.submodule.2.adn.N.bias",
+    "network.net.model.1.submodule.2.adn.A.weight",
+    "network.net.model.1.submodule.1.submodule.2.conv.weight", "network.net.model.1.submodule.1.submodule.2.conv.bias",
+    "network.net.model.1.submodule.1.submodule.2.adn.N.weight", "network.net.model.1.submodule.1.submodule.2.adn.N.bias",
+    "network.net.model.1.submodule.1.submodule.2.adn.A.weight",
+}  # fmt: skip
+
+
+def _audited(server) -> list[dict]:
+    """The server's payload audit: one record per result it received (site, task, parameter names)."""
+    return [json.loads(line) for line in (server / "metrics" / "payload_keys.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.e2e
@@ -83,16 +102,22 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
     job = tiny_job("fedper", rounds=2, features=8, roi=(32, 32, 32))
     head_keys = set(job.personal_keys())
+    assert head_keys == EXPECTED_HEAD  # the code's split is the layout written out above
     heads = tmp_path / "heads"  # site-local, outside every job's run folder
     run1 = tmp_path / "run1"
     results = simulate(job, synth.datalists, run1, head_stores=heads)
 
     server = run1 / "nvflare" / "fedper" / "server" / "simulate_job"
-    payloads = [json.loads(l) for l in (server / "metrics" / "payload_keys.jsonl").read_text().splitlines()]
-    trained = [p for p in payloads if p["task"] == "train"]
-    assert {p["site"] for p in trained} == {"site-1", "site-2"} and len(trained) == 4
-    assert all(p["keys"] for p in trained)
-    assert not any(head_keys & set(p["keys"]) for p in payloads), "a head key reached the server"
+    payloads = _audited(server)
+    # the audit saw every result it is there to check, with the weights' names: 2 rounds x 2 sites of
+    # train, 2 submit_model (cross-site evaluation), and the personal scores (no weights) at the end
+    by_task = {task: [p for p in payloads if p["task"] == task] for task in ("train", "submit_model", "personalize")}
+    assert {(p["site"], len(by_task["train"])) for p in by_task["train"]} == {("site-1", 4), ("site-2", 4)}
+    assert {p["site"] for p in by_task["submit_model"]} == {"site-1", "site-2"}
+    assert all(p["keys"] for p in by_task["train"] + by_task["submit_model"])
+    assert {p["site"] for p in by_task["personalize"]} == {"site-1", "site-2"}
+    assert all(p["keys"] == [] for p in by_task["personalize"])  # scores only
+    assert not any(EXPECTED_HEAD & set(p["keys"]) for p in payloads), "a head key reached the server"
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
         saved = torch.load(server / "app_server" / name, weights_only=False)["model"]
         assert saved and not (head_keys & set(saved))
@@ -106,8 +131,12 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
 
     stores = {s: FedPerHeadStore(heads / s, "fedper") for s in ("site-1", "site-2")}
     first = {s: st.record() for s, st in stores.items()}
-    assert all(r.encoder_round == 1 and set(r.keys) == head_keys for r in first.values())
-    assert "FedPer head new" in _site_log(run1, "site-1")
+    assert all(r.encoder_round == 1 and set(r.keys) == EXPECTED_HEAD for r in first.values())
+    assert "personal head (decoder, 12 tensors) new" in _site_log(run1, "site-1")
+    # the personal scores: each site's final encoder with its own head, as cross-site evaluation scored it
+    final_on_own_site = results.cross_site["SRV_FL_global_model.pt"]
+    for site in ("site-1", "site-2"):
+        assert results.personal[site]["val_dice"] == pytest.approx(final_on_own_site[site]["val_dice"], abs=1e-6)
 
     # the site's personalized model = global encoder + its head, usable by evaluate/predict
     model_file = personalize(results.checkpoints["final"], stores["site-1"].path, tmp_path / "site-1.ckpt")
@@ -115,10 +144,16 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     head_state = torch.load(stores["site-1"].path, weights_only=False)["state"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in head_state.items())
 
-    # a new job of the same study, new process: each site picks its head up again
+    # a new job of the same study, new process, now FedRep (head first, then the encoder, each round):
+    # each site picks its head up again, and the head still never reaches the server
     run2 = tmp_path / "run2"
-    simulate(job.replace(rounds=1), synth.datalists, run2, head_stores=heads)
-    assert "FedPer head reused" in (run2 / "nvflare" / "fedper" / "site-2" / "log.txt").read_text()
+    fedrep = tiny_job("fedrep", name="fedrep", study_name="fedper", rounds=1, local_epochs=2, features=8,
+                      roi=(32, 32, 32), cross_site_eval=False)
+    simulate(fedrep, synth.datalists, run2, head_stores=heads)
+    assert "personal head (decoder, 12 tensors) reused" in _site_log(run2, "site-2", "fedrep")
     second = stores["site-2"].record()
     # saved again by the new job (the simulator names every job "simulate_job"), at its round 0
     assert second.saved_at > first["site-2"].saved_at and second.encoder_round == 0
+    payloads = _audited(run2 / "nvflare" / "fedrep" / "server" / "simulate_job")
+    assert [p["task"] for p in payloads].count("train") == 2 and all(p["keys"] for p in payloads if p["task"] == "train")
+    assert not any(EXPECTED_HEAD & set(p["keys"]) for p in payloads)

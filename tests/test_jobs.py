@@ -34,7 +34,7 @@ def test_checked_in_job_folders_are_up_to_date():
     from fedseg.jobs.catalog import STUDY_JOBS, stale_jobs
 
     assert stale_jobs() == [], "run `fedseg jobs export` and commit jobs/<name>/"
-    assert set(STUDY_JOBS) == {"fedavg", "fedprox", "fedopt", "fedper"}
+    assert set(STUDY_JOBS) == {"fedavg", "fedprox", "fedopt", "fedper", "fedrep", "ditto", "finetune"}
 
 
 def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):
@@ -87,16 +87,10 @@ def test_fedprox_and_fedopt_have_their_own_recipes(algorithm, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_simulator_fedavg_two_sites_two_rounds(tmp_path):
-    from fedseg.run.simulate import simulate
-    from fedseg.lightning_modules.data.synth import SynthConfig, generate
+def test_simulator_fedavg_two_sites_two_rounds_then_each_site_fine_tunes(fedavg_run):
     from fedseg.lightning_modules.module import SegmentationModule
 
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
-    job = tiny_job(rounds=2, features=8, roi=(32, 32, 32), hd95=True)
-    run = tmp_path / "run"
-    results = simulate(job, synth.datalists, run)
-
+    job, synth, run, results = fedavg_run
     server = run / "nvflare" / "fedavg" / "server" / "simulate_job"
     # per-site metrics of the global model arrived for both rounds, with case-count weights
     per_site = [r for r in results.rounds if r["site"] != "mean"]
@@ -114,7 +108,7 @@ def test_simulator_fedavg_two_sites_two_rounds(tmp_path):
     assert round1["site-1"] == pytest.approx(validate_state(initial, job, synth.datalists["site-1"]), abs=1e-6)
 
     # the global model changed: the final model differs from the initial one
-    final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
+    final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     assert any(not torch.equal(initial[k], final[k]) for k in initial if initial[k].is_floating_point())
 
     # the best model is kept and loads into SegmentationModule (strict)
@@ -128,3 +122,15 @@ def test_simulator_fedavg_two_sites_two_rounds(tmp_path):
     assert {("site-1", "ET"), ("site-2", "WT"), ("MEAN", "mean")} <= set(table)
     for name in ("results.json", "results.csv", "rounds.csv", "val_dice_per_round.png"):
         assert (run / name).stat().st_size > 100
+
+    # then each site fine-tuned the final global model on its own cases, kept it and sent only its scores
+    assert set(results.personal) == {"site-1", "site-2"}
+    for site in ("site-1", "site-2"):
+        kept = run / "heads" / site / "fedavg.finetune.pt"
+        assert kept.is_file() and "fine-tuned the final global model for 2 epochs" in (
+            run / "nvflare" / "fedavg" / site / "log.txt").read_text()
+        assert 0.0 <= results.personal[site]["val_dice"] <= 1.0 and "val_dice_wt" in results.personal[site]
+        # the fine-tuned model is not the global one: its score differs from the global model's on that site
+        assert results.personal[site]["val_dice"] != pytest.approx(results.cross_site["SRV_FL_global_model.pt"][site]["val_dice"], abs=1e-7)
+    payloads = json.loads((server / "metrics" / "personal_scores.json").read_text())
+    assert payloads["failed"] == {} and payloads["missing"] == []

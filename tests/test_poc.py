@@ -1,13 +1,13 @@
-"""POC mode: a real NVFlare deployment (server + 2 named sites as processes) on a free port.
+"""POC mode: a real NVFlare deployment (server + named sites as processes) on a free port.
 
-The slow tests start real POC systems with the `nvflare` CLI (about 100 s and 25 s on 2 cores);
-every one checks that no process of its deployment is left afterwards.
+The POC FedAvg run with the `nvflare` CLI is the resilience deployment's (``test_poc_resilience.py``);
+here: the project file, site names, the isolated HOME, and the leftover-process killer.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +15,10 @@ import yaml
 
 from fedseg.run.poc import (
     ADMIN,
-    COMPLETED,
     PocDeployment,
     check_site_names,
     free_port,
     port_in_use,
-    run_poc,
     write_project_yml,
 )
 
@@ -94,106 +92,36 @@ def test_prepare_provisions_named_kits_in_an_isolated_home(tmp_path):
     assert _user_nvflare_config() == before
 
 
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_poc_fedavg_two_named_sites_with_the_nvflare_job_submit_cli(tmp_path):
-    import torch
+def test_leftover_processes_are_found_by_their_folder_and_ended_start_loops_first(tmp_path):
+    """What ``LocalDeployment`` does when a stop does not finish: every process whose command line
+    names the deployment's folder is ended, the kit's start loop first (it would restart the others)."""
+    import subprocess
+    import sys
 
-    from conftest import tiny_job
-    from fedseg.jobs.base import export
-    from fedseg.lightning_modules.data.synth import SynthConfig, generate
-    from fedseg.lightning_modules.module import SegmentationModule
+    from fedseg.run.deployment import end_processes, processes_matching
 
-    before = _user_nvflare_config()
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
-    datalists = dict(zip(SITES, (synth.datalists["site-1"], synth.datalists["site-2"])))
-    n_train = {h: int(synth.site_stats[s]["n_train"]) for h, s in zip(SITES, ("site-1", "site-2"))}
-    job = tiny_job(rounds=2, features=8, roi=(32, 32, 32))
-    job_dir = export(job, tmp_path / "jobs")
-
-    port = free_port()
-    lines: list[str] = []
-    listening: list[bool] = []
-
-    def log(line: str) -> None:
-        lines.append(line)
-        print(line, flush=True)
-        if line.startswith("[deploy] submit:") and "submitting" in line:  # right after start
-            listening.append(port_in_use(port))
-
-    result = run_poc(job_dir, datalists, port=port, workspace=tmp_path / "poc", timeout=400, log=log)
-    print("POC timings (s):", result.timings)
-
-    assert result.status == COMPLETED and result.ok, result
-    assert result.job_id and result.port == port and listening == [True]
-    assert {"prepare", "start", "submit", "wait", "download", "stop", "total"} <= set(result.timings)
-    assert all(t > 0 for t in result.timings.values())
-    assert any("start: done" in line for line in lines) and any(COMPLETED in line for line in lines)
-    server = result.server_workspace
-    assert server == result.download_dir / "workspace" and server.is_dir()
-
-    # Per-round metrics from every site; each update weighed by that site's training cases.
-    rounds = [json.loads(line) for line in (server / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1]
-    for r in rounds:
-        weights = {s["name"]: s["weight"] for s in r["sites"]}
-        assert weights == {site: float(n) for site, n in n_train.items()}
-        for s in r["sites"]:
-            dice = {m["name"]: m["value"] for m in s["metrics"]}["val_dice"]
-            assert 0.0 <= dice <= 1.0
-
-    # Every scalar the sites streamed, written by our JsonlMetricsReceiver on the server.
-    streamed = [json.loads(line) for line in (server / "metrics" / "site_metrics.jsonl").read_text().splitlines()]
-    assert {r["site"] for r in streamed} == set(SITES)
-    assert {"val_dice", "train_loss"} <= {r["key"] for r in streamed}
-    assert all(math.isfinite(r["value"]) for r in streamed)
-
-    # Cross-site evaluation: both global models and both local models scored on both sites.
-    cross = json.loads((server / "cross_site_val" / "cross_val_results.json").read_text())
-    assert set(cross) == set(SITES)
-    for scores in cross.values():
-        assert {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", *SITES} <= set(scores)
-        assert all(0.0 <= m["val_dice"] <= 1.0 for m in scores.values())
-
-    # The best global model is a SegmentationModule state dict, key for key.
-    best = torch.load(server / "app_server" / "best_FL_global_model.pt", map_location="cpu", weights_only=False)
-    final = torch.load(server / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)
-    module = SegmentationModule(**job.study.module_args())
-    module.load_state_dict(best["model"], strict=True)
-    assert any(not torch.equal(best["model"][k], final["model"][k]) for k in best["model"])  # rounds changed it
-
-    # Each site read its data from the config installed in its own kit.
-    for site in SITES:
-        log_text = result.site_logs[site].read_text()
-        assert f"[fedseg] {site}: {n_train[site]} training / 1 validation cases" in log_text
-
-    # Nothing is left running, the port is free, and the user's NVFlare config was never touched.
-    assert result.leftovers_killed == 0
-    assert not PocDeployment(tmp_path / "poc", SITES, port=port).running_processes()
-    assert not port_in_use(port)
-    assert _user_nvflare_config() == before
-
-
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_a_failure_after_start_still_ends_every_poc_process(tmp_path):
-    """An error inside the deployment, and a `nvflare poc stop` that does not finish: the processes
-    are found by their workspace path and killed."""
-    port = free_port()
-    poc = PocDeployment(tmp_path / "poc", SITES, port=port)
-    with pytest.raises(RuntimeError, match="the study failed"):
-        with poc:
-            poc.prepare()
-            poc.start()
-            running = poc.running_processes()
-            assert port_in_use(port)
-            original_stop = poc.stop
-            poc.stop = lambda timeout=180: original_stop(timeout=1)  # the CLI is cut off: no clean stop
-            raise RuntimeError("the study failed")
-    assert len(running) >= 3  # server and both sites (each a start loop and a Python process)
-    assert poc.leftovers_killed >= 3
-    assert poc.running_processes() == []
-    assert not port_in_use(port)
+    marker = str(tmp_path / "workspace" / "prod_00")
+    # a kit's start loop that restarts its "server" whenever that exits, and the "server" itself
+    loop = subprocess.Popen(["bash", "-c", f'while true; do {sys.executable} -c "import time; time.sleep(60)" '
+                             f'{marker}/server; sleep 0.2; done', "sub_start.sh", marker], start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{marker}/hospital-a"],
+                             start_new_session=True)
+    try:
+        find = lambda: processes_matching([marker])  # noqa: E731
+        deadline = time.monotonic() + 10
+        while len(find()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = find()
+        assert len(found) >= 3 and any("sub_start.sh" in cmd for _, cmd in found)
+        assert end_processes(find, grace=2.0) == len(found)
+        time.sleep(0.5)  # a start loop still alive would have restarted its server by now
+        assert find() == []
+        assert end_processes(find) == 0  # nothing left: nothing to do
+    finally:
+        for proc in (loop, other):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
 
 
 def _small_copy_of_study_job(name: str, dst: Path) -> Path:

@@ -352,6 +352,7 @@ def _wait_port_free(port: int, seconds: float = 15.0) -> bool:
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a_hospital_joins_later(tmp_path):
     from fedseg.run.poc import COMPLETED, free_port
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
@@ -361,10 +362,18 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     started = time.perf_counter()
     port = free_port()
     kits = provision(parse_consortium(_consortium_doc(port=port)), tmp_path / "kits")
-    # Another consortium (its own root CA) whose one site is pointed at the same server host and port.
-    foreign = provision(parse_consortium(_consortium_doc(port=port, name="other_study", hospitals=("intruder",),
+    # Another consortium (its own root CA) whose sites are pointed at the same server host and port:
+    # "intruder" trusts only its own root CA; "insider" trusts the consortium's real root CA too (its
+    # rootCA.pem holds both), so it accepts the server, but its own certificate is from the other CA.
+    foreign = provision(parse_consortium(_consortium_doc(port=port, name="other_study", hospitals=("intruder", "insider"),
                                                          lead="lead@other.example.org")), tmp_path / "kits")
     assert foreign.root_ca_pem() != kits.root_ca_pem()
+    insider_ca = foreign.hospital_kit("insider") / "startup" / "rootCA.pem"
+    insider_ca.write_bytes(foreign.root_ca_pem() + kits.root_ca_pem())  # its own CA first: NVFlare checks its cert with it
+    # the server admin's step: the study's jobs and snapshots in a persistent folder of the kit, not /tmp
+    from fedseg.cli import main
+
+    assert main(["provision", "server-storage", str(kits.server_kit)]) == 0
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(16, 16, 16)), tmp_path / "synth")
     job_dir = _tiny_fedper_job(tmp_path / "jobs")
 
@@ -374,6 +383,7 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
             # Its own head store: on one machine all sites share HOME, and so the default store.
             deployment.install_site_config(hospital, synth.datalists[synth_site], head_store=tmp_path / "heads" / hospital)
         deployment.start_kit(foreign.hospital_kit("intruder"))
+        deployment.start_kit(foreign.hospital_kit("insider"))
         deployment.start(timeout=240)
         job_id = deployment.submit(job_dir)
         status = deployment.wait(job_id, timeout=420)
@@ -384,7 +394,7 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
         deployment.start_kit(late_kit)
         deployment.wait_for_sites([*HOSPITALS, "hospital-c"], timeout=120)
         site_logs = deployment.site_job_logs(job_id)
-        assert len(deployment.running_processes()) >= 8  # server, 3 hospitals, intruder: loops and processes
+        assert len(deployment.running_processes()) >= 10  # server, 3 hospitals, 2 outsiders: loops and processes
     print(f"e2e timings (s): {deployment.timings}, total {time.perf_counter() - started:.1f}")
 
     assert status == COMPLETED, f"job {job_id}: {status}"
@@ -394,26 +404,43 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     assert {r["site"] for r in streamed} == set(HOSPITALS)
     assert "val_dice" in {r["key"] for r in streamed} and all(math.isfinite(r["value"]) for r in streamed)
     for hospital in HOSPITALS:
-        assert "FedPer head new" in site_logs[hospital].read_text()
+        assert "personal head (decoder, 12 tensors) new" in site_logs[hospital].read_text()
         assert (tmp_path / "heads" / hospital).is_dir()
     # FedPer: no head parameter reached the server (PayloadKeyAudit records every incoming result's keys)
     import torch
 
     from fedseg.jobs.catalog import STUDY_JOBS
 
+    from test_fedper import EXPECTED_HEAD
+
     head_keys = set(STUDY_JOBS["fedper"].personal_keys())
+    assert head_keys == EXPECTED_HEAD  # the split of the shipped job is the layout written out by hand
     payloads = [json.loads(line) for line in (server_run / "metrics" / "payload_keys.jsonl").read_text().splitlines()]
-    assert {p["site"] for p in payloads if p["task"] == "train"} == set(HOSPITALS)
-    assert head_keys and not any(head_keys & set(p["keys"]) for p in payloads)
+    weighted = [p for p in payloads if p["task"] in ("train", "submit_model")]
+    assert {(p["task"], p["site"]) for p in weighted} == {(t, h) for t in ("train", "submit_model") for h in HOSPITALS}
+    assert all(p["keys"] for p in weighted)  # the audit saw the weights' names of every result it checked
+    assert not any(head_keys & set(p["keys"]) for p in payloads)
     final = torch.load(server_run / "app_server" / "FL_global_model.pt", map_location="cpu", weights_only=False)["model"]
     assert final and not (head_keys & set(final))
 
-    # The intruder's TLS handshake fails (the server's certificate is not from its root CA), and
-    # the server never lists it; the study went on with the two real hospitals.
+    # Mutual TLS, both directions. The intruder refuses the server (the server's certificate is not from
+    # its root CA); the server refuses the insider (its client certificate is not from the consortium's
+    # CA): NVFlare drops the connection in the handshake, without a line in its own log, so the
+    # insider sees its connection reset and never registers. Neither is ever listed; the study went on.
     intruder_log = (foreign.hospital_kit("intruder") / "log.txt").read_text()
     assert "CERTIFICATE_VERIFY_FAILED" in intruder_log
+    insider_log = (foreign.hospital_kit("insider") / "log.txt").read_text()
+    assert "Connection reset by peer" in insider_log or "ServerDisconnectedError" in insider_log, insider_log[-3000:]
+    assert "Successfully registered" not in insider_log
     assert connected == sorted(HOSPITALS)
-    assert "intruder" not in (kits.server_kit / "log.txt").read_text()
+    server_log = (kits.server_kit / "log.txt").read_text()
+    assert "intruder" not in server_log and "insider" not in server_log
+
+    # The job and its snapshots were stored in the server kit's own storage, owner-only, not in /tmp.
+    storage = kits.server_kit / "storage"
+    assert (storage / "jobs" / job_id).is_dir() and (storage / "snapshots").is_dir()
+    assert stat.S_IMODE(storage.stat().st_mode) == 0o700
+    assert not Path(f"/tmp/nvflare/jobs-storage/{job_id}").exists()
 
     # Nothing is left running, the port is free, and the user's NVFlare config was never touched.
     assert deployment.running_processes() == []

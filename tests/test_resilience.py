@@ -100,14 +100,15 @@ def test_resume_point_errors_name_the_path_and_the_problem(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_from_the_checkpoint(tmp_path):
-    """Round 2: site-3 crashes (averaged without it); round 3: site-2 and site-3 crash, 1 < 2 answers:
-    the job stops with the reason. The resumed job continues from the round-2 checkpoint."""
+    """FedOpt (FedAvgM: the resilient round with a server optimizer). Round 2: site-3 crashes
+    (averaged without it); round 3: site-2 and site-3 crash, 1 < 2 answers: the job stops with the
+    reason. The resumed job continues from the round-2 checkpoint and the optimizer's momentum."""
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.run.simulate import simulate
 
     synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
-    job = tiny_job(name="study", rounds=3, min_clients=3, min_sites_per_round=2, round_timeout=120, features=8,
-                   roi=(24, 24, 24), cross_site_eval=False)
+    job = tiny_job("fedopt", name="study", rounds=3, min_clients=3, min_sites_per_round=2, round_timeout=120,
+                   features=8, roi=(24, 24, 24), cross_site_eval=False)
     drills = {"site-2": {"fault_drill": {"raise_in_rounds": [3]}}, "site-3": {"fault_drill": {"raise_in_rounds": [2, 3]}}}
     first = tmp_path / "first"
     simulate(job, synth.datalists, first, site_settings=drills)
@@ -126,7 +127,16 @@ def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_fr
     assert point.rounds_done == 2
     checkpoint = tmp_path / "round2.pt"
     checkpoint.write_bytes(point.checkpoint.read_bytes())
-    assert summary["reason"] in (first / "nvflare" / "study" / "server" / "log.txt").read_text()
+    server_log = (first / "nvflare" / "study" / "server" / "log.txt").read_text()
+    assert summary["reason"] in server_log
+    # the server optimizer made both rounds' global models, on every trainable parameter
+    from fedseg.app.resilient_fedopt import OPTIMIZER_STATE_FILE
+    from fedseg.lightning_modules.module import SegmentationModule
+
+    n_params = len(list(SegmentationModule(**job.study.module_args()).parameters()))
+    for k in (0, 1):
+        assert f"server model update round {k}, " in server_log and f"fedopt layers: {n_params}, fedavg layers: 0" in server_log
+    assert (point.checkpoint.parent / OPTIMIZER_STATE_FILE).is_file()  # its momentum, beside the checkpoint
 
     # resume without the drills: only round 3 runs, starting from the round-2 global model
     second = tmp_path / "second"
@@ -135,6 +145,8 @@ def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_fr
     server = second / "nvflare" / "study" / "server" / "simulate_job"
     summary = json.loads((server / "metrics" / "participation_summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_run"] == [3]
+    assert "server optimizer state of round 2 restored from fedopt_optimizer.pt" in (
+        second / "nvflare" / "study" / "server" / "log.txt").read_text()
     assert find_resume_point(second).rounds_done == 3
     # what each site validated at the start of round 3 is exactly the round-2 checkpoint (not a fresh model)
     received = {r["site"]: r["val_dice"] for r in results.rounds if r["site"] != "mean"}

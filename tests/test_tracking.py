@@ -14,7 +14,6 @@ from conftest import tiny_job
 from fedseg.jobs.addons import Addons
 from fedseg.jobs.base import export
 from fedseg.lightning_modules.data.datalist import read_datalist
-from fedseg.lightning_modules.data.synth import SynthConfig, generate
 from fedseg.lightning_modules.tracking import SHARED_CONFIG_KEYS, sanitize_config
 
 PER_REGION = {f"val_{m}_{r}" for m in ("dice", "iou", "hd95") for r in ("et", "tc", "wt")}
@@ -121,23 +120,14 @@ def test_exported_wandb_job_has_the_receiver_and_no_credentials(tmp_path, monkey
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path_factory.mktemp("wb") / "synth")
+def federated_run(fedavg_run):
+    """The shared FedAvg job's run folder (``conftest.fedavg_run``: W&B offline on the server)."""
+    return fedavg_run[2]
 
 
 @pytest.fixture(scope="module")
-def federated_run(synth, tmp_path_factory):
-    from fedseg.run.simulate import simulate
-
-    run = tmp_path_factory.mktemp("wb") / "run"
-    job = tiny_job(rounds=2, features=8, roi=(32, 32, 32), hd95=True, cross_site_eval=False,
-                   addons=Addons(wandb="offline"))
-    env = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", "WANDB_MODE") if k in os.environ}
-    try:
-        simulate(job, synth.datalists, run)
-    finally:
-        os.environ.update(env)
-    return run
+def synth(fedavg_run):
+    return fedavg_run[1]
 
 
 @pytest.mark.e2e

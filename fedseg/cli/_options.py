@@ -73,9 +73,17 @@ def study_from_args(args: argparse.Namespace) -> StudyConfig:
     return profile(args.profile).override(**given)
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "") -> None:
-    """One option per field of ``cls`` (a settings dataclass with ``setting`` fields), default its default."""
+def add_dataclass_options(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
+                          seen: set[str] | None = None) -> None:
+    """One option per field of ``cls`` (a settings dataclass with ``setting`` fields), default its default.
+
+    ``seen``: field names already made options (by another algorithm's options with the same field,
+    e.g. FedPer's and FedRep's ``personal_head``): they are one option, read by both."""
     for f in dataclasses.fields(cls):
+        if seen is not None:
+            if f.name in seen:
+                continue
+            seen.add(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         add_field_option(parser, f, default, prefix=prefix)
 
@@ -110,10 +118,11 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--job", choices=list(ALGORITHMS), default="fedavg",
                        help="fedavg, fedprox (site proximal term), fedopt (server optimizer), fedper (personal "
                        "heads) or fedavg-he (CKKS-encrypted aggregation; POC and real sites only) (default: fedavg)")
+    seen: set[str] = set()
     for name in ALGORITHMS:
         options = algorithm(name).options
         if options is not None:
-            add_dataclass_options(group, options)
+            add_dataclass_options(group, options, seen=seen)
     addons = parser.add_argument_group("job add-ons")
     addons.add_argument("--wandb", choices=list(WANDB_MODES), default="off",
                         help="Weights & Biases tracking on the server, one run per site (sites need no credentials): "

@@ -24,16 +24,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--datalists", type=Path, nargs="+", default=None, help="one datalist per site (site-N.json -> site-N)")
     cmp.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
     cmp.add_argument("--methods", nargs="+", default=["centralized", "local", "fedavg", "fedper"], metavar="METHOD",
-                     help="any of centralized, local, fedavg, fedprox, fedopt, fedper, contribution, fedavg-svt, "
-                     "fedavg-percentile, grouped, grouped-shared (default: %(default)s)")
+                     help="any of centralized, centralized-steps (as many optimizer steps as one site), local, fedavg, "
+                     "fedprox, fedopt, fedper (fedper-output, fedper-last: "
+                     "smaller personal heads), fedrep, ditto, finetune, contribution, fedavg-svt, fedavg-percentile, "
+                     "grouped, grouped-shared (default: %(default)s)")
     cmp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                      help="run the whole comparison once per seed (OUT/seed-<s>/, instead of --seed) and "
                      "summarize mean ± sd over seeds and each method's difference to fedavg paired by seed "
                      "(OUT/seeds.txt|csv|json)")
     add_study_options(cmp, "demo")
     options = cmp.add_argument_group("options of the federated methods")
+    seen: set[str] = set()
     for cls in _algorithm_option_classes():
-        add_dataclass_options(options, cls)
+        add_dataclass_options(options, cls, seen=seen)
     cmp.set_defaults(func=run_compare, site_group=[])
 
 

@@ -4,8 +4,13 @@ Every method trains the same network with the same optimizer settings, and every
 passes through the network the same number of times, ``rounds x local_epochs``:
 
 - centralized: one run on the union of the sites' training cases for ``R x E`` epochs;
+- centralized-steps: the same for ``R x E / K`` epochs (K sites): as many optimizer steps as one
+  federated site takes, the fair reference for "does the federated path lose anything";
 - local: each site alone, for ``R x E`` epochs (one model per site);
-- fedavg / fedprox / fedopt / fedper: ``R`` rounds of ``E`` local epochs in NVFlare's simulator;
+- fedavg / fedprox / fedopt: ``R`` rounds of ``E`` local epochs in NVFlare's simulator;
+- the personalized methods fedper (and fedper-output, fedper-last: smaller personal heads), fedrep,
+  ditto and finetune: the same rounds, each site ending with its own personal model (Ditto trains a
+  second model per site and fine-tuning adds ``finetune_epochs``: their site compute is larger);
 - contribution, fedavg-svt, fedavg-percentile, grouped, grouped-shared: FedAvg with
   contribution-weighted aggregation, with an SVT or percentile privacy filter at the sites, or with
   one model per site group (the group each datalist's ``meta.group`` names, as the synthetic
@@ -14,8 +19,10 @@ passes through the network the same number of times, ``rounds x local_epochs``:
 Every cosine schedule spans ``R x E`` epochs (the FL sites' ``max_epochs`` is the same product).
 
 Scoring: each method's FINAL model (not its best) on each site's OWN validation cases. A federated
-job's final global model is what NVFlare's cross-site evaluation scores (``SRV_FL_global_model.pt``);
-for FedPer that is the global encoder with the scoring site's own head, i.e. the personalized score.
+job's final global model is what NVFlare's cross-site evaluation scores (``SRV_FL_global_model.pt``).
+A personalized method is scored by each site's PERSONAL model (the final encoder with its own head,
+its Ditto model, its fine-tuned model), which the site scores on its own validation cases at the
+end of the job (``metrics/personal_scores.json``).
 Centralized and local runs are scored by ``evaluate_checkpoint`` on their ``last.ckpt`` (local:
 site k's model on site k). Picking ``best.ckpt`` instead would select on the very cases it is scored
 on, an advantage the federated final model does not get. Both paths compute ``RegionMetrics``
@@ -27,7 +34,8 @@ Run folder::
     OUT/comparison.json, comparison.csv   method, site, region (ET, TC, WT, mean), dice, iou, hd95;
                                           per method also site "MEAN" and "WORST (<site>)"
     OUT/comparison.png                    mean Dice per site per method (grouped bars)
-    OUT/verdict.txt                       who won on which site; FedPer vs FedAvg per site
+    OUT/verdict.txt                       who won on which site; each personalized method vs FedAvg
+                                          and vs local-only training, per site
     OUT/centralized/                      a ``fedseg train`` run folder, eval/<site>/ its scores
     OUT/local/<site>/                     a ``fedseg train`` run folder per site, eval/ its scores
     OUT/<fl method>/                      a ``fedseg simulate`` run folder
@@ -62,6 +70,11 @@ FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
     "fedprox": {"algorithm": "fedprox"},
     "fedopt": {"algorithm": "fedopt"},
     "fedper": {"algorithm": "fedper"},
+    "fedper-output": {"algorithm": "fedper", "options": {"personal_head": "output"}},
+    "fedper-last": {"algorithm": "fedper", "options": {"personal_head": "last"}},
+    "fedrep": {"algorithm": "fedrep"},
+    "ditto": {"algorithm": "ditto"},
+    "finetune": {"algorithm": "finetune"},
     "contribution": {"algorithm": "fedavg", "addons": {"contribution": {}}},
     "fedavg-svt": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "svt"}}},
     "fedavg-percentile": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "percentile"}}},
@@ -69,7 +82,11 @@ FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
     "grouped-shared": {"algorithm": "fedavg", "addons": {"groups": {"share_encoder": True}}},
 }
 FL_METHODS: tuple[str, ...] = tuple(FL_METHOD_JOBS)
-METHODS: tuple[str, ...] = ("centralized", "local", *FL_METHODS)
+#: centralized training with as many optimizer steps as each federated site takes: budget / sites epochs
+CENTRALIZED_STEPS = "centralized-steps"
+#: the methods scored by each site's personal model
+PERSONALIZED: tuple[str, ...] = ("fedper", "fedper-output", "fedper-last", "fedrep", "ditto", "finetune")
+METHODS: tuple[str, ...] = ("centralized", CENTRALIZED_STEPS, "local", *FL_METHODS)
 DEFAULT_METHODS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedper")
 #: regions of the tables: the three scoring regions, then their per-case mean (``val_dice``)
 TABLE_REGIONS: tuple[str, ...] = (*REGIONS, "mean")
@@ -112,18 +129,17 @@ class CompareSettings:
 
     def to_json(self) -> dict[str, Any]:
         """Every training setting by name (the synthetic-data settings are not part of a method's
-        training), and each algorithm's options: what a method's scores were made with."""
+        training); a federated method's fingerprint adds its own job (``method_job``)."""
         from fedseg.config import FIELD_SECTION
 
-        from fedseg.jobs.base import ALGORITHMS, algorithm
+        return {k: v for k, v in self.study.flat().items() if FIELD_SECTION.get(k) != "synth"}
 
-        doc = {k: v for k, v in self.study.flat().items() if FIELD_SECTION.get(k) != "synth"}
-        options = {}
-        for name in ALGORITHMS:  # every algorithm's options, its defaults where none were given
-            chosen = self.options.get(name) or algorithm(name).default_options()
-            if chosen is not None:
-                options[name] = json.loads(json.dumps(dataclasses.asdict(chosen)))
-        return {**doc, "options": options}
+    def method_job(self, method: str) -> dict[str, Any] | None:
+        """What a federated method runs beyond the study settings: its algorithm, options and add-ons."""
+        if method not in FL_METHOD_JOBS:
+            return None
+        job = self.job(method, n_sites=2)
+        return {"algorithm": job.algorithm, "options": job.options_json(), "addons": job.addons.to_json()}
 
     def train_config(self, datalists: list[Path], out: Path, data_root: Path | None) -> Any:
         """The ``TrainConfig`` of a centralized (several datalists) or local-only run."""
@@ -136,9 +152,16 @@ class CompareSettings:
         from fedseg.jobs.addons import Addons
         from fedseg.jobs.base import Job
 
+        from fedseg.jobs.base import algorithm
+
         spec = FL_METHOD_JOBS[method]
-        return Job(algorithm=spec["algorithm"], study=self.study, name=method, min_clients=n_sites,
-                   options=self.options.get(spec["algorithm"]), addons=Addons.from_json(spec.get("addons", {})))
+        name = spec["algorithm"]
+        options = self.options.get(name) or algorithm(name).default_options()
+        if spec.get("options"):  # the method's own variant of the algorithm's options
+            options = dataclasses.replace(options, **spec["options"])
+        return Job(algorithm=name, study=self.study, name=method, min_clients=n_sites, options=options,
+                   addons=Addons.from_json(spec.get("addons", {})),
+                   cross_site_eval=not algorithm(name).personal)  # those are scored by their personal models
 
 
 @dataclass
@@ -214,7 +237,8 @@ class ComparisonResults:
         return "\n".join(lines)
 
     def verdict(self) -> str:
-        """In words: the winner on every site, the best method overall, and FedPer vs FedAvg per site."""
+        """In words: the winner on every site, the best method overall, and each personalized method
+        against FedAvg and against local-only training, per site."""
         s = self.settings
         lines = [
             f"Budget: every training case seen {s.epochs} times per method "
@@ -232,25 +256,22 @@ class ComparisonResults:
         top_mean, top_worst = max(means, key=lambda m: _nan_low(means[m])), max(worsts, key=worsts.get)
         lines.append(f"Across sites: {top_mean} has the best mean ({means[top_mean]:.4f}), "
                      f"{top_worst} the best worst site ({worsts[top_worst]:.4f}).")
-        if "fedper" in self.methods and "fedavg" in self.methods:
-            diffs = {st: self.mean_dice("fedper", st) - self.mean_dice("fedavg", st) for st in self.sites}
-            wins = sum(d > 0 for d in diffs.values())
-            per_site = "; ".join(
-                f"{st} {self.mean_dice('fedper', st):.4f} vs {self.mean_dice('fedavg', st):.4f} "
-                f"({d:+.4f}, {_better(d, 'FedPer', 'FedAvg')})" for st, d in diffs.items()
-            )
-            lines.append(f"FedPer vs FedAvg: {per_site}.")
-            lines.append(f"FedPer beats FedAvg on {wins} of {len(diffs)} sites; mean difference "
-                         f"{_nanmean(list(diffs.values())):+.4f}.")
-            # per region: a site whose raters draw one region differently should gain on that region
-            by_region = "; ".join(
-                f"{st} " + " ".join(
-                    f"{r} {self.methods['fedper'].scores[st][r]['dice'] - self.methods['fedavg'].scores[st][r]['dice']:+.4f}"
-                    for r in REGIONS
-                )
-                for st in self.sites
-            )
-            lines.append(f"FedPer - FedAvg Dice per region: {by_region}.")
+        for method in (m for m in self.methods if m in PERSONALIZED):
+            for reference in ("fedavg", "local"):
+                if reference not in self.methods:
+                    continue
+                diffs = {st: self.mean_dice(method, st) - self.mean_dice(reference, st) for st in self.sites}
+                per_site = "; ".join(f"{st} {d:+.4f}" for st, d in diffs.items())
+                lines.append(f"{method} - {reference}: mean {_nanmean(list(diffs.values())):+.4f}, better on "
+                             f"{sum(d > 0 for d in diffs.values())} of {len(diffs)} sites ({per_site}).")
+            if "fedavg" in self.methods:
+                # per region: a site whose raters draw one region differently should gain on that region
+                by_region = "; ".join(
+                    f"{st} " + " ".join(
+                        f"{r} {self.methods[method].scores[st][r]['dice'] - self.methods['fedavg'].scores[st][r]['dice']:+.4f}"
+                        for r in REGIONS)
+                    for st in self.sites)
+                lines.append(f"{method} - fedavg Dice per region: {by_region}.")
         for variant in ("contribution", "fedavg-svt", "fedavg-percentile", "grouped", "grouped-shared"):
             if variant in self.methods and "fedavg" in self.methods:
                 diffs = {st: self.mean_dice(variant, st) - self.mean_dice("fedavg", st) for st in self.sites}
@@ -316,7 +337,7 @@ def compare(
     for i, method in enumerate(methods, 1):
         run_dir = out / method
         # a federated method's job options are part of what its scores were made with
-        method_fingerprint = {**fingerprint, "job": FL_METHOD_JOBS.get(method)}
+        method_fingerprint = {**fingerprint, "job": settings.method_job(method)}
         previous = _finished(run_dir, method_fingerprint)
         if previous is not None:
             progress(f"[compare] {i}/{len(methods)} {method}: done earlier ({run_dir / SCORES_FILE}), not run again")
@@ -326,6 +347,8 @@ def compare(
         started = time.time()
         if method == "centralized":
             scores, source = _run_centralized(sites, run_dir, settings, root)
+        elif method == CENTRALIZED_STEPS:
+            scores, source = _run_centralized(sites, run_dir, settings, root, epochs=_equal_steps_epochs(settings, sites))
         elif method == "local":
             scores, source = _run_local(sites, run_dir, settings, root, progress)
         else:
@@ -344,6 +367,9 @@ def compare(
 def _plan(method: str, s: CompareSettings, n_sites: int) -> str:
     if method == "centralized":
         return f"one model on the union of {n_sites} sites' cases, {s.epochs} epochs"
+    if method == CENTRALIZED_STEPS:
+        return (f"one model on the union of {n_sites} sites' cases, {max(1, round(s.epochs / n_sites))} epochs "
+                "(the optimizer steps of one site)")
     if method == "local":
         return f"one model per site on its own cases, {s.epochs} epochs each"
     fed = s.study.federation
@@ -391,19 +417,21 @@ def _finished(run_dir: Path, fingerprint: dict[str, Any]) -> MethodScores | None
 
 def _train_and_score(
     datalists: list[Path], run_dir: Path, settings: CompareSettings, data_root: Path | None,
-    score_on: dict[str, Path],
+    score_on: dict[str, Path], epochs: int | None = None,
 ) -> Scores:
     """Train (or resume) a run, then score its final model (``last.ckpt``) on each given site."""
     from fedseg.lightning_modules.training import train
 
     cfg = settings.train_config(datalists, run_dir, data_root)
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
     config_file = run_dir / "config.json"
     if config_file.exists() and json.loads(config_file.read_text()) != cfg.to_json():
         raise ComparisonError(f"{config_file}: an unfinished run with other settings; delete {run_dir} to start it again")
     results = train(cfg)
     last = results.get("last_checkpoint")
-    if not last or results["epochs_done"] < settings.epochs:
-        raise ComparisonError(f"{run_dir}: training stopped after {results['epochs_done']} of {settings.epochs} epochs")
+    if not last or results["epochs_done"] < cfg.epochs:
+        raise ComparisonError(f"{run_dir}: training stopped after {results['epochs_done']} of {cfg.epochs} epochs")
     return {site: _score_checkpoint(last, datalist, run_dir / "eval" / site, settings, data_root)
             for site, datalist in score_on.items()}
 
@@ -424,9 +452,21 @@ def _score_checkpoint(
     }
 
 
-def _run_centralized(sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None) -> tuple[Scores, str]:
-    scores = _train_and_score(list(sites.values()), run_dir, s, root, sites)
-    return scores, "centralized/checkpoints/last.ckpt, evaluate_checkpoint on each site's validation cases"
+def _run_centralized(
+    sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None, epochs: int | None = None
+) -> tuple[Scores, str]:
+    scores = _train_and_score(list(sites.values()), run_dir, s, root, sites, epochs=epochs)
+    return scores, (f"{run_dir.name}/checkpoints/last.ckpt ({epochs or s.epochs} epochs), evaluate_checkpoint "
+                    "on each site's validation cases")
+
+
+def _equal_steps_epochs(s: CompareSettings, sites: dict[str, Path]) -> int:
+    """Epochs of centralized training with the optimizer steps of one federated site.
+
+    A site of K similar sites holds about 1/K of the pool, so ``budget`` epochs of its cases take as
+    many steps as ``budget / K`` epochs of the pool (rounded, at least 1).
+    """
+    return max(1, round(s.epochs / len(sites)))
 
 
 def _run_local(
@@ -465,12 +505,13 @@ def _run_federated(
                 raise ComparisonError(f"{run_dir}: no final model of group {groups[site]} (site {site})")
             scores[site] = _score_checkpoint(checkpoint, datalist, run_dir / "eval" / site, s, root)
         return scores, "grouped: each site's group's final model, evaluate_checkpoint on the site's validation cases"
-    final = results.cross_site.get(FINAL_MODEL, {})
+    personal = job.spec.personal
+    final = results.personal if personal else results.cross_site.get(FINAL_MODEL, {})
     missing = [site for site in sites if "val_dice" not in final.get(site, {})]
     if missing:
+        what = "its personal model" if personal else "the final global model"
         raise ComparisonError(
-            f"{run_dir}: cross-site evaluation has no score of the final global model on {', '.join(missing)} "
-            f"(see the site logs under {run_dir / 'nvflare' / method})"
+            f"{run_dir}: no score of {what} on {', '.join(missing)} (see the site logs under {run_dir / 'nvflare' / method})"
         )
     scores = {
         site: {
@@ -480,8 +521,9 @@ def _run_federated(
         }
         for site in sites
     }
-    what = "global encoder + the site's own head" if method == "fedper" else "global model"
-    return scores, f"{method}: cross-site evaluation of the final {what} ({FINAL_MODEL}) on each site's validation cases"
+    if personal:
+        return scores, f"{method}: each site's personal model on its own validation cases (metrics/personal_scores.json)"
+    return scores, f"{method}: cross-site evaluation of the final global model ({FINAL_MODEL}) on each site's validation cases"
 
 
 def plot_comparison(results: ComparisonResults, out: Path) -> Path:

@@ -8,6 +8,8 @@ download's ``workspace``):
 - ``cross_site_val/cross_val_results.json``: every model scored on every site;
 - ``metrics/participation_summary.json``: which site answered, failed or was missing in which round
   (``fedseg.app.resilient_fedavg``);
+- ``metrics/personal_scores.json``: personalized methods: each site's personal model on its own
+  validation cases;
 - ``app_server/best_FL_global_model.pt`` and ``FL_global_model.pt``.
 
 Writes to the run folder::
@@ -33,6 +35,8 @@ from fedseg.lightning_modules.labels import REGIONS
 
 FINAL_MODEL = "SRV_FL_global_model.pt"
 BEST_MODEL = "SRV_best_FL_global_model.pt"
+#: the table of the personalized methods' personal models (one per site)
+PERSONAL = "personal"
 
 
 class ResultsError(RuntimeError):
@@ -50,6 +54,7 @@ class FederatedResults:
     checkpoints: dict[str, str] = field(default_factory=dict)
     participation: dict[str, Any] = field(default_factory=dict)  # participation_summary.json, if any
     last_val_dice: dict[str, float] = field(default_factory=dict)  # site -> last val_dice it streamed
+    personal: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> its personal model's scores
 
     def missed_rounds(self) -> dict[str, dict[str, str]]:
         """``site -> {round: why}`` for every site that missed a round (empty when none did)."""
@@ -57,9 +62,10 @@ class FederatedResults:
         return {site: entry["why"] for site, entry in sites.items() if entry.get("rounds_missed")}
 
     def final_table(self, model: str = FINAL_MODEL) -> list[dict[str, Any]]:
-        """Rows ``{site, region, dice, iou, hd95}`` of ``model`` on every site, plus mean and worst."""
+        """Rows ``{site, region, dice, iou, hd95}`` of ``model`` on every site, plus mean and worst
+        (``model`` "personal": each site's personal model)."""
         rows = []
-        scores = self.cross_site.get(model, {})
+        scores = self.personal if model == PERSONAL else self.cross_site.get(model, {})
         for site in self.sites:
             metrics = scores.get(site, {})
             for region in (*REGIONS, "mean"):
@@ -91,6 +97,7 @@ class FederatedResults:
             "sites": self.sites,
             "final_global_model": self.final_table(FINAL_MODEL),
             "best_global_model": self.final_table(BEST_MODEL),
+            "personal_models": self.final_table(PERSONAL) if self.personal else [],
             "cross_site_val_dice": {m: {s: v.get("val_dice") for s, v in by_site.items()} for m, by_site in self.cross_site.items()},
             "rounds": self.rounds,
             "checkpoints": self.checkpoints,
@@ -179,11 +186,17 @@ def collect_results(
         raise ResultsError(f"{server_dir}: not a server job folder (no app_server/ or metrics/)")
     rounds = read_round_metrics(server_dir)
     cross = read_cross_site(server_dir)
-    sites = sorted({r["site"] for r in rounds if r["site"] != "mean"} | {s for m in cross.values() for s in m})
+    personal_file = server_dir / "metrics" / "personal_scores.json"
+    personal_sites = set(json.loads(personal_file.read_text()).get("scores", {})) if personal_file.is_file() else set()
+    sites = sorted({r["site"] for r in rounds if r["site"] != "mean"} | {s for m in cross.values() for s in m}
+                   | personal_sites)
     results = FederatedResults(rounds=rounds, cross_site=cross, sites=sites, job=job or {})
     summary = server_dir / "metrics" / "participation_summary.json"
     if summary.is_file():
         results.participation = json.loads(summary.read_text())
+    personal = server_dir / "metrics" / "personal_scores.json"
+    if personal.is_file():
+        results.personal = json.loads(personal.read_text()).get("scores", {})
     streamed = server_dir / "metrics" / "site_metrics.jsonl"
     if streamed.is_file():
         for line in streamed.read_text().splitlines():
@@ -208,6 +221,8 @@ def collect_results(
     (out / "results.json").write_text(json.dumps(results.to_json(), indent=2, default=str) + "\n")
     table = [{"model": "final", **r} for r in results.final_table(FINAL_MODEL)]
     table += [{"model": "best", **r} for r in results.final_table(BEST_MODEL)]
+    if results.personal:
+        table += [{"model": "personal", **r} for r in results.final_table(PERSONAL)]
     write_rows(out / "results.csv", table, first=("model", "site", "region", "dice", "iou", "hd95"))
     if rounds:
         write_rows(out / "rounds.csv", rounds, first=("round", "site", "val_dice"))
@@ -246,6 +261,12 @@ def plot_rounds(results: FederatedResults, out: Path) -> Path:
 def format_table(results: FederatedResults, model: str = FINAL_MODEL) -> str:
     """The final per-site x region table and the cross-site val_dice matrix, as text."""
     lines: list[str] = []
+    if results.personal:  # a personalized method: each site's own model is what it uses
+        lines += ["personal models (each site's own, on its own validation cases)",
+                  f"{'site':<22}{'region':<8}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}", "-" * 56]
+        for r in results.final_table(PERSONAL):
+            lines.append(f"{r['site']:<22}{r['region']:<8}{r['dice']:>8.4f}{r['iou']:>8.4f}{r['hd95']:>10.2f}")
+        lines.append("")
     if results.cross_site:
         lines += [f"{'site':<22}{'region':<8}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}", "-" * 56]
         for r in results.final_table(model):
