@@ -26,8 +26,11 @@ STUDY_JOBS: dict[str, Job] = {
 
 
 def export_all(out_dir: Path = JOBS_DIR) -> list[Path]:
-    """Export every study job to ``out_dir/<name>``; returns the job folders."""
-    return [export(job, out_dir) for job in STUDY_JOBS.values()]
+    """Export every study job, and the federated statistics job (``jobs/stats``), to ``out_dir/<name>``;
+    returns the job folders."""
+    from fedseg.jobs.stats import export_stats
+
+    return [*(export(job, out_dir) for job in STUDY_JOBS.values()), export_stats(out_dir)]
 
 
 def job_files(folder: Path) -> dict[str, bytes]:

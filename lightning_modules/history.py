@@ -110,3 +110,37 @@ def plot_curves(rows: list[dict[str, Any]], out: Path | str, *, x: str = "epoch"
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+class EpochLines(pl.Callback):
+    """One progress line per ``every`` epochs (and the last): epoch k/n, train loss, val_dice, time left.
+
+    ``print_line`` is where the lines go (``fedseg.run.console.Console.print``); Lightning's own
+    progress bar is off in a quiet run, since it draws on the terminal the libraries' logs no longer use.
+    """
+
+    def __init__(self, print_line: Any, every: int = 1, label: str = "") -> None:
+        self.print_line = print_line
+        self.every = max(1, every)
+        self.label = label
+        self._started = 0.0
+        self._first_epoch = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        self._started, self._first_epoch = time.monotonic(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        epoch, total = trainer.current_epoch + 1, trainer.max_epochs
+        if epoch % self.every and epoch != total:
+            return
+        metrics = trainer.callback_metrics
+        done = epoch - self._first_epoch
+        left = (time.monotonic() - self._started) / done * (total - epoch) if done else 0.0
+        parts = [f"{self.label}epoch {epoch}/{total}"]
+        parts += [f"{name} {float(metrics[name]):.4f}" for name in ("train_loss", "val_dice") if name in metrics]
+        parts.append(f"about {int(left // 60)} min {int(left % 60):02d} s left" if left >= 1 else "")
+        self.print_line("  ".join(p for p in parts if p))

@@ -27,7 +27,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fedseg.config import MODALITIES, StudyConfig
 from fedseg.lightning_modules.data.datalist import Datalist, merge_datalists, read_datalist, write_json_atomic
-from fedseg.lightning_modules.history import MetricsHistory, plot_curves, read_rows
+from fedseg.lightning_modules.history import EpochLines, MetricsHistory, plot_curves, read_rows
 from fedseg.lightning_modules.tracking import make_wandb_logger
 
 
@@ -120,10 +120,12 @@ def build_datamodule(study: StudyConfig, datalist: Datalist, cache_dir: Path | N
                                               num_workers=d.num_workers, cache_dir=cache_dir))
 
 
-def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, loggers: list[Any] | None = None, console: Any = None) -> dict[str, Any]:
     """Train (or resume from ``checkpoints/last.ckpt``) a run; returns ``results.json``'s contents.
 
     ``loggers`` are extra Lightning loggers (e.g. W&B); the run folder's own files need none.
+    ``console``: where one progress line per epoch goes (``fedseg.run.console.Console``) instead of
+    Lightning's progress bar.
     """
     pl.seed_everything(cfg.study.seed, workers=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -140,13 +142,16 @@ def train(cfg: TrainConfig, loggers: list[Any] | None = None) -> dict[str, Any]:
     best = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val_dice", mode="max", save_last=True, save_top_k=1
     )
+    callbacks: list[Any] = [best, MetricsHistory(cfg.out / "metrics.csv")]
+    if console is not None:
+        callbacks.append(EpochLines(console.print, every=max(1, cfg.epochs // 10)))
     trainer = make_trainer(
         cfg.out,
         cfg.epochs,
         accelerator=cfg.accelerator,
-        callbacks=[best, MetricsHistory(cfg.out / "metrics.csv")],
+        callbacks=callbacks,
         logger=loggers or False,
-        progress=cfg.progress,
+        progress=cfg.progress and console is None,
     )
     last = ckpt_dir / "last.ckpt"
     if wandb_logger is not None:  # the case count a federated site's W&B run carries per round

@@ -53,6 +53,10 @@ class LocalKitDeployment(LocalDeployment):
     def site_kit(self, site: str) -> Path:
         return self.kits.hospital_kit(site)
 
+    @property
+    def server_kit(self) -> Path:
+        return self.kits.server_kit
+
     # ---------------------------------------------------------------- start and status
 
     def start_kit(self, kit: Path) -> None:

@@ -31,10 +31,11 @@ def test_nvflare_export_check_still_rejects_mapped_packages_without_our_workarou
 
 
 def test_checked_in_job_folders_are_up_to_date():
-    from fedseg.jobs.catalog import STUDY_JOBS, stale_jobs
+    from fedseg.jobs.catalog import JOBS_DIR, STUDY_JOBS, stale_jobs
 
     assert stale_jobs() == [], "run `fedseg jobs export` and commit jobs/<name>/"
     assert set(STUDY_JOBS) == {"fedavg", "fedprox", "fedopt", "fedper", "fedrep", "ditto", "finetune"}
+    assert (JOBS_DIR / "stats" / "meta.json").is_file()  # and the federated statistics job
 
 
 def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):

@@ -3,6 +3,7 @@ refuses its data neither stops, hangs nor leaks anything to the server.
 
 One POC deployment (real server and site processes, mutual TLS, ``nvflare job submit``) runs:
 
+0. the federated statistics job (``jobs/stats``'s definition): per site, only aggregates arrive;
 1. a 3-round FedAvg job in which hospital-b's training raises in round 2 (a fault drill in its own
    site config) and every process of hospital-c is killed with SIGKILL during round 3 (while a
    drill holds its training, so that the kill surely lands mid-round): the job
@@ -97,6 +98,22 @@ def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_d
             }.get(site, {})
             poc.install_site_config(site, datalist, cache_dir=tmp_path / "cache" / site, **extra)
         poc.start()
+
+        # --- 0. federated statistics of the sites' images: aggregates per site, histograms per modality
+        from fedseg.app.site_statistics import CASES, VOXELS
+        from fedseg.jobs.stats import StatsSettings, export_stats
+        from fedseg.run.statistics import collect_stats
+
+        job_id = poc.submit(export_stats(jobs, StatsSettings(min_count=2)))  # 3 cases a site
+        assert poc.wait(job_id, timeout=300) == COMPLETED
+        stats = collect_stats(poc.download(job_id, tmp_path / "download") / "workspace", tmp_path / "stats")
+        assert stats.sites == sorted(SITES)
+        for site in SITES:
+            assert stats.value("wt_ml", "count", site, CASES) == 3 and stats.value("wt_ml", "mean", site, CASES) > 0
+            for modality in ("t1", "t1ce", "t2", "flair"):
+                histogram = stats.value(modality, "histogram", site, VOXELS)
+                assert len(histogram) == 40 and sum(count for _, _, count in histogram) > 1000
+        assert (tmp_path / "stats" / "stats_intensity.png").stat().st_size > 10000
 
         # --- 1. a crash in hospital-b's round 2, hospital-c killed in round 3: the job completes
         job_id = poc.submit(export(tiny_job("resilient", rounds=3), jobs))

@@ -175,3 +175,10 @@ def job_from_args(args: argparse.Namespace, study: StudyConfig, *, min_clients: 
     options = algorithm_options_from_args(args).get(args.job)
     return Job(algorithm=args.job, study=study, name=name or args.job, min_clients=min_clients, options=options,
                addons=addons)
+
+
+def add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``: stream NVFlare's and Lightning's logs instead of keeping them in the run's log file."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream NVFlare's and Lightning's own logs to the terminal (default: OUT/logs/, "
+                        "with one live progress display here)")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedseg.cli import UserError
-from fedseg.cli._options import add_dataclass_options, add_study_options
+from fedseg.cli._options import add_dataclass_options, add_study_options, add_verbose_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="run the whole comparison once per seed (OUT/seed-<s>/, instead of --seed) and "
                      "summarize mean ± sd over seeds and each method's difference to fedavg paired by seed "
                      "(OUT/seeds.txt|csv|json)")
+    add_verbose_option(cmp)
     add_study_options(cmp, "demo")
     options = cmp.add_argument_group("options of the federated methods")
     seen: set[str] = set()
@@ -53,16 +54,24 @@ def run_compare(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.check import DatasetCheckError
     from fedseg.lightning_modules.data.datalist import DatalistError
 
+    from fedseg.run.console import quiet_console
+
     study = study_or_error(args)
     datalists = site_datalists(args, study)
+    log_file = args.out / "logs" / "compare.log"
     try:
         settings = CompareSettings(study=study, options=algorithm_options_from_args(args))
-        if args.seeds:
-            from fedseg.experiments.seed_sweep import sweep_seeds
+        with quiet_console(log_file, verbose=args.verbose) as console:
+            if not args.verbose:
+                console.print(f"NVFlare's and Lightning's logs: {log_file}")
+            if args.seeds:
+                from fedseg.experiments.seed_sweep import sweep_seeds
 
-            sweep = sweep_seeds(datalists, args.out, settings, args.seeds, methods=args.methods, data_root=args.data_root)
-        else:
-            results = compare(datalists, args.out, settings, methods=args.methods, data_root=args.data_root)
+                sweep = sweep_seeds(datalists, args.out, settings, args.seeds, methods=args.methods,
+                                    data_root=args.data_root, progress=console.print, console=console)
+            else:
+                results = compare(datalists, args.out, settings, methods=args.methods, data_root=args.data_root,
+                                  progress=console.print, console=console)
     except DatasetCheckError as err:
         raise UserError(f"the training data fails the dataset check:\n{err}") from None
     except (ComparisonError, DatalistError, ValueError) as err:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fedseg.cli import UserError
-from fedseg.cli._options import add_job_options, add_study_options
+from fedseg.cli._options import add_job_options, add_study_options, add_verbose_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     poc.add_argument("--timeout", type=int, default=1800, help="seconds the job may run (default 1800)")
     poc.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                      help="declare a site's group in its site config (repeatable; with --datalists)")
+    add_verbose_option(poc)
     add_study_options(poc, "demo", skip=("sites",))  # --sites names the hospitals here
     add_job_options(poc)
     poc.set_defaults(func=run_poc_command)
@@ -90,12 +91,19 @@ def run_poc_command(args: argparse.Namespace) -> int:
         (out / "job.json").write_text(json.dumps(job.to_json(), indent=2) + "\n")
         print(f"exported {job.algorithm} ({study.federation.rounds} rounds, {len(sites)} sites) to {job_dir}")
 
+    from fedseg.run.console import quiet_console
+
     data_roots = {site: args.data_root for site in sites} if args.data_root else None
+    log_file = out / "logs" / "poc.log"
     try:
-        result = run_poc(job_dir, datalists, port=args.port or None, workspace=out / "poc", timeout=args.timeout,
-                         download_to=out / "download", data_roots=data_roots,
-                         site_settings=site_group_settings(args.site_group),
-                         he=bool(job and job.algorithm == "fedavg-he"))
+        with quiet_console(log_file, verbose=args.verbose) as console:
+            if not args.verbose:
+                console.print(f"the deployment's logs: {out / 'poc' / 'logs'}, the server's and sites' in their kits "
+                              f"under {out / 'poc' / 'workspace'}; this process's: {log_file}")
+            result = run_poc(job_dir, datalists, port=args.port or None, workspace=out / "poc", timeout=args.timeout,
+                             download_to=out / "download", data_roots=data_roots,
+                             site_settings=site_group_settings(args.site_group),
+                             he=bool(job and job.algorithm == "fedavg-he"), log=console.print, console=console)
     except PocError as err:
         raise UserError(f"POC run failed: {err}\n(deployment folder, logs and kits: {out / 'poc'})") from None
     (out / "poc.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.cli import UserError
-from fedseg.cli._options import add_job_options, add_study_options, job_from_args, study_from_args
+from fedseg.cli._options import add_job_options, add_study_options, add_verbose_option, job_from_args, study_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "val_dice_per_round.png and checkpoints/{best,final}_global.ckpt and prints the per-site table.",
     )
     sim.add_argument("--out", type=Path, required=True, help="run folder")
+    add_verbose_option(sim)
     add_site_options(sim)
     add_study_options(sim, "demo")
     add_job_options(sim)
@@ -119,6 +120,7 @@ def study_or_error(args: argparse.Namespace) -> Any:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from fedseg.run.console import quiet_console
     from fedseg.run.results import format_table
     from fedseg.run.simulate import simulate
 
@@ -132,7 +134,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     fed = study.federation
     print(f"simulating {job.algorithm}: {len(datalists)} sites x {fed.rounds} rounds x {fed.local_epochs} local epochs "
           f"-> {args.out}")
-    results = simulate(job, datalists, args.out, data_roots=roots, site_settings=site_group_settings(args.site_group))
+    log_file = args.out / "logs" / "simulate.log"
+    with quiet_console(log_file, verbose=args.verbose) as console:
+        if not args.verbose:
+            console.print(f"NVFlare's and Lightning's logs: {log_file}")
+        results = simulate(job, datalists, args.out, data_roots=roots, site_settings=site_group_settings(args.site_group),
+                           console=console)
     print(format_table(results))
     print(f"results: {args.out.resolve()}/results.json, val_dice_per_round.png, checkpoints/")
     return 0

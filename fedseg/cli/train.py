@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedseg.cli import UserError
-from fedseg.cli._options import add_study_options
+from fedseg.cli._options import add_study_options, add_verbose_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Weights & Biases tracking: offline writes OUT/wandb (upload later with `wandb sync`); "
         "online needs WANDB_API_KEY in the environment",
     )
+    add_verbose_option(train)
     add_study_options(train, "study", sections=("model", "data", "federation"),
                       skip=("round_timeout", "min_sites_per_round", "poll_interval", "site_threads"))
     train.set_defaults(func=run_train)
@@ -44,13 +45,18 @@ def run_train(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.datalist import DatalistError
     from fedseg.lightning_modules.safe_load import CheckpointError
     from fedseg.lightning_modules.training import TrainConfig, train
+    from fedseg.run.console import quiet_console
 
     study = study_or_error(args)
+    log_file = args.out / "logs" / "train.log"
     try:
         cfg = TrainConfig(datalists=args.datalists, out=args.out, study=study, epochs=args.epochs,
                           data_root=args.data_root, accelerator=args.accelerator, cache_dir=args.cache_dir,
                           wandb=args.wandb, init_from=args.init_from)
-        results = train(cfg)
+        with quiet_console(log_file, verbose=args.verbose) as console:
+            if not args.verbose:
+                console.print(f"Lightning's logs: {log_file}")
+            results = train(cfg, console=None if args.verbose else console)
     except DatasetCheckError as err:
         raise UserError(f"the training data fails the dataset check:\n{err}") from None
     except (DatalistError, CheckpointError, ValueError) as err:

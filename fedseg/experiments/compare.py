@@ -313,13 +313,15 @@ def compare(
     methods: Sequence[str] = DEFAULT_METHODS,
     data_root: Path | str | None = None,
     progress: Callable[[str], None] = print,
+    console: Any = None,
     **overrides: Any,
 ) -> ComparisonResults:
     """Train and score every method in ``methods`` on the sites ``{name: datalist}`` into ``out``.
 
     ``overrides`` replace study settings (``compare(sites, out, rounds=2, features=8)``).
-    ``data_root`` overrides every datalist's data root. See the module docstring for the budget,
-    the scoring rule and the run folder.
+    ``data_root`` overrides every datalist's data root; ``console`` shows each federated run's live
+    progress (``fedseg.run.progress``). See the module docstring for the budget, the scoring rule and
+    the run folder.
     """
     settings = settings or CompareSettings()
     if overrides:
@@ -352,7 +354,7 @@ def compare(
         elif method == "local":
             scores, source = _run_local(sites, run_dir, settings, root, progress)
         else:
-            scores, source = _run_federated(method, sites, run_dir, settings, root)
+            scores, source = _run_federated(method, sites, run_dir, settings, root, console)
         result = MethodScores(method, scores, round(time.time() - started, 1), source, method_fingerprint)
         write_json_atomic(run_dir / SCORES_FILE, result.to_json())
         done[method] = result
@@ -480,7 +482,7 @@ def _run_local(
 
 
 def _run_federated(
-    method: str, sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None
+    method: str, sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None, console: Any = None
 ) -> tuple[Scores, str]:
     from fedseg.run.simulate import simulate
 
@@ -496,7 +498,8 @@ def _run_federated(
     site_settings = {site: {"group": g} for site, g in groups.items() if g} if grouped else None
     if grouped and len(site_settings or {}) < len(sites):
         raise ComparisonError("grouped needs every site's group in its datalist meta (e.g. synthetic sites with --synth-groups 2)")
-    results = simulate(job, sites, run_dir, data_roots=roots, site_settings=site_settings)
+    results = simulate(job, sites, run_dir, data_roots=roots, site_settings=site_settings, console=console,
+                       round_lines=False)
     if grouped:  # no single global model: each site scores its own group's final model
         scores = {}
         for site, datalist in sites.items():
@@ -549,8 +552,8 @@ def plot_comparison(results: ComparisonResults, out: Path) -> Path:
     ax.set(ylabel="mean Dice (ET, TC, WT)", ylim=(0, 1.2),  # headroom for the legend
            title=f"final models on each site's own validation cases ({results.settings.epochs} epochs per case)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(ncols=len(methods), loc="upper center", fontsize=8)
-    fig.savefig(out, dpi=100)
+    ax.legend(ncols=min(len(methods), 5), loc="upper center", fontsize=8)
+    fig.savefig(out, dpi=110)
     return out
 
 

@@ -110,7 +110,35 @@ class SeedSweep:
         write_rows(self.files["csv"], self.rows(), first=("method", "site", "dice_mean", "dice_sd", "n_seeds"))
         self.files["txt"] = self.out / "seeds.txt"
         write_text_atomic(self.files["txt"], self.format_table() + "\n")
+        self.files["png"] = plot_sweep(self, self.out / "seeds.png")
         return self.files
+
+
+def plot_sweep(sweep: SeedSweep, out: Path) -> Path:
+    """Grouped bars: each method's mean Dice per site and over sites, mean over seeds with its sd."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = [*sweep.sites, "MEAN"]
+    methods = sweep.methods
+    width = 0.8 / len(methods)
+    fig = Figure(figsize=(2.5 + 1.9 * len(groups), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, method in enumerate(methods):
+        stats = [mean_sd(sweep.dice(method, g)) for g in groups]
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, [m for m, _ in stats], width,
+               yerr=[0 if math.isnan(sd) else sd for _, sd in stats], capsize=2, label=method)
+    ax.set_xticks(x, [g if g != "MEAN" else "mean over sites" for g in groups])
+    low = min((min(sweep.dice(m, g)) for m in methods for g in groups), default=0.0)
+    ax.set(ylabel="mean Dice over ET, TC, WT", ylim=(max(0.0, low - 0.1), 1.0),
+           title=f"Final models on each site's own validation cases: mean ± sd over {len(sweep.seeds)} seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncols=min(len(methods), 5), fontsize=8, loc="upper center")
+    fig.savefig(out, dpi=110)
+    return out
 
 
 def sweep_seeds(
@@ -122,6 +150,7 @@ def sweep_seeds(
     methods: Sequence[str] = DEFAULT_METHODS,
     data_root: Path | str | None = None,
     progress: Callable[[str], None] = print,
+    console: Any = None,
 ) -> SeedSweep:
     """``compare`` under each seed into ``out/seed-<s>``, then the summary over seeds in ``out``."""
     seeds = list(dict.fromkeys(int(s) for s in seeds))
@@ -132,7 +161,7 @@ def sweep_seeds(
     for k, seed in enumerate(seeds, 1):
         progress(f"[seeds] {k}/{len(seeds)}: seed {seed} -> {out / f'seed-{seed}'}")
         runs.append(compare(site_datalists, out / f"seed-{seed}", settings.with_seed(seed),
-                            methods=methods, data_root=data_root, progress=progress))
+                            methods=methods, data_root=data_root, progress=progress, console=console))
     sweep = SeedSweep(out, seeds, runs)
     sweep.write()
     return sweep

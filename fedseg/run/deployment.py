@@ -163,6 +163,10 @@ class LocalDeployment:
     def site_kit(self, site: str) -> Path:
         raise NotImplementedError
 
+    @property
+    def server_kit(self) -> Path:
+        raise NotImplementedError
+
     def running_processes(self) -> list[tuple[int, str]]:
         """``(pid, command line)`` of every process of this deployment."""
         raise NotImplementedError
@@ -244,6 +248,14 @@ class LocalDeployment:
         """Each site's log of one job. They stay at the site (not part of the download)."""
         logs = {site: self.site_kit(site) / job_id / "log.txt" for site in self.sites}
         return {site: path for site, path in logs.items() if path.is_file()}
+
+    def watch(self, job_id: str, console: Any, *, title: str = "") -> Any:
+        """A ``FederatedProgress`` that follows ``job_id`` in the site and server kits' job logs."""
+        from fedseg.run.progress import FederatedProgress
+
+        return FederatedProgress(console, list(self.sites),
+                                 lambda: {site: self.site_kit(site) / job_id / "log.txt" for site in self.sites},
+                                 lambda: self.server_kit / job_id / "log.txt", title=title or job_id)
 
     def kill_leftovers(self, grace: float = 5.0) -> int:
         """SIGTERM, then SIGKILL, every process of this deployment; how many there were."""

@@ -32,6 +32,7 @@ Layout of a deployment folder ``root``::
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
@@ -152,6 +153,10 @@ class PocDeployment(LocalDeployment):
         """The project admin's startup kit: what ``nvflare job ... --startup-kit`` takes."""
         return self.prod_dir / ADMIN
 
+    @property
+    def server_kit(self) -> Path:
+        return self.prod_dir / "server"
+
     def site_kit(self, site: str) -> Path:
         """A site's startup kit; in POC its job processes run with this as working directory."""
         if site not in self.sites:
@@ -242,6 +247,7 @@ def run_poc(
     log: Callable[[str], None] | None = None,
     site_settings: Mapping[str, Mapping[str, Any]] | None = None,
     he: bool = False,
+    console: Any = None,
 ) -> PocResult:
     """One whole POC cycle for one job: prepare, site configs, start, submit, wait, download, stop.
 
@@ -249,8 +255,8 @@ def run_poc(
     is the deployment folder (see ``PocDeployment``); results go to ``download_to`` (default
     ``workspace/download``); ``data_roots`` optionally overrides a site's datalist data root.
     ``port=None`` picks a free port. ``site_settings`` adds entries to a site's config (e.g. its
-    ``group``); ``he`` provisions HE kits (``fedavg-he``). Every POC process is stopped before this
-    returns or raises.
+    ``group``); ``he`` provisions HE kits (``fedavg-he``); ``console`` shows the job's progress while it
+    runs (``fedseg.run.progress``). Every POC process is stopped before this returns or raises.
     The job's status is in the result (check ``result.ok``).
     """
     started = time.perf_counter()
@@ -260,7 +266,8 @@ def run_poc(
             poc.install_site_config(site, datalist, (data_roots or {}).get(site), **(site_settings or {}).get(site, {}))
         poc.start()
         job_id = poc.submit(job_dir)
-        status = poc.wait(job_id, timeout=timeout)
+        with poc.watch(job_id, console) if console is not None else contextlib.nullcontext():
+            status = poc.wait(job_id, timeout=timeout)
         download_dir = poc.download(job_id, download_to or poc.root / "download")
         site_logs = poc.site_job_logs(job_id)
         poc.stop()

@@ -227,51 +227,92 @@ def collect_results(
     if rounds:
         write_rows(out / "rounds.csv", rounds, first=("round", "site", "val_dice"))
         plot_rounds(results, out / "val_dice_per_round.png")
+    if len(cross) > 1:
+        plot_cross_site(results, out / "cross_site.png")
     return results
 
 
 def plot_rounds(results: FederatedResults, out: Path) -> Path:
-    """val_dice of the global model per round, one line per site and the weighted mean."""
-    import matplotlib
+    """val_dice of the global model per round at each site (and their weighted mean), the final model last."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     n_rounds = max((r["round"] for r in results.rounds), default=0) + 1
     final = results.cross_site.get(FINAL_MODEL, {})
     for site in [*results.sites, "mean"]:
-        pts = [(r["round"], r["val_dice"]) for r in results.rounds if r["site"] == site and "val_dice" in r]
+        pts = [(r["round"] + 1, r["val_dice"]) for r in results.rounds if r["site"] == site and "val_dice" in r]
         if site in final and "val_dice" in final[site]:
-            pts.append((n_rounds, final[site]["val_dice"]))  # the final model, scored in cross-site eval
+            pts.append((n_rounds + 1, final[site]["val_dice"]))  # the final model, scored in cross-site eval
         elif site == "mean" and final:
             scores = [m["val_dice"] for m in final.values() if "val_dice" in m]
-            pts.append((n_rounds, sum(scores) / len(scores)))  # unweighted: cross-site eval has no weights
+            pts.append((n_rounds + 1, sum(scores) / len(scores)))  # unweighted: cross-site eval has no weights
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=site, linewidth=2.5 if site == "mean" else 1.2)
-    ax.set(xlabel="round (global model received)", ylabel="val_dice", ylim=(0, 1), title="global model on each site")
+            label = "mean (weighted by cases)" if site == "mean" else site
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label, linewidth=2.5 if site == "mean" else 1.2,
+                    color="black" if site == "mean" else None)
+    ax.set(xlabel=f"round (the global model each site received; {n_rounds + 1}: the final model)",
+           ylabel="mean Dice over ET, TC, WT (val_dice)", ylim=(0, 1),
+           title="Global model on each site's own validation cases, per round")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(out, dpi=110)
     return out
 
 
+def plot_cross_site(results: FederatedResults, out: Path) -> Path:
+    """The cross-site matrix as a heat map: every model (rows) scored on every site's data (columns)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    models = sorted(results.cross_site, key=lambda m: (not m.startswith("SRV"), m))
+    values = np.array([[results.cross_site[m].get(s, {}).get("val_dice", np.nan) for s in results.sites] for m in models])
+    fig = Figure(figsize=(2.2 + 1.3 * len(results.sites), 1.4 + 0.55 * len(models)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    names = {"SRV_FL_global_model.pt": "final global model", "SRV_best_FL_global_model.pt": "best global model"}
+    ax.set_xticks(range(len(results.sites)), results.sites)
+    ax.set_yticks(range(len(models)), [names.get(m, f"{m}'s local model") for m in models])
+    for (i, j), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=9)
+    ax.set(xlabel="site whose validation cases scored the model", title="Cross-site evaluation: mean Dice (val_dice)")
+    fig.colorbar(image, ax=ax, label="val_dice")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def _region_table(results: FederatedResults, model: str, title: str) -> list[str]:
+    """One row per site (and their mean): Dice per region, the mean region, HD95 of the mean region."""
+    rows = {(r["site"], r["region"]): r for r in results.final_table(model)}
+    width = max(10, *(len(s) + 2 for s in results.sites))
+    lines = [title, f"{'site':<{width}}" + "".join(f"{r:>8}" for r in (*REGIONS, "mean")) + f"{'HD95 mm':>10}"]
+    for site in (*results.sites, "MEAN"):
+        if (site, "mean") not in rows:
+            continue
+        dice = "".join(f"{rows[(site, r)]['dice']:>8.4f}" for r in (*REGIONS, "mean"))
+        lines.append(f"{site.lower() if site == 'MEAN' else site:<{width}}{dice}{rows[(site, 'mean')]['hd95']:>10.2f}")
+    worst = next((r for (site, region), r in rows.items() if site.startswith("WORST") and region == "mean"), None)
+    if worst is not None and len(results.sites) > 1:
+        lines.append(f"worst site: {worst['site'][7:-1]} (mean Dice {worst['dice']:.4f})")
+    return lines
+
+
 def format_table(results: FederatedResults, model: str = FINAL_MODEL) -> str:
-    """The final per-site x region table and the cross-site val_dice matrix, as text."""
+    """The final model's Dice per site and region, each site's personal model's (personalized
+    methods), the cross-site val_dice matrix and who missed rounds, as text."""
     lines: list[str] = []
     if results.personal:  # a personalized method: each site's own model is what it uses
-        lines += ["personal models (each site's own, on its own validation cases)",
-                  f"{'site':<22}{'region':<8}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}", "-" * 56]
-        for r in results.final_table(PERSONAL):
-            lines.append(f"{r['site']:<22}{r['region']:<8}{r['dice']:>8.4f}{r['iou']:>8.4f}{r['hd95']:>10.2f}")
+        lines += _region_table(results, PERSONAL, "personal models: each site's own, on its own validation cases (Dice)")
         lines.append("")
-    if results.cross_site:
-        lines += [f"{'site':<22}{'region':<8}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}", "-" * 56]
-        for r in results.final_table(model):
-            lines.append(f"{r['site']:<22}{r['region']:<8}{r['dice']:>8.4f}{r['iou']:>8.4f}{r['hd95']:>10.2f}")
-    if results.cross_site:
+    if results.cross_site.get(model):
+        name = "final global model" if model == FINAL_MODEL else model
+        lines += _region_table(results, model, f"{name} on each site's own validation cases (Dice)")
+    if len(results.cross_site) > 1:
         models = sorted(results.cross_site)
         lines += ["", "cross-site val_dice (rows: model, columns: site whose data scored it)"]
         lines.append(f"{'model':<30}" + "".join(f"{s:>12}" for s in results.sites))

@@ -16,6 +16,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.app.site_config import ENV_VAR, write_site_config
+from fedseg.run.progress import FederatedProgress, simulator_logs
 from fedseg.jobs.base import Job, build_recipe, execute
 from fedseg.run.results import FederatedResults, collect_results
 
@@ -36,12 +38,16 @@ def simulate(
     threads: int | None = None,
     head_stores: Path | None = None,
     site_settings: dict[str, dict[str, Any]] | None = None,
+    console: Any = None,
+    round_lines: bool = True,
 ) -> FederatedResults:
     """Run ``job`` in the simulator with one site per datalist; returns the collected results.
 
     ``head_stores``: folder of the sites' FedPer head stores (``<folder>/<site>/``), default
     ``RUN/heads``; pass the same folder to a later job of the study to reuse the heads.
     ``site_settings``: more entries of a site's own config (e.g. ``{"site-2": {"fault_drill": ...}}``).
+    ``console``: where to show the run's progress (``fedseg.run.console.Console``; None: nothing),
+    with one line per finished round unless ``round_lines`` is False.
     """
     from nvflare.recipe import SimEnv
 
@@ -67,15 +73,21 @@ def simulate(
     os.environ.update(overrides)
     started = time.time()
     server_dir = run_dir / "nvflare" / job.name / "server" / "simulate_job"
+    progress: Any = contextlib.nullcontext()
+    if console is not None:
+        site_logs, server_log = simulator_logs(run_dir / "nvflare", job.name, list(site_datalists))
+        progress = FederatedProgress(console, list(site_datalists), site_logs, server_log, title=job.name,
+                                     round_lines=round_lines)
     try:
-        execute(recipe, env)
+        with progress:
+            execute(recipe, env)
     except RuntimeError as err:
         # A study that stopped below its minimum of sites ends the simulation with an error status;
         # its rounds, checkpoint and participation report are results like any other.
         reason = _stop_reason(server_dir)
         if reason is None:
             raise
-        print(f"the job stopped: {reason} ({err})")
+        (console.print if console is not None else print)(f"the job stopped: {reason} ({err})")
     finally:
         for name, value in previous.items():
             if value is None:
