@@ -18,6 +18,10 @@ timeout and minimum of sites are study settings (``FederationSettings``), applie
   (``fedseg.app.grouped_fedavg``), optionally sharing the encoder across groups.
 - ``wandb``: "offline" / "online" W&B runs on the server, one per site (``fedseg.app.wandb_receiver``).
 - ``resume_from``: continue a study from its last global checkpoint (``fedseg.run.resume``).
+- ``quantize``: "fp16" or "int8" model exchange in both directions (``fedseg.app.quantization``).
+
+Every job's server also records the bytes of each model it sends and receives
+(``metrics/exchange_bytes.jsonl``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 from fedseg.config import setting
 
 WANDB_MODES = ("off", "offline", "online")
+QUANTIZATIONS = ("off", "fp16", "int8")
 #: the task whose results the privacy filter covers (NVFlare matches task filters by exact name)
 TRAIN_TASK = "train"
 
@@ -206,10 +211,14 @@ class Addons:
     wandb: str = "off"
     #: continue a study from this global checkpoint or run folder
     resume_from: str = ""
+    #: the model exchange of every train task: "off" (float32), "fp16" or "int8"
+    quantize: str = "off"
 
     def __post_init__(self) -> None:
         if self.wandb not in WANDB_MODES:
             raise ValueError(f"unknown W&B mode {self.wandb!r}; known: {', '.join(WANDB_MODES)}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantize!r}; known: {', '.join(QUANTIZATIONS)}")
         if self.groups is not None and (self.privacy or self.contribution or self.resume_from):
             # GroupedFedAvg averages full weights per group: no diffs for a privacy filter, no
             # contribution aggregator, no single global checkpoint to resume from
@@ -219,7 +228,7 @@ class Addons:
     def names(self) -> list[str]:
         """The add-ons in use: "privacy", "contribution", "groups", "wandb", "resume"."""
         used = {"privacy": self.privacy, "contribution": self.contribution, "groups": self.groups,
-                "wandb": self.wandb != "off", "resume": self.resume_from}
+                "wandb": self.wandb != "off", "resume": self.resume_from, "quantize": self.quantize != "off"}
         return [name for name, on in used.items() if on]
 
     def to_json(self) -> dict[str, Any]:
@@ -229,6 +238,7 @@ class Addons:
             "groups": vars(self.groups) if self.groups else None,
             "wandb": self.wandb,
             "resume_from": self.resume_from,
+            "quantize": self.quantize,
         }
 
     @classmethod
@@ -239,4 +249,26 @@ class Addons:
             groups=SiteGroups(**doc["groups"]) if doc.get("groups") else None,
             wandb=doc.get("wandb", "off"),
             resume_from=doc.get("resume_from", ""),
+            quantize=doc.get("quantize", "off"),
         )
+
+    def apply_receiving(self, recipe: Any) -> None:
+        """Where models arrive, before every other filter there: the server counts the bytes that
+        came, then restores quantized tensors (so audits and statistics see the real values); the
+        sites restore what the server sent."""
+        from fedseg.app.quantization import DequantizeWeights, ExchangeBytesRecorder
+
+        recipe.add_server_input_filter(ExchangeBytesRecorder("received"), tasks=[TRAIN_TASK])
+        if self.quantize != "off":
+            recipe.add_server_input_filter(DequantizeWeights(), tasks=[TRAIN_TASK])
+            recipe.add_client_input_filter(DequantizeWeights(), tasks=[TRAIN_TASK])
+
+    def apply_sending(self, recipe: Any) -> None:
+        """Where models leave, after every other filter there (a FedPer head is stripped and a
+        privacy filter has run before the update is quantized); the server counts what it sends."""
+        from fedseg.app.quantization import ExchangeBytesRecorder, QuantizeWeights
+
+        if self.quantize != "off":
+            recipe.add_client_output_filter(QuantizeWeights(self.quantize), tasks=[TRAIN_TASK])
+            recipe.add_server_output_filter(QuantizeWeights(self.quantize), tasks=[TRAIN_TASK])
+        recipe.add_server_output_filter(ExchangeBytesRecorder("sent"), tasks=[TRAIN_TASK])

@@ -62,10 +62,12 @@ class Algorithm:
     #: the dataclass of this algorithm's own options (``setting`` fields: they become CLI options)
     options: ClassVar[type | None] = None
     #: the add-ons (``Addons.names()``) this algorithm's server workflow supports
-    addons: ClassVar[frozenset[str]] = frozenset({"privacy", "contribution", "groups", "wandb", "resume"})
+    addons: ClassVar[frozenset[str]] = frozenset({"privacy", "contribution", "groups", "wandb", "resume", "quantize"})
     #: each site keeps a personal model: the job ends with every site scoring it on its own validation
     #: cases (the "personalize" task, ``ResilientFedAvg``), and only those scores leave the site
     personal: ClassVar[bool] = False
+    #: weights travel in plain tensors (False: encrypted, and no other filter may touch them)
+    plain_weights: ClassVar[bool] = True
 
     def default_options(self) -> Any:
         return self.options() if self.options else None
@@ -290,9 +292,13 @@ def build_recipe(job: Job) -> Any:
             fed_job.to_server(receiver, id="fedseg_wandb_receiver")
         # fedseg is installed at every site and on the server: never copy its modules into custom/.
         fed_job.set_app_packages(["fedseg"])
+        if job.spec.plain_weights:
+            job.addons.apply_receiving(recipe)
         job.spec.finish(recipe, job)
         if job.addons.privacy is not None:
             job.addons.privacy.apply(recipe)
+        if job.spec.plain_weights:
+            job.addons.apply_sending(recipe)
         if fed.poll_interval != 2.0:  # NVFlare's default
             recipe.add_server_config({"server": {"task_request_interval": fed.poll_interval}})
         if job.cross_site_eval and job.addons.groups is None:

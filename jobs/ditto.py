@@ -34,7 +34,7 @@ class Ditto(Algorithm):
     name = "ditto"
     options = DittoOptions
     personal = True
-    addons = frozenset({"privacy", "contribution", "wandb", "resume"})
+    addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
         from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe

@@ -23,6 +23,7 @@ class FedAvgHE(Algorithm):
 
     name = "fedavg-he"
     addons = frozenset({"wandb"})
+    plain_weights = False
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
         """Sites are weighed by their training cases: ``HEModelEncryptor`` multiplies the weights by the

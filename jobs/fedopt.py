@@ -40,7 +40,7 @@ class FedOpt(Algorithm):
     name = "fedopt"
     options = FedOptOptions
     # FedOpt's own update replaces the aggregate: no contribution weights or per-group models
-    addons = frozenset({"privacy", "wandb", "resume"})
+    addons = frozenset({"privacy", "wandb", "resume", "quantize"})
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
         from nvflare.client.config import TransferType

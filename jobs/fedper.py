@@ -40,7 +40,7 @@ class FedPer(Algorithm):
     options = FedPerOptions
     personal = True
     # the server averages the encoder only: per-group full models make no sense here
-    addons = frozenset({"privacy", "contribution", "wandb", "resume"})
+    addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})
 
     def server_model(self, job: Job) -> dict[str, Any]:
         args = {**job.study.module_args(), "keep_norm_local": job.options.keep_norm_local,

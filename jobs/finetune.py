@@ -30,4 +30,4 @@ class FineTune(FedAvg):
     name = "finetune"
     options = FineTuneOptions
     personal = True
-    addons = frozenset({"privacy", "contribution", "wandb", "resume"})
+    addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})

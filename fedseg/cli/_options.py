@@ -139,6 +139,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     addons.add_argument("--privacy-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="privacy filter argument, repeatable (percentile: percentile, gamma; svt: fraction, "
                         "epsilon, noise_var, gamma, tau, replace, epsilon_threshold, epsilon_query, epsilon_release)")
+    addons.add_argument("--quantize", choices=["off", "fp16", "int8"], default="off",
+                        help="the model exchange of every round, both directions: float32 (off), fp16 (half the "
+                        "bytes) or int8 (a quarter, each tensor mapped onto 0..255)")
     addons.add_argument("--grouped", action="store_true",
                         help="one global model per site group (each site declares its 'group' in its site config)")
     add_dataclass_options(addons, SiteGroups)
@@ -171,6 +174,7 @@ def job_from_args(args: argparse.Namespace, study: StudyConfig, *, min_clients: 
         groups=dataclass_from_args(args, SiteGroups) if args.grouped else None,
         wandb=args.wandb,
         resume_from=str(args.resume_from.resolve()) if args.resume_from else "",
+        quantize=args.quantize,
     )
     options = algorithm_options_from_args(args).get(args.job)
     return Job(algorithm=args.job, study=study, name=name or args.job, min_clients=min_clients, options=options,

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="any of centralized, centralized-steps (as many optimizer steps as one site), local, fedavg, "
                      "fedprox, fedopt, fedper (fedper-output, fedper-last: "
                      "smaller personal heads), fedrep, ditto, finetune, contribution, fedavg-svt, fedavg-percentile, "
-                     "grouped, grouped-shared (default: %(default)s)")
+                     "fedavg-fp16, fedavg-int8 (quantized exchange), grouped, grouped-shared (default: %(default)s)")
     cmp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                      help="run the whole comparison once per seed (OUT/seed-<s>/, instead of --seed) and "
                      "summarize mean ± sd over seeds and each method's difference to fedavg paired by seed "

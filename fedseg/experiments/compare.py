@@ -78,6 +78,8 @@ FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
     "contribution": {"algorithm": "fedavg", "addons": {"contribution": {}}},
     "fedavg-svt": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "svt"}}},
     "fedavg-percentile": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "percentile"}}},
+    "fedavg-fp16": {"algorithm": "fedavg", "addons": {"quantize": "fp16"}},
+    "fedavg-int8": {"algorithm": "fedavg", "addons": {"quantize": "int8"}},
     "grouped": {"algorithm": "fedavg", "addons": {"groups": {}}},
     "grouped-shared": {"algorithm": "fedavg", "addons": {"groups": {"share_encoder": True}}},
 }
