@@ -151,11 +151,16 @@ class DittoPlugin(SitePlugin):
     """A personal model beside the global one, pulled towards the global model of each round."""
 
     def __init__(self, ditto_lambda: float, personal_epochs: int) -> None:
+        from nvflare.app_opt.lightning.callbacks import RestoreState
+
         self.ditto_lambda = ditto_lambda
         self.personal_epochs = personal_epochs
         self.model: Any = None
         self.store: Any = None
         self.keys: list[str] = []
+        # the personal model's AdamW moments and cosine schedule go on from round to round, as the
+        # global model's do at the site (NVFlare's Lightning patch keeps them with the same callback)
+        self.optimizer_state = RestoreState()
 
     def setup(self, runner: SiteRunner) -> None:
         from fedseg.app.head_store import FedPerHeadStore
@@ -181,7 +186,8 @@ class DittoPlugin(SitePlugin):
             self.model.load_state_dict(received, strict=True)
             self.started = True
         self.model.schedule_offset = (input_model.current_round or 0) * self.personal_epochs
-        trainer = _local_trainer(runner, "ditto", self.personal_epochs, [ProximalTerm(received, self.ditto_lambda)])
+        trainer = _local_trainer(runner, "ditto", self.personal_epochs,
+                                 [ProximalTerm(received, self.ditto_lambda), self.optimizer_state])
         trainer.fit(self.model, datamodule=runner.datamodule)
         self.store.save(self.model, self.keys, encoder_round=input_model.current_round or 0, job_id=runner.job_id)
 
