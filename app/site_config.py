@@ -14,7 +14,8 @@ Example ``fedseg_site.json``::
     {"datalist": "/data/brats/site.json", "data_root": "/data/brats", "cache_dir": "/scratch/fedseg",
      "head_store": "/var/lib/fedseg/heads"}
 
-``head_store`` is where FedPer keeps this site's personal heads (one file per study); default
+``head_store`` is where the personalized jobs (FedPer, FedRep, Ditto, fine-tuning) keep this site's
+personal models (one file per study); default
 ``~/.local/share/fedseg/heads/<site name>``.
 
 Relative paths are relative to the config file.
@@ -72,7 +73,7 @@ class SiteConfig:
 
 
 def default_head_store(site_name: str) -> Path:
-    """Where FedPer heads live when the site config names no ``head_store``.
+    """Where personal models live when the site config names no ``head_store``.
 
     The site's name is part of the path: sites that share a home folder (POC, several sites on one
     machine) must never read each other's heads.

@@ -3,7 +3,7 @@
 One run generates synthetic sites (``fedseg.lightning_modules.data.synth``) and trains the same tiny
 network (same batch size, lr, cosine schedule over the same total epochs) twice:
 
-* **federated**: ``jobs.simulate.simulate`` with ``N`` rounds x ``E`` local epochs, sites running
+* **federated**: ``fedseg.run.simulate.simulate`` with ``N`` rounds x ``E`` local epochs, sites running
   concurrently (one simulator process each, ``--site-threads`` torch threads each);
 * **centralized**: ``training.train`` for ``N x E`` epochs on the union of the sites' datalists, in
   a fresh Python process (as ``fedseg train`` runs), with as many torch threads as the sites use

@@ -434,7 +434,8 @@ or by hand (`KIT/local/{site_config}`):
  "cache_dir": "/scratch/fedseg-cache", "head_store": "/var/lib/fedseg/heads"}}
 ```
 
-`head_store` is where this site keeps its personal FedPer model heads; they never leave the site.
+`head_store` is where this site keeps its personal models (FedPer/FedRep heads, Ditto and fine-tuned models); they
+never leave the site.
 
 ## 4. Check the data
 

@@ -157,3 +157,20 @@ def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_fr
     for site in ("site-1", "site-2", "site-3"):
         log = (second / "nvflare" / "study" / site / "log.txt").read_text()
         assert "round 3/3 " + site + ": learning-rate schedule continues at epoch 2 of 3" in log
+
+
+def test_a_study_resumed_into_a_new_folder_goes_on_with_the_sites_personal_models(tmp_path):
+    from types import SimpleNamespace
+
+    from fedseg.cli.simulate import _earlier_heads
+
+    first = tmp_path / "first"
+    checkpoint = first / "nvflare" / "fedper" / "server" / "abc" / "app_server" / "FL_global_model.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"model": {"w": torch.ones(1)}, "meta_props": {"current_round": 2}}, checkpoint)
+    job = SimpleNamespace(addons=Addons(resume_from=str(first)))
+    assert _earlier_heads(job, tmp_path / "second") is None  # the first run kept no personal models
+    (first / "heads" / "site-1").mkdir(parents=True)
+    assert _earlier_heads(job, tmp_path / "second") == first / "heads"
+    assert _earlier_heads(job, first) is None  # resumed in place: simulate's own default already is first/heads
+    assert _earlier_heads(SimpleNamespace(addons=Addons()), tmp_path / "second") is None

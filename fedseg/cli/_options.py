@@ -116,8 +116,10 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("federated job")
     group.add_argument("--job", choices=list(ALGORITHMS), default="fedavg",
-                       help="fedavg, fedprox (site proximal term), fedopt (server optimizer), fedper (personal "
-                       "heads) or fedavg-he (CKKS-encrypted aggregation; POC and real sites only) (default: fedavg)")
+                       help="fedavg; fedprox (site proximal term); fedopt (server optimizer); personalized: fedper "
+                       "(personal head), fedrep (head first, then encoder), ditto (personal model pulled to the "
+                       "global one), finetune (FedAvg, then each site fine-tunes); fedavg-he (CKKS-encrypted "
+                       "aggregation; POC and real sites only) (default: fedavg)")
     seen: set[str] = set()
     for name in ALGORITHMS:
         options = algorithm(name).options

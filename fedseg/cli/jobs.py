@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(FL_global_model.pt, or a job downloaded with `nvflare job download`), with the rounds it holds "
         "counted. Submit it with `nvflare job submit -j`.",
     )
-    resume.add_argument("name", help="the study job: fedavg, fedprox, fedopt or fedper")
+    resume.add_argument("name", help="the study job: fedavg, fedprox, fedopt, fedper, fedrep, ditto or finetune")
     resume.add_argument("--from", dest="source", type=Path, required=True, help="checkpoint or downloaded job")
     resume.add_argument("--out", type=Path, required=True, help="folder for the job folder")
     resume.add_argument("--rounds", type=int, default=None, help="the study's total rounds (default: the job's)")

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     site.add_argument("--datalist", type=Path, required=True, help="this site's datalist (.json)")
     site.add_argument("--data-root", type=Path, default=None, help="folder the datalist's paths are under")
     site.add_argument("--cache-dir", type=Path, default=None, help="where preprocessed cases may be cached")
-    site.add_argument("--head-store", type=Path, default=None, help="where FedPer keeps this site's personal heads")
+    site.add_argument("--head-store", type=Path, default=None, help="where the personalized jobs (fedper, fedrep, ditto, finetune) keep this site's personal models")
     site.set_defaults(func=_site_config)
 
     storage = sub.add_parser(

@@ -134,12 +134,31 @@ def run_simulate(args: argparse.Namespace) -> int:
     fed = study.federation
     print(f"simulating {job.algorithm}: {len(datalists)} sites x {fed.rounds} rounds x {fed.local_epochs} local epochs "
           f"-> {args.out}")
+    heads = _earlier_heads(job, args.out)
+    if heads is not None:
+        print(f"personal models: the sites go on with theirs in {heads}")
     log_file = args.out / "logs" / "simulate.log"
     with quiet_console(log_file, verbose=args.verbose) as console:
         if not args.verbose:
             console.print(f"NVFlare's and Lightning's logs: {log_file}")
         results = simulate(job, datalists, args.out, data_roots=roots, site_settings=site_group_settings(args.site_group),
-                           console=console)
+                           head_stores=heads, console=console)
     print(format_table(results))
     print(f"results: {args.out.resolve()}/results.json, val_dice_per_round.png, checkpoints/")
     return 0
+
+
+def _earlier_heads(job: Any, out: Path) -> Path | None:
+    """A resumed study's personal models: the ``heads/`` of the run it resumes, when that is another run.
+
+    Without them a personalized job resumed into a new folder would start every site's head afresh.
+    """
+    if not job.addons.resume_from:
+        return None
+    from fedseg.run.resume import find_resume_point
+
+    checkpoint = find_resume_point(Path(job.addons.resume_from)).checkpoint
+    for folder in checkpoint.parents:
+        if (folder / "heads").is_dir():
+            return None if folder.resolve() == Path(out).resolve() else folder / "heads"
+    return None
