@@ -4,8 +4,8 @@ Which keys are personal comes from the network registry (``networks.partition_ke
 (the decoder levels nearest the output: ``head_depth`` "output", "last" or "decoder"), plus the
 normalization layers with ``keep_norm_local`` (the FedBN variant). The head never leaves its site; this is enforced three times:
 
-1. the server's model is ``SegmentationEncoder``, a ``SegmentationModule`` without its personal
-   parameters, so the server never sends, aggregates or checkpoints a head;
+1. the server's model is ``SharedEncoder`` (``fedseg.app.global_model``), the study network
+   without its personal parameters, so the server never sends, aggregates or checkpoints a head;
 2. the site sends only shared keys (``SharedKeysFLCallback``, whatever the server sent);
 3. the job adds a site-side output filter (NVFlare's ``ExcludeVars`` with the explicit personal
    keys) on every result a site returns (``fedseg.jobs.fedper``).
@@ -20,32 +20,8 @@ from typing import Any
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_opt.lightning.api import FLCallback
 
+from fedseg.app.global_model import personal_keys
 from fedseg.lightning_modules.module import SegmentationModule
-from fedseg.lightning_modules.networks import partition_keys
-
-
-def personal_keys(module: SegmentationModule, keep_norm_local: bool = False, head_depth: str = "decoder") -> list[str]:
-    """State-dict keys of ``module`` that stay at the site (the head of ``head_depth``, and norm
-    layers for FedBN); a key the network does not declare is an error (``partition_keys``)."""
-    parts = partition_keys(module.network, module.network.state_dict().keys(), prefix="", head_depth=head_depth)
-    personal = set(parts.head) | (set(parts.norm) if keep_norm_local else set())
-    return sorted(f"network.{k}" for k in personal)
-
-
-class SegmentationEncoder(SegmentationModule):
-    """The server's FedPer model: a ``SegmentationModule`` whose personal parameters are removed.
-
-    Its ``state_dict`` has exactly the shared keys of the sites' modules (same names), so NVFlare's
-    persistor holds and checkpoints the encoder only. It is a container, not a runnable network.
-    """
-
-    def __init__(self, keep_norm_local: bool = False, personal_head: str = "decoder", **module_args: Any) -> None:
-        super().__init__(**module_args)
-        self.keep_norm_local = keep_norm_local
-        self.personal_head = personal_head
-        for key in personal_keys(self, keep_norm_local, personal_head):
-            owner_path, _, name = key.rpartition(".")
-            delattr(self.get_submodule(owner_path), name)  # nn.Module drops the parameter or buffer
 
 
 class SharedKeysFLCallback(FLCallback):

@@ -320,7 +320,7 @@ class SiteRunner:
         loss = self.trainer.callback_metrics.get("train_loss")
         progress(f"[fedseg] {name} {self.site}: global val_dice={val_dice:.4f} "
                  f"train_loss={float(loss) if loss is not None else float('nan'):.4f} "
-                 f"cases={self.datamodule.n_train_cases} {time.time() - started:.1f}s")
+                 f"cases={self.datamodule.n_train_cases} {time.time() - started:.2f}s")
 
     def _continue_schedule(self, input_model: Any, name: str) -> None:
         """Where the cosine schedule (rounds x local epochs) stands at this round.

@@ -15,10 +15,10 @@ Reported:
    (one FL round against ``E`` centralized epochs).
 2. **Per-round overhead**, the time of a round not spent on site compute. The measure:
 
-   * a round's wall time comes from the server log: from "Round k started" to "Round k+1 started"
+   * a round's wall time comes from the server log: from "Round k: sending the global model" to round k+1's
      (the last round ends at "Finished FedAvg");
    * a site's compute in a round is what the site script itself prints
-     (``[fedseg] round r/R site: ... <s>s``, 0.1 s resolution): from ``flare.receive()`` returning to
+     (``[fedseg] round r/R site: ... <s>s``, 0.01 s resolution): from ``flare.receive()`` returning to
      the end of ``trainer.fit``, i.e. the validation of the received global model plus ``E`` local
      epochs (each with its own validation, as in centralized training). It is measured inside the
      site process, so no guess about log latency enters; it includes the hand-over of the update
@@ -66,7 +66,7 @@ from typing import Any
 
 MB = 1e6
 _TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - ")
-_ROUND_STARTED = re.compile(r"Round (\d+) started\.")
+_ROUND_STARTED = re.compile(r"Round (\d+): sending the global model")  # ResilientFedAvg, 1-based
 _FINISHED = re.compile(r"Finished FedAvg\.")
 _SITE_ROUND = re.compile(r"\[fedseg\] round (\d+)/(\d+) (\S+): .* (\d+(?:\.\d+)?)s\s*$")
 _POLL_INTERVAL = re.compile(r"Finished one task run for client: \S+ interval: ([\d.]+)")
@@ -133,7 +133,7 @@ def parse_server_log(path: Path) -> tuple[dict[int, float], float | None]:
         if m:
             last = log_time(m.group(1))
         if (r := _ROUND_STARTED.search(line)) and last is not None:
-            starts[int(r.group(1))] = last
+            starts[int(r.group(1)) - 1] = last  # 0-based, as the sites' rounds below
         elif _FINISHED.search(line) and last is not None and finished is None:
             finished = last
     return starts, finished

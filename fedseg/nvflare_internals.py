@@ -8,7 +8,9 @@ raises ``UnsupportedNVFlareVersion``. ``tests/test_nvflare_internals.py`` checks
 module names any of ``PRIVATE_NAMES`` and that the hooks fedseg overrides still have the
 signatures it overrides (``OVERRIDDEN_HOOKS``).
 
-Nothing here changes NVFlare's behaviour except ``patch_job_export`` (see its docstring).
+Nothing here changes NVFlare's behaviour except ``patch_job_export`` and the task-timing functions
+(``wrap_task_requests``, ``set_in_process_result_poll``, ``set_task_monitor_period``; see their
+docstrings and ``fedseg.app.task_timing``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_job", "_deploy_map", "_params_transfer_type", "_cse_added", "_get_client_name", "_get_num_steps_weight",
     "_get_job_id_tag", "_persistor_id", "_aggr_helper", "_aggr_metrics_helper", "_all_metrics", "_received_count",
     "_expected_count", "_params_type", "_site_metric_weights", "_maybe_cleanup_memory", "_get_aggregated_result",
-    "_get_custom_file", "_aggregate_one_result",
+    "_get_custom_file", "_aggregate_one_result", "_RESULT_POLL_INTERVAL", "_task_check_period",
 )  # fmt: skip
 
 #: NVFlare's extension hooks fedseg overrides in subclasses (``class -> hook -> its parameters``);
@@ -235,3 +237,56 @@ def wandb_job_tag(fl_ctx: Any) -> str:
     from nvflare.app_opt.tracking.wandb.wandb_receiver import _get_job_id_tag
 
     return _get_job_id_tag(fl_ctx)
+
+
+# ------------------------------------------------------------------------------ task timing
+
+
+def wrap_task_requests(runner: Any, answer: Any) -> None:
+    """Route every answer of the server's ``ServerRunner.process_task_request`` through
+    ``answer(site, task_name, task_data)``.
+
+    NVFlare writes one fixed wait (``task_request_interval``) into every reply, a task or "try
+    again" (nvflare/private/fed/server/server_runner.py); a site sleeps that long before its next
+    request. The runner is the job's ``FLContextKey.RUNNER``; it has no hook for the reply, so its
+    bound method is replaced on the instance.
+    """
+    original = runner.process_task_request
+
+    def process_task_request(client: Any, fl_ctx: Any) -> tuple[str, str, Any]:
+        name, task_id, data = original(client, fl_ctx)
+        answer(client.name, name, data)
+        return name, task_id, data
+
+    runner.process_task_request = process_task_request
+
+
+def set_in_process_result_poll(seconds: float) -> None:
+    """How often an in-process site checks for its trainer's result and its next task.
+
+    NVFlare 2.9's in-process Client API polls both on a module constant of 0.5 s
+    (``_RESULT_POLL_INTERVAL`` in nvflare/app_common/executors/client_api/in_process_backend.py;
+    its comment says the knob was dropped on purpose), which rounds every hand-off between the
+    site's trainer and NVFlare up to the next half second, twice a round. The backend reads the
+    constant when it starts the trainer and in every wait, so this must run before the executor
+    initializes (a client component's constructor does).
+    """
+    from nvflare.app_common.executors.client_api import in_process_backend
+
+    in_process_backend._RESULT_POLL_INTERVAL = float(seconds)
+
+
+def in_process_result_poll() -> float:
+    from nvflare.app_common.executors.client_api import in_process_backend
+
+    return float(in_process_backend._RESULT_POLL_INTERVAL)
+
+
+def set_task_monitor_period(controller: Any, seconds: float) -> None:
+    """How often the server notices that a round's tasks are done.
+
+    ``Controller.set_communicator`` copies the controller's ``task_check_period`` to a public
+    attribute that ``WFCommServer`` never reads: its task monitor sleeps its private
+    ``_task_check_period`` (0.2 s, nvflare/apis/impl/wf_comm_server.py), whatever the job sets.
+    """
+    controller.communicator._task_check_period = float(seconds)

@@ -77,7 +77,7 @@ class Algorithm:
 
     def server_model(self, job: Job) -> dict[str, Any]:
         """The global model as class path + arguments; its keys are what the server averages."""
-        return {"class_path": "fedseg.lightning_modules.module.SegmentationModule", "args": job.study.module_args()}
+        return {"class_path": "fedseg.app.global_model.GlobalModel", "args": job.study.module_args()}
 
     def personal_keys(self, job: Job) -> list[str]:
         """Parameter names that never leave a site (none unless the algorithm personalizes)."""
@@ -299,13 +299,25 @@ def build_recipe(job: Job) -> Any:
             job.addons.privacy.apply(recipe)
         if job.spec.plain_weights:
             job.addons.apply_sending(recipe)
+        # A task reaches a site within ~0.1 s of the last result, while idle sites poll no more
+        # often than poll_interval (fedseg.app.task_timing); NVFlare's own fixed interval stays
+        # poll_interval for the replies before the job's server has started.
         if fed.poll_interval != 2.0:  # NVFlare's default
             recipe.add_server_config({"server": {"task_request_interval": fed.poll_interval}})
+        add_task_timing(fed_job, fed.poll_interval)
         if job.cross_site_eval and job.addons.groups is None:
             # A vanished site must not hold up the evaluation either: its tasks time out like a round.
             timeout = fed.round_timeout or None
             job.spec.add_evaluation(recipe, job, submit_model_timeout=timeout or 600, validation_timeout=timeout or 6000)
     return recipe
+
+
+def add_task_timing(fed_job: Any, longest_wait: float) -> None:
+    """The server's adaptive task waits and the sites' quick trainer hand-off (``fedseg.app.task_timing``)."""
+    from fedseg.app.task_timing import AdaptiveTaskWait, QuickResultHandoff
+
+    fed_job.to_server(AdaptiveTaskWait(longest_wait=longest_wait), id="fedseg_task_wait")
+    fed_job.to_clients(QuickResultHandoff(), id="fedseg_result_handoff")
 
 
 def _encoder_keys(job: Job) -> list[str]:

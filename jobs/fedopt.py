@@ -47,7 +47,7 @@ class FedOpt(Algorithm):
 
         from fedseg import nvflare_internals
         from fedseg.jobs.resilient_recipes import FEDOPT_MODEL_ID, ResilientFedAvgRecipe
-        from fedseg.lightning_modules.module import SegmentationModule
+        from fedseg.app.global_model import GlobalModel
 
         o = job.options
         if o.server_optimizer == "adam":
@@ -60,13 +60,7 @@ class FedOpt(Algorithm):
                                        optimizer_state=state_file.name if state_file else "", **round_args, **common)
         if state_file is not None:  # bundled into the server app's custom/ folder, as the checkpoint is
             recipe.add_server_file(os.path.relpath(state_file, APP_DIR))
-        args = common["model"]["args"]
-        model = SegmentationModule(**args)
-        # The job exporter writes a component's arguments from its attributes `<name>` or `_<name>`
-        # (nvflare/job_config/fed_job_config.py, _get_args); a LightningModule keeps them in hparams, so
-        # without these the exported server would build a default SegmentationModule, not the job's.
-        for key, value in args.items():
-            setattr(model, f"_{key}", value)
+        model = GlobalModel(**common["model"]["args"])  # the exporter writes its network arguments back
         nvflare_internals.fed_job(recipe).to_server(model, id=FEDOPT_MODEL_ID)
         return recipe
 

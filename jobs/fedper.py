@@ -1,6 +1,6 @@
 """FedPer: a shared encoder averaged on the server, a personal segmentation head kept at each site.
 
-A FedAvg recipe over the shared keys only: the server model is ``SegmentationEncoder`` (no head),
+A FedAvg recipe over the shared keys only: the server model is ``SharedEncoder`` (no head),
 each site keeps its head in a site-local store and sends only shared keys (``fedseg.app.fedper``),
 and a site-side ``ExcludeVars`` output filter strips the personal keys again on every result a site
 returns. The server's ``PayloadKeyAudit`` records the names of every payload it receives.
@@ -45,7 +45,7 @@ class FedPer(Algorithm):
     def server_model(self, job: Job) -> dict[str, Any]:
         args = {**job.study.module_args(), "keep_norm_local": job.options.keep_norm_local,
                 "personal_head": job.options.personal_head}
-        return {"class_path": "fedseg.app.fedper.SegmentationEncoder", "args": args}
+        return {"class_path": "fedseg.app.global_model.SharedEncoder", "args": args}
 
     def personal_keys(self, job: Job) -> list[str]:
         from fedseg.app.fedper import personal_keys

@@ -16,7 +16,7 @@ from fedseg.jobs.fedavg import FedAvg
 
 @dataclass(frozen=True)
 class FineTuneOptions:
-    finetune_epochs: int = setting(2, "finetune: epochs each site trains the final global model on its own cases")
+    finetune_epochs: int = setting(5, "finetune: epochs each site trains the final global model on its own cases")
     finetune_lr_factor: float = setting(0.3, "finetune: its learning rate, as a fraction of the study's")
 
     def __post_init__(self) -> None:

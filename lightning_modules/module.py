@@ -26,7 +26,7 @@ from torch import nn
 
 from fedseg.config import DataSettings, ModelSettings
 from fedseg.lightning_modules.metrics import RegionMetrics
-from fedseg.lightning_modules.networks import SegmentationNetwork
+from fedseg.lightning_modules.networks import seeded_network
 
 
 #: the study defaults (``fedseg.config``): the constructor's defaults are read from there
@@ -93,12 +93,7 @@ class SegmentationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
-            if init_seed is not None:
-                torch.manual_seed(init_seed)
-            self.network = SegmentationNetwork(
-                name=network, in_channels=in_channels, out_channels=3, features=features, **(network_kwargs or {})
-            )
+        self.network = seeded_network(network, in_channels, features, network_kwargs, init_seed)
         self.loss = DiceBCELoss()
         #: epochs of the cosine schedule already spent before this process trained, e.g. the rounds a
         #: federated study did before it was resumed in a new job. Runtime state, not a hyperparameter.

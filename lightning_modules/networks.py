@@ -431,6 +431,17 @@ def build_network(cfg: NetworkConfig) -> SegmentationNetwork:
     return SegmentationNetwork.from_config(cfg)
 
 
+def seeded_network(network: str, in_channels: int, features: int, network_kwargs: dict[str, Any] | None,
+                   init_seed: int | None) -> SegmentationNetwork:
+    """The study network with its initial weights drawn from ``init_seed`` (torch's global generator
+    left as it was); ``None`` draws from the global generator."""
+    with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        return SegmentationNetwork(name=network, in_channels=in_channels, out_channels=3, features=features,
+                                   **(network_kwargs or {}))
+
+
 # --------------------------------------------------------------------------------------------
 # encoder / head / norm partition of state_dict keys
 # --------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_server_and_site_build_the_module_with_the_same_constructor(tiny):
 
     job = tiny_job(features=6)
     assert job.server_model()["args"] == tiny.override(features=6).module_args()
-    assert job.server_model()["class_path"] == "fedseg.lightning_modules.module.SegmentationModule"
+    assert job.server_model()["class_path"] == "fedseg.app.global_model.GlobalModel"
     site = json.loads(job.script_args().split(" ", 1)[1])
     from fedseg.app.site_runner import SiteJob
 

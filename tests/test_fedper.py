@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from fedseg.app.fedper import SegmentationEncoder, personal_keys, personalize, shared_state
+from fedseg.app.fedper import personalize, shared_state
+from fedseg.app.global_model import SharedEncoder, personal_keys
 from fedseg.app.head_store import FedPerHeadStore
 from conftest import tiny_job
 from fedseg.lightning_modules.module import SegmentationModule
@@ -21,8 +22,8 @@ def test_server_model_holds_exactly_the_shared_keys():
     parts = partition_keys(module.network)
     head = {f"network.{k}" for k in parts.head}
     assert set(personal_keys(module)) == head
-    assert set(SegmentationEncoder(**TINY).state_dict()) == set(module.state_dict()) - head
-    fedbn = SegmentationEncoder(keep_norm_local=True, **TINY).state_dict()
+    assert set(SharedEncoder(**TINY).state_dict()) == set(module.state_dict()) - head
+    fedbn = SharedEncoder(keep_norm_local=True, **TINY).state_dict()
     norm = {f"network.{k}" for k in parts.norm}
     assert norm and not (set(fedbn) & (head | norm))
     assert set(shared_state(module)) == set(module.state_dict()) - head
@@ -67,7 +68,7 @@ def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
     assert all(sorted(keys) == sorted(job.personal_keys()) for keys in excluded.values())
     assert '"algorithm":"fedper"' in client["executors"][0]["executor"]["args"]["task_script_args"]
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
-    assert "SegmentationEncoder" in json.dumps(persistor)
+    assert "SharedEncoder" in json.dumps(persistor)
 
 
 def _site_log(run, site, job="fedper"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_job
-from fedseg.app.fedper import SegmentationEncoder, personal_keys
+from fedseg.app.global_model import SharedEncoder, personal_keys
 from fedseg.app.personalization import HeadThenEncoder, ProximalTerm
 from fedseg.jobs.base import export
 from fedseg.lightning_modules.module import SegmentationModule
@@ -27,7 +27,7 @@ def test_head_depth_chooses_how_much_of_the_decoder_stays_at_the_site():
     assert output < last < decoder
     assert last - output == {f"network.net.model.1.submodule.2.{k}" for k in
                              ("conv.weight", "conv.bias", "adn.N.weight", "adn.N.bias", "adn.A.weight")}
-    server = SegmentationEncoder(personal_head="output", **TINY).state_dict()
+    server = SharedEncoder(personal_head="output", **TINY).state_dict()
     assert set(server) == set(module.state_dict()) - output
 
 
@@ -75,7 +75,7 @@ def test_personalized_jobs_end_with_the_personal_scores_and_tell_the_sites_their
     assert site["algorithm"] == algorithm and site["options"] == job.options_json()
     model = next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]
     encoder_only = algorithm in ("fedper", "fedrep")
-    assert ("SegmentationEncoder" in json.dumps(model)) == encoder_only  # Ditto and fine-tuning average full models
+    assert ("SharedEncoder" in json.dumps(model)) == encoder_only  # Ditto and fine-tuning average full models
     # and a plain FedAvg job has no final personal step
     plain = json.loads((export(tiny_job(name="plain"), tmp_path) / "app" / "config" / "config_fed_server.json").read_text())
     assert "personalize" not in next(w for w in plain["workflows"] if w["id"] == "controller")["args"]

@@ -179,7 +179,7 @@ def collect_results(
     """Read a finished job's server folder and write the run folder's results files.
 
     With ``encoder_only`` (FedPer) the global checkpoints are named ``*_global_encoder.ckpt``: they
-    load with ``SegmentationEncoder``; ``fedseg personalize`` adds a site's head to make a full model.
+    load with ``SharedEncoder``; ``fedseg personalize`` adds a site's head to make a full model.
     """
     server_dir, out = Path(server_dir), Path(out)
     if not (server_dir / "app_server").exists() and not (server_dir / "metrics").exists():
