@@ -205,8 +205,7 @@ assert len(FIELD_SECTION) == sum(len(fields(c)) for c in SECTIONS.values()), "se
 
 PROFILES: dict[str, StudyConfig] = {
     "study": StudyConfig(),
-    "demo": StudyConfig().override(features=8, lr=3e-3, roi=(48, 48, 48), rounds=8, local_epochs=2, poll_interval=0.5,
-                                   site_threads=1),
+    "demo": StudyConfig().override(features=8, lr=3e-3, roi=(48, 48, 48), rounds=20, local_epochs=2, site_threads=1),
     "tiny": StudyConfig().override(features=4, lr=3e-3, hd95=False, roi=(16, 16, 16), rounds=2, local_epochs=1,
                                    round_timeout=240, poll_interval=0.5, site_threads=1, sites=2, cases=4, size=24),
 }

@@ -108,13 +108,15 @@ class FederatedProgress:
         return data[:end].decode("utf-8", errors="replace").splitlines()
 
     def _read(self) -> None:
+        # The server's lines first: a site writes its round line before it sends its update, so every
+        # site line of a round the server has closed is on disk once the server's line is read.
+        server = self.server_log()
+        server_lines = self._new_lines(server) if server is not None else []
         for site, path in self.site_logs().items():
             for line in self._new_lines(path):
                 self._site_line(site, line)
-        server = self.server_log()
-        if server is not None:
-            for line in self._new_lines(server):
-                self._server_line(line)
+        for line in server_lines:
+            self._server_line(line)
 
     def _site_line(self, site: str, line: str) -> None:
         if m := _SITE_ROUND.search(line):
@@ -153,21 +155,26 @@ class FederatedProgress:
                 sites[name] = SiteState(entry.state, entry.val_dice, entry.detail)
             self.state.finished.append((number, sites, now - self._round_started))
             self._round_started = now
-            if self.round_lines:
+            if self.round_lines and self._worth_a_line(number, sites):
                 self.console.print(self._round_line(number, sites, self.state.finished[-1][2]))
             for entry in self.state.sites.values():
                 entry.state, entry.val_dice, entry.detail = "waiting", None, ""
 
     # -------------------------------------------------------------- showing it
 
+    def _worth_a_line(self, number: int, sites: dict[str, SiteState]) -> bool:
+        """Every round of a short run; of a long one about ten, the last, and any round a site missed."""
+        total = self.state.total_rounds or number
+        every = -(-total // 10)
+        return number % every == 0 or number in (1, total) or any(s.state in ("failed", "missing") for s in sites.values())
+
     def eta(self) -> float | None:
         """Seconds left, from the pace of the finished rounds after the first (which also pays the
-        start-up); None before a round has finished."""
+        start-up); None before a second round has finished."""
         done, total = len(self.state.finished), self.state.total_rounds
-        if not done or not total:
+        if done < 2 or not total:
             return None
-        seconds = [s for _, _, s in self.state.finished]
-        steady = sorted(seconds[1:] or seconds)
+        steady = sorted(s for _, _, s in self.state.finished[1:])
         return steady[len(steady) // 2] * (total - done)
 
     def _round_line(self, number: int, sites: dict[str, SiteState], seconds: float) -> str:
