@@ -10,13 +10,12 @@ server optimizer's state (its momentum) saved beside the global checkpoint, whic
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedseg.config import setting
-from fedseg.jobs.base import APP_DIR, Algorithm, Job
+from fedseg.jobs.base import Algorithm, Job
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 
@@ -59,7 +58,9 @@ class FedOpt(Algorithm):
                                        params_transfer_type=TransferType.DIFF,
                                        optimizer_state=state_file.name if state_file else "", **round_args, **common)
         if state_file is not None:  # bundled into the server app's custom/ folder, as the checkpoint is
-            recipe.add_server_file(os.path.relpath(state_file, APP_DIR))
+            # (FedJob.add_file_to_server: the recipe's add_server_file takes scripts and refuses paths
+            # outside the working directory)
+            nvflare_internals.fed_job(recipe).add_file_to_server(str(state_file))
         model = GlobalModel(**common["model"]["args"])  # the exporter writes its network arguments back
         nvflare_internals.fed_job(recipe).to_server(model, id=FEDOPT_MODEL_ID)
         return recipe

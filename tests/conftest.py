@@ -86,12 +86,13 @@ def fedavg_run(tmp_path_factory):
     import os
 
     from fedseg.jobs.addons import Addons
+    from fedseg.jobs.finetune import FineTuneOptions
     from fedseg.run.simulate import simulate
 
     root = tmp_path_factory.mktemp("fedavg")
     synth = tiny_synth(root / "synth", sites=2, cases=3, size=32)
     job = tiny_job("finetune", name="fedavg", rounds=2, features=8, roi=(32, 32, 32), hd95=True,
-                   addons=Addons(wandb="offline"))
+                   options=FineTuneOptions(finetune_epochs=2), addons=Addons(wandb="offline"))
     env = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", "WANDB_MODE") if k in os.environ}
     try:
         results = simulate(job, synth.datalists, root / "run")
