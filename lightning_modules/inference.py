@@ -1,7 +1,8 @@
 """Segment cases with a trained checkpoint and write label files on the source images' grid.
 
-:func:`load_model` rebuilds a ``SegmentationModule`` and the ``PreprocessConfig`` it was trained
-with (kept in the checkpoint's hyper-parameters as ``preprocess``). :func:`predict_cases` runs each
+:func:`load_model` rebuilds the network of a ``SegmentationModule`` checkpoint (``TrainedNetwork``,
+without Lightning) and the ``PreprocessConfig`` it was trained with (kept in the checkpoint's
+hyper-parameters as ``preprocess``). :func:`predict_cases` runs each
 case through the ``"predict"`` transforms (RAS, brain crop, normalisation, padding), sliding-window
 inference on the whole volume, regions -> internal labels, and MONAI's ``Invertd``
 (``transforms.build_inverse``) back onto the grid of the input files; the labels are then written
@@ -36,7 +37,7 @@ from fedseg.lightning_modules.data.transforms import (
     case_to_item,
 )
 from fedseg.lightning_modules.labels import from_internal, internal_from_regions
-from fedseg.lightning_modules.module import SegmentationModule
+from fedseg.lightning_modules.trained_network import TrainedNetwork
 
 PREDICTION_SUFFIX = ".nii.gz"
 
@@ -47,9 +48,9 @@ class InferenceError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A trained module in eval mode on ``device``, with the preprocessing it was trained with."""
+    """A trained network in eval mode on ``device``, with the preprocessing it was trained with."""
 
-    module: SegmentationModule
+    module: TrainedNetwork
     preprocess: PreprocessConfig
     device: torch.device
     checkpoint: Path
@@ -62,7 +63,7 @@ class LoadedModel:
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Boolean regions ``(3, *S)`` on the CPU for one preprocessed image ``(C, *S)``.
 
-        Sliding windows of the training ROI over the whole volume (``SegmentationModule.segment``).
+        Sliding windows of the training ROI over the whole volume (``TrainedNetwork.segment``).
         """
         image = torch.as_tensor(image).to(self.device, torch.float32)
         return self.module.segment(image[None])[0].cpu()
@@ -132,9 +133,9 @@ def load_model(
         raise InferenceError(f"{checkpoint}: checkpoint not found")
     target = resolve_device(device)
     try:
-        # weights_only: a checkpoint from elsewhere must not run code (fedseg.lightning_modules.safe_load)
-        module = SegmentationModule.load_from_checkpoint(checkpoint, map_location=target, weights_only=True)
-    except Exception as err:  # torch.load / Lightning raise many types for foreign files
+        # weights only: a checkpoint from elsewhere must not run code (fedseg.lightning_modules.safe_load)
+        module = TrainedNetwork.from_checkpoint(checkpoint)
+    except Exception as err:  # torch.load raises many types for foreign files
         first_line = (str(err).strip().splitlines() or [""])[0]  # torch.load's messages run long
         raise InferenceError(
             f"{checkpoint}: not a fedseg SegmentationModule checkpoint ({type(err).__name__}: {first_line})"

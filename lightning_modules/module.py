@@ -20,13 +20,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from torch import nn
 
 from fedseg.config import DataSettings, ModelSettings
 from fedseg.lightning_modules.metrics import RegionMetrics
 from fedseg.lightning_modules.networks import seeded_network
+from fedseg.lightning_modules.trained_network import SW_BATCH_SIZE, SW_OVERLAP, THRESHOLD, sliding_window_logits
 
 
 #: the study defaults (``fedseg.config``): the constructor's defaults are read from there
@@ -84,9 +84,9 @@ class SegmentationModule(pl.LightningModule):
         weight_decay: float = _MODEL.weight_decay,
         max_epochs: int | None = None,
         roi_size: Sequence[int] = _DATA.roi,
-        sw_batch_size: int = 1,
-        sw_overlap: float = 0.25,
-        threshold: float = 0.5,
+        sw_batch_size: int = SW_BATCH_SIZE,
+        sw_overlap: float = SW_OVERLAP,
+        threshold: float = THRESHOLD,
         hd95: bool = _MODEL.hd95,
         preprocess: dict[str, Any] | None = None,
         init_seed: int | None = None,
@@ -107,14 +107,8 @@ class SegmentationModule(pl.LightningModule):
 
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits over a whole volume of any size (B, C, *S) -> (B, 3, *S)."""
-        return sliding_window_inference(
-            image,
-            roi_size=tuple(self.hparams.roi_size),
-            sw_batch_size=self.hparams.sw_batch_size,
-            predictor=self.network,
-            overlap=self.hparams.sw_overlap,
-            mode="gaussian",
-        )
+        h = self.hparams
+        return sliding_window_logits(self.network, image, h.roi_size, h.sw_batch_size, h.sw_overlap)
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Boolean regions (B, 3, *S) for an image (B, C, *S)."""

@@ -117,7 +117,9 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     assert {p["site"] for p in by_task["submit_model"]} == {"site-1", "site-2"}
     assert all(p["keys"] for p in by_task["train"] + by_task["submit_model"])
     assert {p["site"] for p in by_task["personalize"]} == {"site-1", "site-2"}
-    assert all(p["keys"] == [] for p in by_task["personalize"])  # scores only
+    # scores only: a metrics payload whose keys are the validation scores, no weight
+    assert all(p["kind"] == "DataKind.METRICS" and p["keys"] and all(k.startswith("val_") for k in p["keys"])
+               for p in by_task["personalize"])
     assert not any(EXPECTED_HEAD & set(p["keys"]) for p in payloads), "a head key reached the server"
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
         saved = torch.load(server / "app_server" / name, weights_only=False)["model"]

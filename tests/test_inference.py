@@ -223,3 +223,20 @@ def test_cli_choices_match_the_library():
 
     assert predict.MODALITY_CHOICES == MODALITIES
     assert predict.CONVENTION_CHOICES == tuple(CONVENTIONS)
+
+
+def test_inference_reads_the_checkpoint_without_lightning_and_segments_as_the_module_does(checkpoint):
+    import subprocess
+    import sys
+
+    module = SegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    loaded = load_model(checkpoint, device="cpu")
+    image = torch.randn(4, 40, 36, 32, generator=torch.Generator().manual_seed(1))  # not a window's size
+    with torch.inference_mode():
+        assert torch.equal(loaded.segment(image), module.segment(image[None])[0])
+    assert tuple(loaded.module.hparams.roi_size) == tuple(module.hparams.roi_size)
+    script = ("import sys\nfrom fedseg.cli import predict\nfrom fedseg.lightning_modules.inference import load_model\n"
+              f"load_model({str(checkpoint)!r}, device='cpu')\n"
+              "print(sorted(m for m in ('pytorch_lightning', 'lightning_fabric') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
