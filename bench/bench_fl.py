@@ -48,7 +48,6 @@ printed before and after: other processes on the machine skew the ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -58,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -162,11 +160,12 @@ def parse_site_logs(job_dir: Path) -> tuple[dict[int, dict[str, float]], float |
 
 def run_federated(args: argparse.Namespace, datalists: dict[str, Path], rounds: int, run_dir: Path) -> FederatedTiming:
     """A FedAvg job of ``rounds`` rounds in the simulator, timed by the caller's clock and its logs."""
+    from fedseg.run.console import quiet_console
     from fedseg.run.simulate import simulate
 
     job = make_job(args, len(datalists), rounds)
     console = run_dir.parent / f"{run_dir.name}.console.txt"
-    with console_to(console):
+    with quiet_console(console):  # the simulator is chatty: its output to the file
         started = time.time()
         simulate(job, datalists, run_dir)
         ended = time.time()
@@ -191,36 +190,6 @@ def run_federated(args: argparse.Namespace, datalists: dict[str, Path], rounds: 
         bytes_down=down,
         bytes_up=up,
     )
-
-
-@contextlib.contextmanager
-def console_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout/stderr, and its children's, to ``path`` (the simulator is chatty).
-
-    Done on the file descriptors, not ``sys.stdout``: the simulator's site processes inherit them.
-    On an error the console's tail is printed, as it holds the simulator's own report.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    try:
-        with path.open("w") as f:
-            os.dup2(f.fileno(), 1)
-            os.dup2(f.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-    except BaseException:
-        print(f"--- last lines of {path} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
-        raise
-    finally:
-        os.close(saved[0])
-        os.close(saved[1])
 
 
 def bench_study(args: argparse.Namespace, rounds: int) -> Any:

@@ -26,7 +26,7 @@ from torch import nn
 from fedseg.config import DataSettings, ModelSettings
 from fedseg.lightning_modules.metrics import RegionMetrics
 from fedseg.lightning_modules.networks import seeded_network
-from fedseg.lightning_modules.trained_network import SW_BATCH_SIZE, SW_OVERLAP, THRESHOLD, sliding_window_logits
+from fedseg.lightning_modules.trained_network import SW_BATCH_SIZE, SW_OVERLAP, THRESHOLD, WholeVolumeSegmentation
 
 
 #: the study defaults (``fedseg.config``): the constructor's defaults are read from there
@@ -50,7 +50,7 @@ class DiceBCELoss(nn.Module):
         return self.lambda_dice * self.dice(logits, target) + self.lambda_bce * self.bce(logits, target)
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(WholeVolumeSegmentation, pl.LightningModule):
     """3-D multi-region tumour segmentation: network + loss + optimizer + validation metrics.
 
     Args:
@@ -100,19 +100,6 @@ class SegmentationModule(pl.LightningModule):
         self.schedule_offset = 0
         metrics = ("dice", "iou", "precision", "recall", "vs") + (("hd95",) if hd95 else ())
         self.val_metrics = RegionMetrics(metrics=metrics)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 3, *S) for an image (B, C, *S)."""
-        return self.network(image)
-
-    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits over a whole volume of any size (B, C, *S) -> (B, 3, *S)."""
-        h = self.hparams
-        return sliding_window_logits(self.network, image, h.roi_size, h.sw_batch_size, h.sw_overlap)
-
-    def segment(self, image: torch.Tensor) -> torch.Tensor:
-        """Boolean regions (B, 3, *S) for an image (B, C, *S)."""
-        return torch.sigmoid(self.predict_logits(image)) > self.hparams.threshold
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])

@@ -43,6 +43,28 @@ def sliding_window_logits(network: nn.Module, image: torch.Tensor, roi_size: Seq
                                     overlap=overlap, mode="gaussian")
 
 
+class WholeVolumeSegmentation:
+    """``forward``, ``predict_logits`` and ``segment`` for a module with a ``network`` and ``hparams``
+    (``roi_size``, ``sw_batch_size``, ``sw_overlap``, ``threshold``): ``SegmentationModule`` for
+    validation, ``TrainedNetwork`` for inference."""
+
+    network: nn.Module
+    hparams: Any
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 3, *S)`` for an image ``(B, C, *S)`` the size of a window."""
+        return self.network(image)
+
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits over a whole volume of any size ``(B, C, *S)`` -> ``(B, 3, *S)``."""
+        h = self.hparams
+        return sliding_window_logits(self.network, image, h.roi_size, h.sw_batch_size, h.sw_overlap)
+
+    def segment(self, image: torch.Tensor) -> torch.Tensor:
+        """Boolean regions ``(B, 3, *S)`` for an image ``(B, C, *S)``."""
+        return torch.sigmoid(self.predict_logits(image)) > self.hparams.threshold
+
+
 class Hyperparameters(dict):
     """A checkpoint's hyperparameters, readable as attributes (``hparams.roi_size``) like Lightning's."""
 
@@ -57,7 +79,7 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that is not a whole fedseg ``SegmentationModule`` (the message says why)."""
 
 
-class TrainedNetwork(nn.Module):
+class TrainedNetwork(WholeVolumeSegmentation, nn.Module):
     """The network of a trained ``SegmentationModule`` and the hyperparameters it was trained with.
 
     Args:
@@ -86,16 +108,3 @@ class TrainedNetwork(nn.Module):
             raise CheckpointMismatch(f"its weights do not fit a {h['network']} network with {h['features']} features "
                                      f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         return cls(network, h)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, 3, *S)`` for an image ``(B, C, *S)`` the size of a window."""
-        return self.network(image)
-
-    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits over a whole volume ``(B, C, *S)`` -> ``(B, 3, *S)``."""
-        h = self.hparams
-        return sliding_window_logits(self.network, image, h.roi_size, h.sw_batch_size, h.sw_overlap)
-
-    def segment(self, image: torch.Tensor) -> torch.Tensor:
-        """Boolean regions ``(B, 3, *S)`` for an image ``(B, C, *S)``."""
-        return torch.sigmoid(self.predict_logits(image)) > self.hparams.threshold
