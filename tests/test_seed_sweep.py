@@ -14,9 +14,13 @@ from fedseg.experiments.seed_sweep import SeedSweep, mean_sd, sweep_seeds
 from test_compare import _scores, tiny_settings
 
 
-def _run(tmp_path, seed: int, fedavg: dict[str, float], fedper: dict[str, float]) -> ComparisonResults:
+def _run(tmp_path, seed: int, fedavg: dict[str, float], fedper: dict[str, float],
+         local: dict[str, float] | None = None) -> ComparisonResults:
     methods = {"fedavg": MethodScores("fedavg", _scores(fedavg), 1.0, "test"),
                "fedper": MethodScores("fedper", _scores(fedper), 1.0, "test")}
+    if local is not None:  # and a method 0.02 above FedPer on every site
+        methods["local"] = MethodScores("local", _scores(local), 1.0, "test")
+        methods["ditto"] = MethodScores("ditto", _scores({s: v + 0.02 for s, v in fedper.items()}), 1.0, "test")
     return ComparisonResults(tmp_path / f"seed-{seed}", ["site-1", "site-2"], methods, tiny_settings(seed=seed))
 
 
@@ -38,7 +42,9 @@ def test_summary_over_seeds_and_differences_paired_by_seed(tmp_path):
     table = sweep.format_table()
     assert "mean Dice over 3 seeds (0, 1, 2): mean ± sd" in table
     assert "0.4500 ± 0.1000" in table  # fedavg, mean over sites
-    assert "fedper            +0.0350 ± 0.0427  (better in 2 of 3 seeds: +0.0750, -0.0100, +0.0400)" in table
+    assert "difference to fedavg, paired by seed: mean ± sd (seeds better of 3)" in table
+    assert "+0.0350 ± 0.0427 (2)" in table.splitlines()[-1]  # fedper's paired difference on the mean
+    assert "difference to local" not in table and "goal" not in table  # no local-only run here
 
     files = sweep.write()
     with files["csv"].open() as f:
@@ -47,9 +53,28 @@ def test_summary_over_seeds_and_differences_paired_by_seed(tmp_path):
     assert doc["seeds"] == [0, 1, 2] and doc["difference_to_fedavg"]["fedper"] == pytest.approx([0.075, -0.01, 0.04])
     assert files["txt"].read_text().strip() == table
 
+    assert doc["differences"]["fedavg"]["fedper"]["site-1"] == pytest.approx([0.05, -0.02, 0.07])
+
     assert mean_sd([0.5])[0] == 0.5 and mean_sd([0.5])[1] != mean_sd([0.5])[1]  # one seed: no sd (nan)
     with pytest.raises(ComparisonError, match="at least 2 different seeds"):
         sweep_seeds({}, tmp_path / "x", tiny_settings(), [3, 3])
+
+
+
+def test_the_goal_is_above_fedavg_and_local_in_every_seed_with_no_site_far_below_its_local_model(tmp_path):
+    runs = [_run(tmp_path, 0, {"site-1": 0.50, "site-2": 0.40}, {"site-1": 0.55, "site-2": 0.50}, {"site-1": 0.52, "site-2": 0.45}),
+            _run(tmp_path, 1, {"site-1": 0.60, "site-2": 0.50}, {"site-1": 0.58, "site-2": 0.50}, {"site-1": 0.55, "site-2": 0.49}),
+            _run(tmp_path, 2, {"site-1": 0.40, "site-2": 0.30}, {"site-1": 0.47, "site-2": 0.31}, {"site-1": 0.49, "site-2": 0.32})]
+    sweep = SeedSweep(tmp_path, [0, 1, 2], runs)
+    assert sweep.difference("fedper", "local") == pytest.approx([0.04, 0.02, -0.015])
+    assert sweep.goal("ditto") == (True, "")
+    met, why = sweep.goal("fedper")
+    assert not met and why == ("not above fedavg on the mean in seed(s) 1; not above local on the mean in seed(s) 2; "
+                               "site-1 -0.0200 below its local-only model in seed 2")
+    table = sweep.format_table()
+    assert "difference to local, paired by seed" in table
+    assert "ditto             met" in table and "fedper            not met: not above fedavg" in table
+    assert json.loads(sweep.write()["json"].read_text())["goal"]["ditto"] == {"met": True, "why": ""}
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ Run folder::
 
     OUT/seed-<s>/          a ``fedseg compare`` folder per seed
     OUT/seeds.csv, .json   method, site (and MEAN over sites), mean and sd over seeds, n, each seed
-    OUT/seeds.txt          the table, and each method's difference to FedAvg paired by seed
+    OUT/seeds.txt          the table; each method's difference to FedAvg and to local-only training,
+                           paired by seed, per site and on the mean; which methods meet the
+                           personalization goal (``goal``)
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from fedseg.lightning_modules.data.datalist import json_safe, write_json_atomic
 
 #: the method every other one is compared with, paired by seed
 REFERENCE = "fedavg"
+#: the references of the paired differences: FedAvg, and each site training alone
+REFERENCES = (REFERENCE, "local")
+#: how far below its own local-only model a site may end for a method to meet the goal
+LOCAL_TOLERANCE = 0.01
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -59,9 +65,27 @@ class SeedSweep:
             return [statistics.fmean(run.mean_dice(method, s) for s in self.sites) for run in self.runs]
         return [run.mean_dice(method, site) for run in self.runs]
 
-    def difference(self, method: str, reference: str = REFERENCE) -> list[float]:
-        """``method`` minus ``reference`` in mean Dice over sites, per seed (same seed, same start)."""
-        return [a - b for a, b in zip(self.dice(method, "MEAN"), self.dice(reference, "MEAN"))]
+    def difference(self, method: str, reference: str = REFERENCE, site: str = "MEAN") -> list[float]:
+        """``method`` minus ``reference`` in mean Dice on ``site`` (``MEAN``: over sites), per seed
+        (same seed, same start)."""
+        return [a - b for a, b in zip(self.dice(method, site), self.dice(reference, site))]
+
+    def goal(self, method: str) -> tuple[bool, str]:
+        """Whether ``method`` beats FedAvg and local-only training on the mean in every seed, with no
+        site more than ``LOCAL_TOLERANCE`` below its own local-only model in any seed; and why not."""
+        if not all(r in self.methods for r in REFERENCES):
+            return False, f"needs the methods {' and '.join(REFERENCES)}"
+        reasons = []
+        for reference in REFERENCES:
+            worse = [s for s, d in zip(self.seeds, self.difference(method, reference)) if not d > 0]
+            if worse:
+                reasons.append(f"not above {reference} on the mean in seed(s) {', '.join(map(str, worse))}")
+        gaps = [(d, site, seed) for site in self.sites
+                for seed, d in zip(self.seeds, self.difference(method, "local", site))]
+        low, site, seed = min(gaps)
+        if low < -LOCAL_TOLERANCE:
+            reasons.append(f"{site} {low:+.4f} below its local-only model in seed {seed}")
+        return not reasons, "; ".join(reasons)
 
     def rows(self) -> list[dict[str, Any]]:
         """``method, site, dice_mean, dice_sd, n_seeds`` and ``seed_<s>`` per seed; site MEAN last."""
@@ -82,24 +106,36 @@ class SeedSweep:
         for method in self.methods:
             cells = [mean_sd(self.dice(method, s)) for s in (*self.sites, "MEAN")]
             lines.append(f"{method:<18}" + "".join(f"{f'{m:.4f} ± {sd:.4f}':>{width}}" for m, sd in cells))
-        if REFERENCE in self.methods:
-            lines += ["", f"difference to {REFERENCE} in mean Dice over sites, paired by seed"]
-            for method in self.methods:
-                if method == REFERENCE:
-                    continue
-                diffs = self.difference(method)
-                mean, sd = mean_sd(diffs)
-                better = sum(d > 0 for d in diffs)
-                lines.append(f"{method:<18}{mean:+.4f} ± {sd:.4f}  (better in {better} of {len(diffs)} seeds: "
-                             + ", ".join(f"{d:+.4f}" for d in diffs) + ")")
+        width = max(width, 24)
+        for reference in (r for r in REFERENCES if r in self.methods):
+            lines += ["", f"difference to {reference}, paired by seed: mean ± sd (seeds better of {len(self.seeds)})",
+                      f"{'method':<18}" + "".join(f"{s:>{width}}" for s in (*self.sites, "mean"))]
+            for method in (m for m in self.methods if m != reference):
+                cells = []
+                for site in (*self.sites, "MEAN"):
+                    diffs = self.difference(method, reference, site)
+                    mean, sd = mean_sd(diffs)
+                    cells.append(f"{mean:+.4f} ± {sd:.4f} ({sum(d > 0 for d in diffs)})")
+                lines.append(f"{method:<18}" + "".join(f"{c:>{width}}" for c in cells))
+        if all(r in self.methods for r in REFERENCES):
+            lines += ["", f"goal: above {' and '.join(REFERENCES)} on the mean in every seed, no site more than "
+                      f"{LOCAL_TOLERANCE} below its local-only model"]
+            for method in (m for m in self.methods if m not in REFERENCES):
+                met, why = self.goal(method)
+                lines.append(f"{method:<18}" + ("met" if met else f"not met: {why}"))
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         paired = {m: self.difference(m) for m in self.methods if m != REFERENCE} if REFERENCE in self.methods else {}
+        by_site = {reference: {m: {s: self.difference(m, reference, s) for s in (*self.sites, "MEAN")}
+                               for m in self.methods if m != reference}
+                   for reference in REFERENCES if reference in self.methods}
+        goal = ({m: dict(zip(("met", "why"), self.goal(m))) for m in self.methods if m not in REFERENCES}
+                if all(r in self.methods for r in REFERENCES) else {})
         return json_safe({"seeds": self.seeds, "sites": self.sites, "methods": self.methods,
                           "settings": self.runs[0].settings.to_json(),
-                          "rows": self.rows(), f"difference_to_{REFERENCE}": paired,
-                          "runs": [str(run.out) for run in self.runs]})
+                          "rows": self.rows(), f"difference_to_{REFERENCE}": paired, "differences": by_site,
+                          "goal": goal, "runs": [str(run.out) for run in self.runs]})
 
     def write(self) -> dict[str, Path]:
         """``seeds.json|csv|txt`` in ``out``."""
