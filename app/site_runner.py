@@ -294,8 +294,16 @@ class SiteRunner:
         progress(f"[fedseg] {self.site}: personal model val_dice={scores.get('val_dice', float('nan')):.4f}")
 
     def evaluate(self) -> None:
-        """Cross-site evaluation: score the received model (NVFlare's callback sends the metrics)."""
-        metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        """Cross-site evaluation: score the received model (NVFlare's callback sends the metrics).
+
+        The trainer's streaming logger is off meanwhile: these scores belong to other models and
+        come back as the task's answer, not as this site's per-round metrics (W&B, site_metrics).
+        """
+        loggers, self.trainer.loggers = self.trainer.loggers, []
+        try:
+            metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        finally:
+            self.trainer.loggers = loggers
         val_dice = metrics[0].get("val_dice", float("nan")) if metrics else float("nan")
         progress(f"[fedseg] {self.site}: cross-site validation val_dice={val_dice:.4f}")
 
