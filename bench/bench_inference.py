@@ -9,8 +9,8 @@ runs ``fedseg predict CKPT CASE --out TMP --device DEVICE`` through fedseg's own
 wrapped around the product's own functions, which run unchanged:
 
 =================  ==========================================================================
-imports            torch, MONAI, Lightning, nibabel, fedseg (from the child's first line)
-load model         ``inference.load_model`` (checkpoint -> ``SegmentationModule`` in eval mode)
+imports            torch, MONAI, nibabel, fedseg (from the child's first line)
+load model         ``inference.load_model`` (checkpoint -> ``TrainedNetwork`` in eval mode)
 discover           ``find_cases`` (the case folder's files)
 load+preprocess    ``CasePredictor.preprocess``: reading the NIfTI files and the "predict" transforms
 network            ``LoadedModel.segment``: sliding-window inference over the whole volume

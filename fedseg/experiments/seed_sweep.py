@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedseg.experiments.compare import DEFAULT_METHODS, CompareSettings, ComparisonError, ComparisonResults, compare
+from fedseg.experiments.compare import (
+    DEFAULT_METHODS,
+    PERSONALIZED,
+    CompareSettings,
+    ComparisonError,
+    ComparisonResults,
+    compare,
+)
 from fedseg.lightning_modules.data.datalist import json_safe, write_json_atomic
 
 #: the method every other one is compared with, paired by seed
@@ -120,7 +127,7 @@ class SeedSweep:
         if all(r in self.methods for r in REFERENCES):
             lines += ["", f"goal: above {' and '.join(REFERENCES)} on the mean in every seed, no site more than "
                       f"{LOCAL_TOLERANCE} below its local-only model"]
-            for method in (m for m in self.methods if m not in REFERENCES):
+            for method in (m for m in self.methods if m in PERSONALIZED):
                 met, why = self.goal(method)
                 lines.append(f"{method:<18}" + ("met" if met else f"not met: {why}"))
         return "\n".join(lines)
@@ -130,7 +137,7 @@ class SeedSweep:
         by_site = {reference: {m: {s: self.difference(m, reference, s) for s in (*self.sites, "MEAN")}
                                for m in self.methods if m != reference}
                    for reference in REFERENCES if reference in self.methods}
-        goal = ({m: dict(zip(("met", "why"), self.goal(m))) for m in self.methods if m not in REFERENCES}
+        goal = ({m: dict(zip(("met", "why"), self.goal(m))) for m in self.methods if m in PERSONALIZED}
                 if all(r in self.methods for r in REFERENCES) else {})
         return json_safe({"seeds": self.seeds, "sites": self.sites, "methods": self.methods,
                           "settings": self.runs[0].settings.to_json(),
