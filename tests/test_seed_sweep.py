@@ -70,7 +70,7 @@ def test_the_goal_is_above_fedavg_and_local_in_every_seed_with_no_site_far_below
     assert sweep.goal("ditto") == (True, "")
     met, why = sweep.goal("fedper")
     assert not met and why == ("not above fedavg on the mean in seed(s) 1; not above local on the mean in seed(s) 2; "
-                               "site-1 -0.0200 below its local-only model in seed 2")
+                               "below the site's local-only model: site-1 -0.0200 (seed 2)")
     table = sweep.format_table()
     assert "difference to local, paired by seed" in table
     assert "ditto             met" in table and "fedper            not met: not above fedavg" in table
