@@ -88,7 +88,7 @@ class SeedSweep:
             if worse:
                 reasons.append(f"not above {reference} on the mean in seed(s) {', '.join(map(str, worse))}")
         below = [f"{site} {d:+.4f} (seed {seed})" for site in self.sites
-                 for seed, d in zip(self.seeds, self.difference(method, "local", site)) if d < -LOCAL_TOLERANCE]
+                 for seed, d in zip(self.seeds, self.difference(method, "local", site)) if d < -LOCAL_TOLERANCE - 1e-9]
         if below:
             reasons.append(f"below the site's local-only model: {', '.join(below)}")
         return not reasons, "; ".join(reasons)
