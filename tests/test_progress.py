@@ -61,3 +61,22 @@ def test_a_long_run_prints_about_ten_round_lines(tmp_path):
     printed = [int(line.split()[1].split("/")[0]) for line in console.lines]
     assert printed == [1, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
     assert len(progress.state.finished) == 30  # every round counted for the ETA and the display
+
+
+def test_a_site_line_written_after_the_server_closed_the_round_still_makes_its_line(tmp_path, monkeypatch):
+    from fedseg.run import progress as progress_module
+
+    progress, console, site_round, server_round = _progress(tmp_path, ["a", "b"], rounds=2)
+    site_round("a", 1, 0.1)
+    server_round(1, 2)  # site b's update arrived; its own line is not written yet
+    progress._read()
+    assert console.lines == []  # the round's line waits for b's value
+    site_round("b", 1, 0.2)
+    progress._read()
+    assert console.lines[-1].startswith("round 1/2  val_dice of the global model: a 0.100  b 0.200")
+    assert progress.state.site("b").state == "waiting"  # the late line does not mark the next round done
+    monkeypatch.setattr(progress_module, "LATE_LINE_GRACE", 0.0)
+    site_round("a", 2, 0.3)
+    server_round(2, 2)  # b never writes its line of round 2: after the grace the line prints without it
+    progress._read()
+    assert "a 0.300  b no report" in console.lines[-1]

@@ -24,6 +24,8 @@ _SITE_ROUND = re.compile(r"\[fedseg\] round (\d+)/(\d+) (\S+): (.*)$")
 _SITE_EVENT = re.compile(r"\[fedseg\] (\S+): (could not start|cross-site validation|personal model|fine-tuned)(.*)$")
 _SERVER_ROUND = re.compile(r"Round (\d+): (\d+)/(\d+) sites answered(?:; (.*))?$")
 _VAL_DICE = re.compile(r"val_dice=([0-9.]+|nan)")
+#: seconds a closed round's line waits for a site's own line of it
+LATE_LINE_GRACE = 3.0
 
 
 @dataclass
@@ -66,6 +68,9 @@ class FederatedProgress:
         self._started = time.monotonic()
         self._round_started = time.monotonic()
         self._live = None
+        self._by_round: dict[int, dict[str, SiteState]] = {}  # round -> site -> its reported state
+        self._closed = 0  # the last round the server closed
+        self._pending: list[tuple[int, float]] = []  # closed rounds whose line is not printed yet
 
     # -------------------------------------------------------------- thread
 
@@ -82,6 +87,7 @@ class FederatedProgress:
         self._stop.set()
         self._thread.join(timeout=10)
         self._read()  # the last lines written before the run ended
+        self._flush(force=True)
         if self._live is not None:
             self._live.stop()
 
@@ -108,8 +114,9 @@ class FederatedProgress:
         return data[:end].decode("utf-8", errors="replace").splitlines()
 
     def _read(self) -> None:
-        # The server's lines first: a site writes its round line before it sends its update, so every
-        # site line of a round the server has closed is on disk once the server's line is read.
+        # The server's lines first, then the sites': a site line written in between is then read in
+        # this pass too. A site writes its round line just after NVFlare sent its update, so it can
+        # still come after the server closed the round: ``_flush`` waits for it.
         server = self.server_log()
         server_lines = self._new_lines(server) if server is not None else []
         for site, path in self.site_logs().items():
@@ -117,21 +124,28 @@ class FederatedProgress:
                 self._site_line(site, line)
         for line in server_lines:
             self._server_line(line)
+        self._flush()
 
     def _site_line(self, site: str, line: str) -> None:
         if m := _SITE_ROUND.search(line):
             number, total, what = int(m.group(1)), int(m.group(2)), m.group(4)
             self.state.total_rounds = max(self.state.total_rounds, total)
-            if number > self.state.round:
-                self.state.round = number
-            entry = self.state.site(site)
+            record = None
+            if what.startswith("FAILED"):
+                record = SiteState("failed", None, what.split("(", 1)[1].split(",", 1)[0] if "(" in what else "")
+            elif not what.startswith("started") and (v := _VAL_DICE.search(what)) is not None:
+                record = SiteState("done", float(v.group(1)))
+            if record is not None:
+                self._by_round.setdefault(number, {})[site] = record
+            if number <= self._closed:  # a late line of a round the server already closed
+                return
+            self.state.round = max(self.state.round, number)
             self.state.phase = "training"
-            if what.startswith("started"):
+            entry = self.state.site(site)
+            if record is None and what.startswith("started"):
                 entry.state, entry.val_dice, entry.detail = "training", None, ""
-            elif what.startswith("FAILED"):
-                entry.state, entry.detail = "failed", what.split("(", 1)[1].split(",", 1)[0] if "(" in what else ""
-            elif (v := _VAL_DICE.search(what)) is not None:
-                entry.state, entry.val_dice = "done", float(v.group(1))
+            elif record is not None:
+                entry.state, entry.val_dice, entry.detail = record.state, record.val_dice, record.detail
         elif m := _SITE_EVENT.search(line):
             entry = self.state.site(m.group(1))
             if m.group(2) == "could not start":
@@ -147,18 +161,33 @@ class FederatedProgress:
                 return
             now = time.monotonic()
             problems = m.group(4) or ""
-            sites = {}
-            for name in self.site_names:
+            reported = self._by_round.setdefault(number, {})
+            for name in self.site_names:  # sites the server names as failed or missing report no line
                 entry = self.state.site(name)
-                if entry.state not in ("done", "failed") and name in problems:
-                    entry.state = "missing"
-                sites[name] = SiteState(entry.state, entry.val_dice, entry.detail)
-            self.state.finished.append((number, sites, now - self._round_started))
+                if name not in reported and name in problems:
+                    reported[name] = SiteState("failed" if entry.state == "failed" else "missing", None, entry.detail)
+            self.state.finished.append((number, reported, now - self._round_started))
             self._round_started = now
-            if self.round_lines and self._worth_a_line(number, sites):
-                self.console.print(self._round_line(number, sites, self.state.finished[-1][2]))
+            self._closed = max(self._closed, number)
+            self._pending.append((number, now))
             for entry in self.state.sites.values():
                 entry.state, entry.val_dice, entry.detail = "waiting", None, ""
+
+    def _flush(self, force: bool = False) -> None:
+        """Print the closed rounds' lines, each once every site's line of it is in (a site writes its
+        line just after NVFlare sent its update, so it may come after the server's), or after
+        ``LATE_LINE_GRACE`` seconds."""
+        now = time.monotonic()
+        while self._pending:
+            number, closed_at = self._pending[0]
+            reported = self._by_round.get(number, {})
+            if not (force or len(reported) >= len(self.site_names) or now - closed_at > LATE_LINE_GRACE):
+                return
+            self._pending.pop(0)
+            sites = {name: reported.get(name, SiteState("no report")) for name in self.site_names}
+            seconds = next(s for r, _, s in self.state.finished if r == number)
+            if self.round_lines and self._worth_a_line(number, sites):
+                self.console.print(self._round_line(number, sites, seconds))
 
     # -------------------------------------------------------------- showing it
 
