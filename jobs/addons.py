@@ -18,7 +18,8 @@ timeout and minimum of sites are study settings (``FederationSettings``), applie
   (``fedseg.app.grouped_fedavg``), optionally sharing the encoder across groups.
 - ``wandb``: "offline" / "online" W&B runs on the server, one per site (``fedseg.app.wandb_receiver``).
 - ``resume_from``: continue a study from its last global checkpoint (``fedseg.run.resume``).
-- ``quantize``: "fp16" or "int8" model exchange in both directions (``fedseg.app.quantization``).
+- ``quantize``: "fp16" or "int8" model exchange in both directions (``fedseg.app.quantization``);
+  under int8 the sites send weight differences (not with site groups).
 
 Every job's server also records the bytes of each model it sends and receives
 (``metrics/exchange_bytes.jsonl``).
@@ -265,10 +266,16 @@ class Addons:
 
     def apply_sending(self, recipe: Any) -> None:
         """Where models leave, after every other filter there (a FedPer head is stripped and a
-        privacy filter has run before the update is quantized); the server counts what it sends."""
+        privacy filter has run before the update is quantized); the server counts what it sends.
+        Under int8 the sites send weight differences (a far smaller range to quantize than the
+        weights; the server adds them to its full-precision model), except with site groups, whose
+        aggregator averages full weights."""
+        from fedseg import nvflare_internals
         from fedseg.app.quantization import ExchangeBytesRecorder, QuantizeWeights
 
         if self.quantize != "off":
             recipe.add_client_output_filter(QuantizeWeights(self.quantize), tasks=[TRAIN_TASK])
             recipe.add_server_output_filter(QuantizeWeights(self.quantize), tasks=[TRAIN_TASK])
+            if self.quantize == "int8" and self.groups is None:
+                nvflare_internals.send_weight_diffs(recipe)
         recipe.add_server_output_filter(ExchangeBytesRecorder("sent"), tasks=[TRAIN_TASK])
