@@ -2,7 +2,8 @@
 
 ``check_dataset`` reads every file of every case once (header and voxels: a truncated ``.nii.gz``
 has a fine header and fails only when its voxels are read) and reports each problem with its file.
-It only reads: nothing is written in or near the data folder.
+It only reads: nothing is written in or near the data folder. Files outside the data root are
+reported (``outside_root``), never read.
 
 Problem kinds (``Problem.kind``), one per way a file can be broken:
 
@@ -12,6 +13,8 @@ datalist              the datalist file cannot be read
 missing_modality      a case has no file for one of ``MODALITIES``
 missing_file          a file the datalist names does not exist
 duplicate_case        a case id listed twice in a datalist
+unsafe_case_id        a case id that is no plain file name ('/', '..', a leading dot, ...): outputs are named after it
+outside_root          a file that resolves (``..``, an absolute path, a symlink) outside the data root
 unreadable            not a file nibabel can read as NIfTI
 truncated             the header loads but the voxels cannot be read (cut or corrupt data)
 wrong_ndim            a 4-D file where a 3-D volume is expected, or a 3-D one where MSD expects 4-D
@@ -44,7 +47,14 @@ import numpy as np
 from nibabel import imageglobals
 from nibabel.openers import ImageOpener
 
-from fedseg.lightning_modules.data.datalist import MODALITIES, Case, DatalistError, read_datalist
+from fedseg.lightning_modules.data.datalist import (
+    MODALITIES,
+    Case,
+    DatalistError,
+    EntryProblem,
+    confinement_problems,
+    read_datalist,
+)
 from fedseg.lightning_modules.data.layouts import (
     BRATS_TOKENS,
     LAYOUTS,
@@ -56,7 +66,7 @@ from fedseg.lightning_modules.data.layouts import (
 from fedseg.lightning_modules.labels import check_convention, guess_convention, invalid_values, unique_values
 
 KINDS: tuple[str, ...] = (
-    "no_cases", "datalist", "missing_modality", "missing_file", "duplicate_case",
+    "no_cases", "datalist", "missing_modality", "missing_file", "duplicate_case", "unsafe_case_id", "outside_root",
     "unreadable", "truncated", "wrong_ndim", "channel_count", "bad_spacing", "non_finite",
     "empty_image", "label_not_integral", "label_values",
     "shape_mismatch", "orientation_mismatch", "affine_mismatch",
@@ -201,11 +211,14 @@ def assert_dataset_ok(
 def check_discovered(dataset: Dataset, modalities: Sequence[str] = MODALITIES) -> CheckReport:
     """Check the cases ``discover`` found, including the ones of ``modalities`` their folders lack."""
     report = CheckReport(dataset.root, dataset.layout, len(dataset.cases), notes=list(dataset.notes))
+    refused = _report_confinement(
+        confinement_problems(((f"case {c.case_id}", c) for c in dataset.cases), dataset.root), dataset.root, report)
     for case in dataset.cases:
         for modality in (m for m in dataset.incomplete.get(case.case_id, []) if m in modalities):
             where, what = _expected_file(dataset, case, modality)
             report.add(where, case.case_id, "missing_modality", f"no {modality} image ({what})")
-        _check_case(case, dataset.root, report)
+        if case.case_id not in refused:
+            _check_case(case, dataset.root, report)
     return report
 
 
@@ -216,11 +229,14 @@ def check_cases(
     layout: str = "datalist",
     source: Path | str | None = None,
     modalities: Sequence[str] = MODALITIES,
+    entries: Sequence[str] | None = None,
 ) -> CheckReport:
     """Check cases already in memory (e.g. a :class:`Datalist`'s), their paths relative to ``root``.
 
     Problems of a case rather than of a file (a modality it lists no image for, a case id listed
-    twice) are reported against ``source``, the file that lists the cases (``root`` if None).
+    twice, an unsafe case id, a file outside ``root``) are reported against ``source``, the file
+    that lists the cases (``root`` if None); ``entries`` name the cases there ("training[0]").
+    A case with a file outside ``root`` is not read at all.
     ``modalities``: the ones a case must have (a job's; a site without T1 can join a job that
     does not use T1).
     """
@@ -229,6 +245,8 @@ def check_cases(
     report = CheckReport(root, layout, len(cases))
     if not cases:
         report.add(listing, None, "no_cases", "no cases to check")
+    names = list(entries) if entries is not None else [f"case {c.case_id}" for c in cases]
+    refused = _report_confinement(confinement_problems(zip(names, cases), root), listing, report)
     seen: set[str] = set()
     for case in cases:
         if case.case_id in seen:
@@ -238,8 +256,16 @@ def check_cases(
         for modality in (m for m in modalities if m not in case.modalities):
             message = f"case {case.case_id} lists no {modality} image"
             report.add(listing, case.case_id, "missing_modality", message)
-        _check_case(case, root, report)
+        if case.case_id not in refused:
+            _check_case(case, root, report)
     return report
+
+
+def _report_confinement(problems: Sequence[EntryProblem], listing: Path, report: CheckReport) -> set[str]:
+    """Add each unsafe entry to ``report``; the case ids whose files must not be read."""
+    for problem in problems:
+        report.add(listing, problem.case_id, problem.kind, problem.format())
+    return {p.case_id for p in problems if p.kind == "outside_root" and p.case_id is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,13 +273,16 @@ def check_cases(
 
 def _check_datalist(datalist: Path, root: Path | None, modalities: Sequence[str] = MODALITIES) -> CheckReport:
     try:
-        loaded = read_datalist(datalist, data_root=root)
+        # unconfined: check_cases reports each unsafe entry itself, and checks the others
+        loaded = read_datalist(datalist, data_root=root, confine=False)
     except DatalistError as err:
         report = CheckReport(datalist.parent, "datalist", 0)
         report.add(datalist, None, "datalist", str(err))
         return report
+    entries = [f"training[{i}]" for i in range(len(loaded.training))]
+    entries += [f"validation[{i}]" for i in range(len(loaded.validation))]
     return check_cases(loaded.cases, loaded.data_root, layout=f"datalist {datalist.name}", source=datalist,
-                       modalities=modalities)
+                       modalities=modalities, entries=entries)
 
 
 def _expected_file(dataset: Dataset, case: Case, modality: str) -> tuple[Path, str]:

@@ -21,6 +21,12 @@ and each ENTRY describes one case with paths relative to the data root::
 A single ``image`` with several ``modalities`` is one 4-D file whose channels are those
 modalities in that order (the Medical Segmentation Decathlon layout). The root is kept out of the
 entries so that the same datalist works wherever a site mounts its data (site-local configuration).
+
+``read_datalist`` is the one place a datalist file is read, and the one place its entries are
+confined: every image and label path must resolve (symlinks followed) to a file under the resolved
+data root, and every case id must be a safe file name (``safe_case_name``), since predictions and
+reports are named after it. The data root is ``--data-root`` if given, else the file's
+``data_root``, else the datalist's own folder. Datalists are UTF-8 whatever the locale.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,91 @@ from fedseg.config import MODALITIES  # noqa: E402 - canonical names, default ch
 
 
 class DatalistError(ValueError):
-    """A datalist file that cannot be read or is malformed (the message names the file)."""
+    """A datalist file that cannot be read or is malformed (the message names the file).
+
+    ``problems`` lists the entries that were refused one by one (unsafe case id, a path outside
+    the data root), so that ``fedseg data check`` can report each on its own line.
+    """
+
+    def __init__(self, message: str, problems: Sequence[EntryProblem] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class EntryProblem:
+    """One refused datalist entry: ``entry`` names it ("training[0]"), ``kind`` is
+    ``unsafe_case_id`` or ``outside_root``."""
+
+    entry: str
+    case_id: str | None
+    kind: str
+    message: str
+
+    def format(self) -> str:
+        return f"{self.entry}: {self.message}"
+
+
+#: the longest case id: a file system name is at most 255 bytes, and predictions add a suffix
+MAX_CASE_ID_BYTES = 200
+
+
+def safe_case_name(case_id: object, where: str | None = None) -> str:
+    """``case_id`` if it is safe to use as a file name in an output folder, else ``DatalistError``.
+
+    Predictions (``OUT/<case_id>.nii.gz``) and reports are named after case ids, so an id must not
+    be able to point anywhere else: no ``/`` or ``\\``, no NUL or other control character, no
+    leading dot (``.``, ``..``, hidden files), no leading or trailing space, not empty, at most
+    ``MAX_CASE_ID_BYTES`` bytes in UTF-8. Any other Unicode is fine (``BraTS-Zürich-001``).
+    ``where`` (e.g. the datalist and entry) starts the message.
+    """
+    prefix = f"{where}: " if where else ""
+    if not isinstance(case_id, str) or not case_id:
+        raise DatalistError(f"{prefix}case id {case_id!r} must be a non-empty string")
+    reason = None
+    if "/" in case_id or "\\" in case_id:
+        reason = "contains a path separator ('/' or '\\')"
+    elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in case_id):
+        reason = "contains a control character"
+    elif case_id.startswith("."):
+        reason = "starts with '.'"
+    elif case_id != case_id.strip():
+        reason = "starts or ends with white space"
+    elif len(case_id.encode("utf-8", "surrogatepass")) > MAX_CASE_ID_BYTES:
+        reason = f"is longer than {MAX_CASE_ID_BYTES} bytes"
+    if reason:
+        raise DatalistError(f"{prefix}case id {case_id!r} {reason}; it names output files, so it must be "
+                            "a plain file name")
+    return case_id
+
+
+def confined_path(relative: str, root: Path, where: str = "path") -> Path:
+    """``root / relative`` resolved (symlinks followed), or ``DatalistError`` if it leads outside
+    ``root`` (itself resolved): a ``..``, an absolute path or a symlink out of the data root."""
+    root = Path(root).resolve()
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        raise DatalistError(f"{where}: {relative!r} is not a file path")
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root):
+        raise DatalistError(f"{where}: {relative!r} resolves to {target}, outside the data root {root}")
+    return target
+
+
+def confinement_problems(cases: Iterable[tuple[str, Case]], root: Path | str) -> list[EntryProblem]:
+    """Every unsafe case id and every file outside ``root`` among ``(entry name, case)`` pairs."""
+    problems = []
+    for entry, case in cases:
+        try:
+            safe_case_name(case.case_id)
+        except DatalistError as err:
+            problems.append(EntryProblem(entry, case.case_id, "unsafe_case_id", str(err)))
+        files = [("image", p) for p in case.images] + ([("label", case.label)] if case.label is not None else [])
+        for role, rel in files:
+            try:
+                confined_path(rel, Path(root), role)
+            except DatalistError as err:
+                problems.append(EntryProblem(entry, case.case_id, "outside_root", str(err)))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -152,7 +243,7 @@ def write_json_atomic(path: Path | str, document: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(document, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
@@ -167,31 +258,56 @@ def write_datalist(path: Path | str, datalist: Datalist) -> Path:
     return write_json_atomic(path, datalist.to_json(path))
 
 
-def read_datalist(path: Path | str, data_root: Path | str | None = None) -> Datalist:
-    """Read a datalist; ``data_root`` overrides the root stored in the file.
+def read_datalist(path: Path | str, data_root: Path | str | None = None, *, confine: bool = True) -> Datalist:
+    """Read a datalist (UTF-8); ``data_root`` overrides the root stored in the file.
 
-    Without either, paths are relative to the datalist's folder (MONAI's decathlon default).
+    Without either, paths are relative to the datalist's folder (MONAI's decathlon default). Every
+    entry is confined to the data root (see the module doc): ``DatalistError`` names each entry that
+    is not, with ``problems`` listing them. ``confine=False`` is for ``fedseg data check`` only,
+    which reports those entries itself (``confinement_problems``) and checks the others.
     """
     path = Path(path)
     try:
-        document = json.loads(path.read_text())
+        # UTF-8 whatever the locale: a case id like "BraTS-Zürich-001" must read the same under LC_ALL=C
+        document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatalistError(f"{path}: datalist not found") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatalistError(f"{path}: not a readable JSON datalist ({err})") from None
     if not isinstance(document, dict) or not ({"training", "validation"} & document.keys()):
         raise DatalistError(f"{path}: a datalist needs a 'training' and/or 'validation' list")
     if data_root is None:
         stored = document.get("data_root")
         data_root = path.parent / stored if stored else path.parent
-    try:
-        training = [Case.from_entry(e) for e in document.get("training", [])]
-        validation = [Case.from_entry(e) for e in document.get("validation", [])]
-    except (KeyError, TypeError) as err:
-        raise DatalistError(f"{path}: malformed case entry (missing {err})") from None
-    except ValueError as err:
-        raise DatalistError(f"{path}: {err}") from None
-    return Datalist(training, validation, Path(data_root).resolve(), document.get("meta", {}))
+    entries: dict[str, list[Case]] = {}
+    for split in ("training", "validation"):
+        listed = document.get(split, [])
+        if not isinstance(listed, list):
+            raise DatalistError(f"{path}: '{split}' must be a list of case entries")
+        entries[split] = []
+        for i, entry in enumerate(listed):
+            try:
+                if not isinstance(entry, dict):
+                    raise TypeError("not an object")
+                entries[split].append(Case.from_entry(entry))
+            except (KeyError, TypeError) as err:
+                raise DatalistError(f"{path}: {split}[{i}]: malformed case entry ({_missing(err)})") from None
+            except ValueError as err:
+                raise DatalistError(f"{path}: {split}[{i}]: {err}") from None
+    root = Path(data_root).resolve()
+    if confine:
+        named = [(f"{split}[{i}]", c) for split, cases in entries.items() for i, c in enumerate(cases)]
+        problems = confinement_problems(named, root)
+        if problems:
+            listed = "\n  ".join(p.format() for p in problems)
+            raise DatalistError(f"{path}: refused, {len(problems)} unsafe entr{'y' if len(problems) == 1 else 'ies'} "
+                                f"(a case id must be a plain file name, and every file must lie under the data "
+                                f"root {root}):\n  {listed}", problems)
+    return Datalist(entries["training"], entries["validation"], root, document.get("meta", {}))
+
+
+def _missing(err: Exception) -> str:
+    return f"missing {err}" if isinstance(err, KeyError) else str(err)
 
 
 def merge_datalists(datalists: Iterable[Datalist]) -> Datalist:

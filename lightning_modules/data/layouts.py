@@ -330,7 +330,7 @@ def _msd_modalities(root: Path) -> tuple[str, ...]:
     if not path.is_file():
         return MSD_DEFAULT_MODALITIES
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LayoutError(f"{path}: not a readable dataset.json ({err})") from None
     named = document.get("modality") if isinstance(document, dict) else None

@@ -255,7 +255,7 @@ def read_institutions(path: Path | str) -> dict[str, str]:
     """``{case_id: institution}`` from a CSV (``case_id,institution`` or FeTS ``Subject_ID,Partition_ID``)."""
     path = Path(path)
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # UTF-8 whatever the locale; a BOM is fine
             reader = csv.DictReader(f)
             header = {h.strip().lower(): h for h in (reader.fieldnames or [])}
             case_col = next((header[c] for c in CASE_COLUMNS if c in header), None)
@@ -374,7 +374,7 @@ def write_split(datalists: dict[str, Datalist], out_dir: Path | str) -> Path:
                   "split": next(iter(datalists.values())).meta.get("split", {})}
     write_datalist(out_dir / "all.json", union)
     tmp = summary_path.with_name(".summary.csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow([fl.name for fl in fields(SiteSummary)])
         for r in rows:
@@ -385,7 +385,7 @@ def write_split(datalists: dict[str, Datalist], out_dir: Path | str) -> Path:
 
 def read_summary(path: Path | str) -> list[SiteSummary]:
     """The rows of a ``summary.csv`` written by ``write_split``."""
-    with Path(path).open(newline="") as f:
+    with Path(path).open(newline="", encoding="utf-8") as f:
         return [
             SiteSummary(
                 site=row["site"], n_train=int(row["n_train"]), n_val=int(row["n_val"]),
