@@ -51,7 +51,7 @@ class SiteConfig:
     @classmethod
     def from_file(cls, path: Path) -> SiteConfig:
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise SiteConfigError(f"{path}: not a readable site config ({err})") from None
         if not isinstance(doc, dict) or "datalist" not in doc:
