@@ -17,6 +17,12 @@ selection, and changes only how a round ends:
 - ``start_round`` > 0 resumes a study: the persistor's initial checkpoint is the last global
   model, and the rounds already done are counted (``total_rounds`` stays the study's).
 
+Every completed round also reaches the server's durable study store (``fedseg.run.study_store``:
+the global model, FedOpt's optimizer state and the round's record, in one atomic rename), outside
+the job's workspace, under the study id (``study_id``; default: the job id). A job with
+``resume_from_store`` starts from the store's newest round of its study and runs only the rounds
+left: that is how ``fedseg study`` continues a study after a crashed, stuck or aborted job.
+
 Every round appends one line to ``<run dir>/metrics/participation.jsonl`` and the end of the run
 writes ``metrics/participation_summary.json``: which sites answered, failed (with the exception
 class the site reported, never its message, which may hold paths) or were missing, per round, and
@@ -47,6 +53,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.fuel.utils.log_utils import center_message
 
 from fedseg import nvflare_internals
+from fedseg.run import study_store
 from fedseg.app.protocol import (
     CONTRIBUTION_KEY,
     PERSONALIZE_TASK,
@@ -60,6 +67,9 @@ REPORT_DIR = "metrics"
 ROUND_REPORT = "participation.jsonl"
 SUMMARY_REPORT = "participation_summary.json"
 PERSONAL_SCORES = "personal_scores.json"
+STUDY_REPORT = "study_participation.json"
+#: the group of ``nvflare``'s ``show_stats JOB server`` answer that holds the study's progress
+STATS_GROUP = "fedseg_study"
 
 
 class ResilientFedAvg(FedAvg):
@@ -72,7 +82,8 @@ class ResilientFedAvg(FedAvg):
     """
 
     def __init__(self, *args: Any, round_timeout: int = 0, min_sites: int = 1, task_check_period: float = 0.5,
-                 ignore_result_error: bool = True, personalize: bool = False, **kwargs: Any) -> None:
+                 ignore_result_error: bool = True, personalize: bool = False, study_id: str = "",
+                 resume_from_store: bool = False, durable_store: bool = True, **kwargs: Any) -> None:
         # A site's error result is that site's failure for the round, never the job's: the round
         # decides with min_sites (BaseModelController would otherwise panic on the first error), so
         # the argument (which the job export writes back) is always True.
@@ -90,6 +101,13 @@ class ResilientFedAvg(FedAvg):
         self._at_startup: set[str] = set()  # sites whose failure was at start-up (config, data)
         self._answered: list[str] = []
         self._history: list[dict[str, Any]] = []
+        #: the study's folder in the server's durable store (None: off); see fedseg.run.study_store
+        self.study_id = str(study_id)
+        self.resume_from_store = bool(resume_from_store)
+        self.durable_store = bool(durable_store)
+        self._study_dir: str | None = None
+        self._store_resume: tuple[int, str] | None = None  # (rounds done, round folder) resumed from
+        self._store_error = ""
 
     # ------------------------------------------------------------------ the workflow
 
@@ -97,6 +115,7 @@ class ResilientFedAvg(FedAvg):
         self.info(center_message("Start FedAvg (fedseg: round timeout, minimum sites, report)."))
         # the server notices a finished round within task_check_period, not only NVFlare's fixed 0.2 s
         nvflare_internals.set_task_monitor_period(self, min(self.task_check_period, 0.2))
+        self._open_study_store()
         last_round = self.start_round + self.num_rounds
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, last_round, private=True, sticky=False)
         model = self._initial_model()
@@ -135,8 +154,10 @@ class ResilientFedAvg(FedAvg):
             self._write_round(record)
             model = self.update_model(model, aggregate)
             self.save_model(model)  # NVFlare's PTFileModelPersistor writes it atomically (temp + os.replace)
+            self._save_durable_round(record)
             nvflare_internals.cleanup_memory(self)
         self._write_summary(status, reason)
+        self._write_study_report()
         if status == "stopped":
             self.error(reason)
             self.panic(reason)  # ends the job with this reason instead of averaging too few sites
@@ -174,8 +195,109 @@ class ResilientFedAvg(FedAvg):
 
     def _initial_model(self) -> FLModel | None:
         if self.model is not None:
-            return self.model if isinstance(self.model, FLModel) else FLModel(params=self.model)
-        return self.load_model()
+            model = self.model if isinstance(self.model, FLModel) else FLModel(params=self.model)
+        else:
+            model = self.load_model()
+        if model is not None and self._store_resume:
+            self._load_stored_params(model, os.path.join(self._store_resume[1], study_store.MODEL_FILE))
+        return model
+
+    # ------------------------------------------------------------------ the durable study store
+
+    def _open_study_store(self) -> None:
+        """Find the study's folder in the durable store; with ``resume_from_store``, start after its last round."""
+        if not self.durable_store:
+            return
+        try:
+            root = study_store.store_root(self.engine.get_workspace().get_root_dir())
+            study = self.study_id or self.fl_ctx.get_job_id()
+            self._study_dir = str(root / study)
+            os.makedirs(self._study_dir, exist_ok=True)
+        except Exception as err:  # the store is an addition: a job without it still runs
+            self._study_dir, self._store_error = None, f"{type(err).__name__}: {err}"
+            self.warning(f"durable study store unavailable ({self._store_error}); rounds live only in the job workspace")
+            return
+        self.info(f"Durable study store: {self._study_dir}")
+        if not self.resume_from_store:
+            return
+        latest = study_store.latest_model(self._study_dir)
+        if latest is None or latest[0] <= self.start_round:
+            self.info("Durable study store: no completed round to continue from; starting at round "
+                      f"{self.start_round + 1}")
+            return
+        done, folder = latest
+        total = self.start_round + self.num_rounds
+        self._store_resume = (done, str(folder))
+        self.start_round, self.num_rounds = min(done, total), max(0, total - done)
+        self.info(f"Durable study store: continuing the study after round {done} of {total} ({folder})")
+
+    def _load_stored_params(self, model: FLModel, path: str) -> None:
+        """Replace ``model``'s weights by the stored global model's (same keys, same array kind)."""
+        from fedseg.lightning_modules.safe_load import load_checkpoint
+
+        doc = load_checkpoint(path)
+        stored = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(stored, dict):
+            raise RuntimeError(f"{path}: not a global model checkpoint")
+        current = model.params or {}
+        missing = sorted(set(current) - set(stored))
+        if missing:
+            raise RuntimeError(f"{path}: the stored model lacks {len(missing)} key(s) of this job's model, e.g. {missing[0]}")
+        numpy_params = any(type(v).__module__ == "numpy" for v in current.values())
+        model.params = {k: (stored[k].cpu().numpy() if numpy_params and hasattr(stored[k], "cpu") else stored[k])
+                        for k in current}
+
+    def _save_durable_round(self, record: dict[str, Any]) -> None:
+        """Copy the round's global model (and FedOpt's optimizer state) and record into the durable store."""
+        if not self._study_dir:
+            return
+        app_dir = self.get_app_dir()
+        files = {name: os.path.join(app_dir, name) for name in self._durable_files()
+                 if os.path.isfile(os.path.join(app_dir, name))}
+        if study_store.MODEL_FILE not in files:
+            self.warning(f"Round {record['round']}: no {study_store.MODEL_FILE} in {app_dir}; not in the durable store")
+            return
+        doc = {**record, "job_id": self.fl_ctx.get_job_id(), "total_rounds": self.start_round + self.num_rounds}
+        try:
+            study_store.save_round(self._study_dir, record["round"], files, doc)
+        except OSError as err:
+            self.error(f"Round {record['round']}: could not write the durable study store {self._study_dir}: {err}")
+
+    def _durable_files(self) -> tuple[str, ...]:
+        """Files of the app folder that make a round durable (FedOpt adds its optimizer state)."""
+        return (study_store.MODEL_FILE,)
+
+    def _write_study_report(self) -> None:
+        """Every round of the whole study so far (all its jobs), from the store, into this job's metrics."""
+        if not self._study_dir:
+            return
+        doc = {"study_id": os.path.basename(self._study_dir), "store": self._study_dir,
+               "rounds": study_store.records(self._study_dir), "redone": study_store.redone(self._study_dir)}
+        path = os.path.join(self._report_dir(), STUDY_REPORT)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(f"{path}.tmp", path)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """``show_stats JOB server`` (``fedseg study``'s progress probe) gets the study's rounds."""
+        super().handle_event(event_type, fl_ctx)
+        from nvflare.widgets.info_collector import InfoCollector
+
+        if event_type != InfoCollector.EVENT_TYPE_GET_STATS:
+            return
+        collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+        if collector is None:
+            return
+        done = [r["round"] for r in self._history if r.get("answered") and len(r["answered"]) >= self.min_sites]
+        last = self._history[-1] if self._history else {}
+        collector.add_info(group_name=STATS_GROUP, info={
+            "current_round": int(getattr(self, "current_round", 0) or 0) + 1,
+            "start_round": self.start_round,
+            "total_rounds": self.start_round + self.num_rounds,
+            "rounds_done": max(done) if done else self.start_round,
+            "last_round": {k: last.get(k) for k in ("round", "answered", "failed", "missing", "disconnected")} if last else {},
+            "study_dir": self._study_dir or "",
+        })
 
     def _run_round(self, model: FLModel, targets: list[str]) -> None:
         nvflare_internals.start_round_aggregation(self, expected=len(targets))

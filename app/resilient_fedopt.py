@@ -9,7 +9,9 @@ rounds call ``FedOpt.update_model``. The sites send weight differences (``Transf
 The server optimizer's state (SGD momentum, Adam moments) is part of the study: after every round
 it is written atomically beside the global model (``<app dir>/fedopt_optimizer.pt``, with the
 round), and a resumed study (``optimizer_state``: that file, bundled into the job) starts from it,
-so FedAvgM's momentum goes on instead of restarting from zero.
+so FedAvgM's momentum goes on instead of restarting from zero. The state also reaches the durable
+study store with every round (``fedseg.run.study_store``); a job continued from the store
+(``resume_from_store``) restores the state saved with the round it continues from.
 """
 
 from __future__ import annotations
@@ -64,6 +66,15 @@ class ResilientFedOpt(FedOpt, ResilientFedAvg):
     def _initial_model(self) -> FLModel | None:
         """The initial global model; a resumed study's optimizer state is restored with it."""
         model = super()._initial_model()
+        if model is not None and self._store_resume:
+            path = os.path.join(self._store_resume[1], OPTIMIZER_STATE_FILE)
+            if os.path.isfile(path):
+                saved = read_optimizer_state(path)
+                self.optimizer.load_state_dict(saved["state"])
+                self.info(f"FedOpt: server optimizer state of round {saved['round'] + 1} restored from the study store")
+                return model
+            self.warning(f"FedOpt: no optimizer state in {self._store_resume[1]}; the server optimizer starts afresh")
+            return model
         if model is not None and self.optimizer_state:
             path = os.path.join(self.get_app_dir(), "custom", self.optimizer_state)
             saved = read_optimizer_state(path)
@@ -83,6 +94,9 @@ class ResilientFedOpt(FedOpt, ResilientFedAvg):
         updated.params = {k: torch.tensor(v) for k, v in updated.params.items()}
         self._save_optimizer_state()
         return updated
+
+    def _durable_files(self) -> tuple[str, ...]:
+        return (*super()._durable_files(), OPTIMIZER_STATE_FILE)
 
     def _save_optimizer_state(self) -> None:
         path = os.path.join(self.get_app_dir(), OPTIMIZER_STATE_FILE)

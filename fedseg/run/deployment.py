@@ -28,6 +28,12 @@ from typing import Any
 ADMIN = "admin@nvidia.com"
 COMPLETED = "FINISHED:COMPLETED"
 SITE_CONFIG_FILE = "fedseg_site.json"  # what fedseg.app.site_config looks for in <kit>/local/
+#: How long the server holds a finished job for the outcome of a site that vanished (NVFlare 2.9's
+#: ``client_outcome_wait_timeout``, default 900 s: nvflare/private/fed/server/job_runner.py). The
+#: server's job runner reads it from its environment (``NVFLARE_`` + the name in capitals) when it
+#: starts; a site that is still there reports its outcome within seconds of the job's end.
+CLIENT_OUTCOME_WAIT_ENV = "NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT"
+CLIENT_OUTCOME_WAIT_S = 60
 
 
 class DeploymentError(RuntimeError):
@@ -189,6 +195,8 @@ class LocalDeployment:
         env.pop("FEDSEG_SITE_CONFIG", None)
         env.pop("NVFLARE_STARTUP_KIT_DIR", None)
         env["PYTHONUNBUFFERED"] = "1"
+        # a finished job whose site vanished ends a minute later, not 15 (CLIENT_OUTCOME_WAIT_S)
+        env.setdefault(CLIENT_OUTCOME_WAIT_ENV, str(CLIENT_OUTCOME_WAIT_S))
         return env
 
     # ---------------------------------------------------------------- the steps every deployment shares
@@ -349,6 +357,8 @@ class LocalDeployment:
 
 __all__ = [
     "ADMIN",
+    "CLIENT_OUTCOME_WAIT_ENV",
+    "CLIENT_OUTCOME_WAIT_S",
     "COMPLETED",
     "SITE_CONFIG_FILE",
     "DeploymentError",

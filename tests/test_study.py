@@ -1,0 +1,415 @@
+"""``fedseg study``: the durable study store, the supervisor's decisions, and a fault matrix on POC.
+
+Fast tier: the server's durable store (atomic rounds, pruning, redo notes), the job folder the
+supervisor makes, the decision table and the supervisor loop on a scripted session (no NVFlare).
+
+End to end (one POC deployment, 3 hospitals, real ``nvflare`` processes and the FLARE admin API),
+one 5-round FedAvg study driven by ``fedseg study run`` in its own process, with:
+
+1. the lead's ``fedseg study run`` process killed (SIGKILL) after round 1 and started again;
+2. every server process killed in round 3, the server kit's ``start.sh`` run again 5 s later: the
+   supervisor finds the job dead (RUNNING in the job store, not run by the server), ends it and
+   continues from round 2 in the server's durable store;
+3. hospital-c vanishing for good in round 4 (every process of its kit killed, its start loop too):
+   the study goes on without it and ends within two minutes of its last round, not 15.
+
+It asserts the study reaches its 5 rounds, every round is recorded once (1..5, none redone), and
+the final model is the one of round 5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedseg.run import study_store
+from fedseg.run.study import (
+    STATE_FILE,
+    Decision,
+    Memo,
+    Observation,
+    Policy,
+    Segment,
+    StudyState,
+    Supervisor,
+    decide,
+    find_progress,
+    prepare_job,
+    status_text,
+)
+
+# ---------------------------------------------------------------------------------------- the durable store
+
+
+def test_store_writes_rounds_atomically_prunes_models_and_notes_redos(tmp_path):
+    src = tmp_path / "app"
+    src.mkdir()
+    (src / study_store.MODEL_FILE).write_bytes(b"model")
+    (src / "fedopt_optimizer.pt").write_bytes(b"opt")
+    study = tmp_path / "store" / "s1"
+    assert study_store.latest_model(study) is None and study_store.completed_rounds(study) == []
+    files = {n: src / n for n in (study_store.MODEL_FILE, "fedopt_optimizer.pt")}
+    for rnd in (1, 2, 3):
+        study_store.save_round(study, rnd, files, {"round": rnd, "answered": ["a"], "job_id": "j1"})
+    assert study_store.completed_rounds(study) == [1, 2, 3]
+    assert study_store.latest_model(study) == (3, study / "round-0003")
+    assert not (study / "round-0001" / study_store.MODEL_FILE).exists()  # pruned: the last 2 keep models
+    assert (study / "round-0002" / "fedopt_optimizer.pt").read_bytes() == b"opt"
+    assert [r["round"] for r in study_store.records(study)] == [1, 2, 3]
+    assert not [p for p in study.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert study_store.redone(study) == []
+    study_store.save_round(study, 3, files, {"round": 3, "answered": ["a"], "job_id": "j2"})
+    assert study_store.records(study)[-1]["job_id"] == "j2"
+    assert [r["round"] for r in study_store.redone(study)] == [3]
+
+
+def test_store_root_follows_env_then_job_storage(tmp_path, monkeypatch):
+    monkeypatch.delenv(study_store.STORE_ENV, raising=False)
+    ws = tmp_path / "server"
+    (ws / "local").mkdir(parents=True)
+    assert study_store.store_root(ws) == ws.absolute() / study_store.STORE_FOLDER
+    (ws / "local" / "resources.json.default").write_text(json.dumps(
+        {"components": [{"id": "job_manager", "args": {"uri_root": str(tmp_path / "storage" / "jobs")}}]}))
+    assert study_store.store_root(ws) == tmp_path / "storage" / study_store.STORE_FOLDER
+    monkeypatch.setenv(study_store.STORE_ENV, str(tmp_path / "elsewhere"))
+    assert study_store.store_root(ws) == tmp_path / "elsewhere"
+
+
+# ---------------------------------------------------------------------------------------- the job folder
+
+
+def _fake_job(folder: Path, workflow: str = "fedseg.app.resilient_fedavg.ResilientFedAvg") -> Path:
+    (folder / "app" / "config").mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"name": "fedavg", "min_clients": 2}))
+    (folder / "app" / "config" / "config_fed_server.json").write_text(json.dumps({"workflows": [
+        {"id": "controller", "path": workflow, "args": {"num_rounds": 4, "round_timeout": 30, "min_sites": 2}},
+        {"id": "cse", "path": "nvflare.app_common.workflows.cross_site_model_eval.CrossSiteModelEval", "args": {}},
+    ]}))
+    return folder
+
+
+def test_prepare_job_adds_the_study_store_settings(tmp_path):
+    settings = prepare_job(_fake_job(tmp_path / "src"), tmp_path / "copy", "study-x")
+    assert settings == {"rounds": 4, "round_timeout": 30.0, "min_sites": 2, "name": "fedavg"}
+    doc = json.loads((tmp_path / "copy" / "app" / "config" / "config_fed_server.json").read_text())
+    assert doc["workflows"][0]["args"]["study_id"] == "study-x" and doc["workflows"][0]["args"]["resume_from_store"]
+    from fedseg.run.study import StudyError
+
+    with pytest.raises(StudyError, match="no fedseg round workflow"):
+        prepare_job(_fake_job(tmp_path / "other", "nvflare.app_common.workflows.fedavg.FedAvg"), tmp_path / "c2", "s")
+
+
+# ---------------------------------------------------------------------------------------- decisions
+
+
+def _state(**kw) -> StudyState:
+    doc = dict(study_id="s", source="x", job_folder="x", job_name="fedavg", total_rounds=5, round_timeout=30,
+               min_sites=2)
+    doc.update(kw)
+    return StudyState(**doc)
+
+
+def _progress(current: int, done: int, missing=(), total: int = 5) -> dict:
+    return {"current_round": current, "rounds_done": done, "total_rounds": total,
+            "last_round": {"round": done, "answered": ["a", "b"], "missing": list(missing), "disconnected": []}}
+
+
+POLICY = Policy(poll=1, stall_limit=100, dead_grace=30, server_down_limit=300, rejoin_rounds_left=2)
+
+
+@pytest.mark.parametrize("obs, expect", [
+    (Observation(now=0, reachable=True, status="FINISHED:COMPLETED"), "finished"),
+    (Observation(now=0, reachable=True, status="FINISHED:ABNORMAL"), "finished"),
+    (Observation(now=0, reachable=True, status="SUBMITTED", connected=["a"]), "wait"),
+    (Observation(now=0, reachable=False, error="ConnectionError"), "wait"),
+    (Observation(now=0, reachable=True, status="RUNNING", server_runs_job=True, progress=_progress(2, 1),
+                 connected=["a", "b"], sites_with_job=["a", "b"]), "wait"),
+    # a site missing in the last round is connected again but not in the job: worth a new segment
+    (Observation(now=0, reachable=True, status="RUNNING", server_runs_job=True, progress=_progress(2, 1, ["c"]),
+                 connected=["a", "b", "c"], sites_with_job=["a", "b"]), "end"),
+    # ... not with fewer rounds left than rejoin_rounds_left
+    (Observation(now=0, reachable=True, status="RUNNING", server_runs_job=True, progress=_progress(4, 3, ["c"]),
+                 connected=["a", "b", "c"], sites_with_job=["a", "b"]), "wait"),
+    # a frozen site that came back still runs the job: nothing to do
+    (Observation(now=0, reachable=True, status="RUNNING", server_runs_job=True, progress=_progress(2, 1, ["c"]),
+                 connected=["a", "b", "c"], sites_with_job=["a", "b", "c"]), "wait"),
+])
+def test_decide_one_look(obs, expect):
+    assert decide(_state(), Segment("j", 0), obs, Memo(), POLICY).action == expect
+
+
+def test_decide_clocks_dead_job_stall_and_server_down():
+    st, seg = _state(), Segment("j", 0)
+    memo = Memo()
+    dead = dict(reachable=True, status="RUNNING", server_runs_job=False)
+    assert decide(st, seg, Observation(now=0, **dead), memo, POLICY).action == "wait"
+    d = decide(st, seg, Observation(now=31, **dead), memo, POLICY)
+    assert d.action == "end" and "server restarted" in d.reason
+    memo = Memo()
+    alive = dict(reachable=True, status="RUNNING", server_runs_job=True)
+    assert decide(st, seg, Observation(now=0, progress=_progress(1, 0), **alive), memo, POLICY).action == "wait"
+    assert decide(st, seg, Observation(now=90, progress=_progress(2, 1), **alive), memo, POLICY).action == "wait"
+    assert decide(st, seg, Observation(now=180, progress=_progress(2, 1), **alive), memo, POLICY).action == "wait"
+    d = decide(st, seg, Observation(now=191, progress=_progress(2, 1), **alive), memo, POLICY)
+    assert d.action == "end" and "no progress for 101 s" in d.reason
+    memo = Memo()
+    assert decide(st, seg, Observation(now=0, reachable=False, error="x"), memo, POLICY).action == "wait"
+    d = decide(st, seg, Observation(now=301, reachable=False, error="x"), memo, POLICY)
+    assert d.action == "stop" and "start the server kit" in d.reason
+    assert Policy().stall_seconds(7200) == 21600 and Policy().stall_seconds(25) == 600
+    assert [Policy().retry_pause(n) for n in range(6)] == [0, 10, 20, 40, 80, 160]
+
+
+def test_find_progress_in_show_stats_answer():
+    stats = {"server": {"ServerRunner": {"status": "started"}, "fedseg_study": {"rounds_done": 2}}}
+    assert find_progress(stats) == {"rounds_done": 2} and find_progress({"server": {}}) is None
+
+
+# ---------------------------------------------------------------------------------------- the supervisor loop
+
+
+class ScriptedSession:
+    """A session whose jobs follow a script: each submitted job runs ``plan[i]`` (a list of
+    (status, server_runs_job, rounds_done) looks), then ends with a download holding its records."""
+
+    def __init__(self, tmp: Path, plans: list[list[tuple[str, bool, int]]], endings: list[tuple[int, str]]):
+        self.tmp, self.plans, self.endings = tmp, plans, endings
+        self.jobs: list[str] = []
+        self.looks: dict[str, int] = {}
+        self.aborted: list[str] = []
+        self.done = 0  # rounds in the "store"
+
+    def _look(self, job_id):
+        plan = self.plans[self.jobs.index(job_id)]
+        return plan[min(self.looks.get(job_id, 0), len(plan) - 1)]
+
+    def job_status(self, job_id):
+        self.looks[job_id] = self.looks.get(job_id, 0) + 1
+        return self._look(job_id)[0]
+
+    def server_jobs(self):
+        return [j for j in self.jobs if self._look(j)[1]]
+
+    def connected_sites(self):
+        return ["a", "b"]
+
+    def sites_with_job(self, job_id):
+        return ["a", "b"]
+
+    def progress(self, job_id):
+        status, runs, done = self._look(job_id)
+        self.done = max(self.done, done)
+        return _progress(done + 1, done)
+
+    def submit(self, folder):
+        self.jobs.append(f"job{len(self.jobs) + 1}")
+        return self.jobs[-1]
+
+    def abort(self, job_id):
+        self.aborted.append(job_id)
+        return "Job is not running."
+
+    def download(self, job_id, dest):
+        rounds, status = self.endings[self.jobs.index(job_id)]
+        metrics = Path(dest) / job_id / "workspace" / "metrics"
+        metrics.mkdir(parents=True)
+        self.done = max(self.done, rounds)
+        recs = [{"round": r, "targets": ["a", "b"], "answered": ["a", "b"], "failed": {}, "missing": [],
+                 "disconnected": []} for r in range(1, self.done + 1)]
+        (metrics / "study_participation.json").write_text(json.dumps({"rounds": recs}))
+        (metrics / "participation_summary.json").write_text(json.dumps({"status": status, "reason": ""}))
+        return Path(dest) / job_id
+
+    def close(self):
+        pass
+
+
+def _supervisor(tmp_path, session, **policy):
+    job = _fake_job(tmp_path / "src")
+    Supervisor.create(tmp_path / "study", job, rounds=5)
+    clock = {"t": 0.0}
+    lines: list[str] = []
+    sup = Supervisor(tmp_path / "study", session, policy=Policy(**{"poll": 5, "dead_grace": 20, **policy}),
+                     log=lines.append, clock=lambda: clock["t"],
+                     sleep=lambda s: clock.__setitem__("t", clock["t"] + max(s, 1)))
+    return sup, lines
+
+
+def test_supervisor_continues_after_a_dead_job_and_completes(tmp_path):
+    # job1: runs rounds 1-2, then the server restarts: RUNNING in the store, not run by the server (dead)
+    # job2: continues, completes rounds 3-5
+    session = ScriptedSession(tmp_path, [
+        [("RUNNING", True, 1), ("RUNNING", True, 2)] + [("RUNNING", False, 2)] * 30,
+        [("RUNNING", True, 3), ("RUNNING", True, 4), ("FINISHED:COMPLETED", False, 5)],
+    ], endings=[(2, "aborted"), (5, "completed")])
+    sup, lines = _supervisor(tmp_path, session)
+    state = sup.run()
+    assert state.status == "completed" and state.rounds_done == 5, lines
+    assert [s.job_id for s in state.segments] == ["job1", "job2"] and session.aborted == ["job1"]
+    assert any("server restarted" in line for line in lines)
+    reloaded = StudyState.load(tmp_path / "study")
+    assert reloaded.status == "completed" and reloaded.sites["a"]["answered"] == [1, 2, 3, 4, 5]
+    assert "rounds done: 5/5" in status_text(reloaded)
+    assert "[study]" in (tmp_path / "study" / "study.log").read_text()
+
+
+def test_supervisor_stops_after_capped_spaced_retries(tmp_path):
+    stuck = [("FINISHED:EXECUTION_EXCEPTION", False, 0)]
+    session = ScriptedSession(tmp_path, [stuck] * 10, endings=[(0, "stopped")] * 10)
+    sup, lines = _supervisor(tmp_path, session, max_retries=3)
+    state = sup.run()
+    assert state.status == "stopped" and "3 segments in a row added no round" in state.reason
+    assert len(state.segments) == 3
+    pauses = [line for line in lines if line.startswith("[study] pause")]
+    assert [p.split(":")[1].split()[0] for p in pauses] == ["10", "20"]
+
+
+def test_a_restarted_supervisor_follows_the_running_segment(tmp_path):
+    session = ScriptedSession(tmp_path, [[("RUNNING", True, 1), ("FINISHED:COMPLETED", False, 5)]],
+                              endings=[(5, "completed")])
+    sup, _ = _supervisor(tmp_path, session)
+    sup._submit()  # the first process submitted, then died
+    again = Supervisor(tmp_path / "study", session, policy=Policy(poll=1), log=lambda line: None,
+                       sleep=lambda s: None)
+    assert again.state.current.job_id == "job1"
+    state = again.run()
+    assert state.status == "completed" and len(session.jobs) == 1
+
+
+# ---------------------------------------------------------------------------------------- end to end on POC
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+ROUND_TIMEOUT = 25
+ROUNDS = 5
+
+
+def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_path):
+    import conftest
+    from fedseg.jobs.base import export
+    from fedseg.lightning_modules.data.synth import SynthConfig, generate
+    from fedseg.run.deployment import processes_matching
+    from fedseg.run.poc import PocDeployment
+
+    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    job = conftest.tiny_job(name="study", features=8, roi=(24, 24, 24), min_clients=2, min_sites_per_round=2,
+                            round_timeout=ROUND_TIMEOUT, rounds=ROUNDS, cross_site_eval=False)
+    job_dir = export(job, tmp_path / "jobs")
+    study_dir = tmp_path / "study"
+    started = time.monotonic()
+    with PocDeployment(tmp_path / "poc", SITES) as poc:
+        poc.prepare()
+        for site, datalist in zip(SITES, synth.datalists.values()):
+            extra = {"fault_drill": {"hang_in_rounds": [4], "hang_seconds": 600}} if site == "hospital-c" else {}
+            poc.install_site_config(site, datalist, cache_dir=tmp_path / "cache" / site, **extra)
+        poc.start()
+        env = poc.env()
+        cmd = [sys.executable, "-m", "fedseg", "study", "run", str(job_dir), "--dir", str(study_dir),
+               "--startup-kit", str(poc.admin_kit), "--poll", "2", "--dead-grace", "20"]
+        lead_log = tmp_path / "lead.log"
+
+        def lead() -> subprocess.Popen:
+            with lead_log.open("a") as out:
+                return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                        start_new_session=True)
+
+        store = poc.workspace / study_store.STORE_FOLDER
+
+        def study_folder() -> Path | None:
+            if not (study_dir / STATE_FILE).is_file():
+                return None
+            return store / StudyState.load(study_dir).study_id
+
+        def rounds_stored() -> list[int]:
+            folder = study_folder()
+            return study_store.completed_rounds(folder) if folder else []
+
+        proc = lead()
+        try:
+            # 1. the lead's process dies after round 1 and is started again
+            _wait(lambda: 1 in rounds_stored(), 400, "round 1 in the server's durable store")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            proc = lead()
+
+            # 2. every server process is killed in round 3, the server kit is started again 5 s later
+            first_job = StudyState.load(study_dir).segments[0].job_id
+            server_log = poc.server_kit / first_job / "log.txt"
+            _wait(lambda: server_log.is_file() and "Round 3: sending" in server_log.read_text(errors="replace"),
+                  300, "round 3 started")
+            assert rounds_stored() == [1, 2]
+            _kill(pid for pid, _ in processes_matching([str(poc.server_kit)]))
+            _wait(lambda: not processes_matching([str(poc.server_kit)]), 30, "server processes gone")
+            time.sleep(5)
+            with (tmp_path / "server-restart.log").open("w") as out:
+                subprocess.run(["bash", str(poc.server_kit / "startup" / "start.sh")], cwd=poc.server_kit, env=env,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True, timeout=60, check=True)
+
+            # 3. hospital-c vanishes for good in round 4 (of the continued study)
+            def c_hangs() -> bool:
+                state = StudyState.load(study_dir)
+                if len(state.segments) < 2:
+                    return False
+                log = poc.site_kit("hospital-c") / state.segments[-1].job_id / "log.txt"
+                return log.is_file() and "training hangs for 600 s in round 4" in log.read_text(errors="replace")
+
+            _wait(c_hangs, 420, "hospital-c in round 4 of the second segment")
+            _kill(pid for pid, _ in processes_matching([str(poc.site_kit("hospital-c"))]))
+
+            rc = proc.wait(600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        output = lead_log.read_text()
+        assert rc == 0, output[-4000:]
+        state = StudyState.load(study_dir)
+        assert state.status == "completed" and state.rounds_done == ROUNDS, output[-4000:]
+        assert len(state.segments) == 2 and "server restarted" in output
+        folder = study_folder()
+        records = study_store.records(folder)
+        # every round once, contiguous, none redone; rounds 1-2 from the first job, 3-5 from the second
+        assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)) and not study_store.redone(folder)
+        assert [r["job_id"] for r in records] == [state.segments[0].job_id] * 2 + [state.segments[1].job_id] * 3
+        assert records[3]["missing"] == ["hospital-c"] and records[4]["answered"] == ["hospital-a", "hospital-b"]
+        assert state.sites["hospital-c"]["missed"] == [4, 5]
+        # the vanished site delays the study's end by the outcome wait (60 s), not NVFlare's 900 s
+        last_round_at = (folder / "round-0005" / "record.json").stat().st_mtime
+        assert state.segments[-1].ended_at - last_round_at < 120, (state.segments[-1].ended_at, last_round_at)
+        final = Path(state.segments[-1].download) / "workspace" / "app_server" / study_store.MODEL_FILE
+        from fedseg.run.resume import find_resume_point
+
+        assert find_resume_point(final).rounds_done == ROUNDS
+        assert (study_store.latest_model(folder)[1] / study_store.MODEL_FILE).read_bytes() == final.read_bytes()
+        status = subprocess.run([sys.executable, "-m", "fedseg", "study", "status", "--dir", str(study_dir)],
+                                capture_output=True, text=True, env=env, check=True).stdout
+        assert "rounds done: 5/5" in status and "hospital-c" in status
+    assert not poc.running_processes()
+    print(f"fault matrix study: {time.monotonic() - started:.0f} s")
