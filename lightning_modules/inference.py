@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from fedseg.lightning_modules.data.datalist import MODALITIES, Case
+from fedseg.lightning_modules.data.datalist import MODALITIES, Case, DatalistError, safe_case_name
 from fedseg.lightning_modules.data.transforms import (
     PreprocessConfig,
     build_inverse,
@@ -37,6 +37,7 @@ from fedseg.lightning_modules.data.transforms import (
     case_to_item,
 )
 from fedseg.lightning_modules.labels import from_internal, internal_from_regions
+from fedseg.lightning_modules.owner_only import owner_only_dir
 from fedseg.lightning_modules.trained_network import TrainedNetwork
 
 PREDICTION_SUFFIX = ".nii.gz"
@@ -162,8 +163,13 @@ class Prediction:
 
 
 def prediction_path(out: Path | str, case_id: str) -> Path:
-    """``OUT/<case_id>.nii.gz`` (BraTS submission naming)."""
-    return Path(out) / f"{case_id}{PREDICTION_SUFFIX}"
+    """``OUT/<case_id>.nii.gz`` (BraTS submission naming); ``InferenceError`` for a case id that is
+    not a plain file name (``safe_case_name``), so a prediction never lands outside ``OUT``."""
+    try:
+        name = safe_case_name(case_id)
+    except DatalistError as err:
+        raise InferenceError(f"cannot name a prediction after it: {err}") from None
+    return Path(out) / f"{name}{PREDICTION_SUFFIX}"
 
 
 def refuse_output_inside_inputs(out: Path | str, cases: Sequence[Case], root: Path | str) -> None:
@@ -252,7 +258,8 @@ def predict_cases(
     *,
     progress: Callable[[int, int, Prediction], None] | None = None,
 ) -> list[Prediction]:
-    """Segment ``cases`` (paths under ``root``; labels unused) and write ``OUT/<case_id>.nii.gz``.
+    """Segment ``cases`` (paths under ``root``; labels unused) and write ``OUT/<case_id>.nii.gz``,
+    owner-only (``OUT`` 0700, files 0600).
 
     Every case must have the model's modalities (checked before any work). ``out`` must not be
     inside the input data. ``progress(i, n, prediction)`` is called after each case.
@@ -260,12 +267,15 @@ def predict_cases(
     if not cases:
         raise InferenceError(f"{root}: no cases to predict")
     refuse_output_inside_inputs(out, cases, root)
+    for case in cases:  # every output name is checked before any work
+        prediction_path(out, case.case_id)
     lacking = {c.case_id: [m for m in model.modalities if m not in c.modalities] for c in cases}
     lacking = {k: v for k, v in lacking.items() if v}
     if lacking:
         listed = "; ".join(f"{k} lacks {v}" for k, v in sorted(lacking.items()))
         raise InferenceError(f"the model needs modalities {list(model.modalities)}: {listed}")
     predictor = CasePredictor(model)
+    owner_only_dir(out)  # predictions are patient data: folder 0700, files 0600 (mkstemp in write_label)
     written = []
     for i, case in enumerate(cases):
         start = time.perf_counter()
