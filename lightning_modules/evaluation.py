@@ -11,6 +11,8 @@ training logs. ``evaluate_checkpoint`` writes to ``out``:
     summary.json                   per region and metric: mean, median, worst value and its case
     boxplot_<region>.png           per region: overlap scores (0-1) and HD95 (mm) across cases
 
+all owner-only (``out`` 0700, files 0600): per-case scores are patient data.
+
 "overall" is the mean of the three regions of a case (``RegionMetrics``' ``dice``, ``hd95``, ...).
 The worst case is the lowest score, or the highest HD95.
 """
@@ -41,6 +43,7 @@ from fedseg.lightning_modules.inference import (
 )
 from fedseg.lightning_modules.labels import REGIONS
 from fedseg.lightning_modules.metrics import BRATS_EMPTY_HD95, METRICS, RegionMetrics
+from fedseg.lightning_modules.owner_only import owner_only_dir, owner_only_files
 
 SPLITS: tuple[str, ...] = ("validation", "training", "all")
 OVERALL = "overall"
@@ -135,7 +138,7 @@ def write_rows_csv(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns))
             writer.writeheader()
             for row in rows:
@@ -246,12 +249,14 @@ def evaluate_checkpoint(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result = EvaluationResult(checkpoint, datalist_path, split, metrics, rows, summary)
-    out.mkdir(parents=True, exist_ok=True)
+    # per-case scores of patients: owner-only, like the predictions (folder 0700, files 0600)
+    owner_only_dir(out)
     columns = ["case_id", "region", *metrics]
-    result.files["per_case_csv"] = write_rows_csv(rows, out / "per_case.csv", columns)
-    result.files["per_case_json"] = write_json_atomic(out / "per_case.json", json_safe(rows))
-    result.files["summary_json"] = write_json_atomic(out / "summary.json", json_safe(summary))
-    for path in plot_region_boxes(rows, metrics, out, title=f"{datalist_path.name} {split}"):
-        result.files[path.stem] = path
+    with owner_only_files():  # matplotlib's PNGs would otherwise follow the umask
+        result.files["per_case_csv"] = write_rows_csv(rows, out / "per_case.csv", columns)
+        result.files["per_case_json"] = write_json_atomic(out / "per_case.json", json_safe(rows))
+        result.files["summary_json"] = write_json_atomic(out / "summary.json", json_safe(summary))
+        for path in plot_region_boxes(rows, metrics, out, title=f"{datalist_path.name} {split}"):
+            result.files[path.stem] = path
     return result
 

@@ -33,6 +33,7 @@ from fedseg.lightning_modules.labels import (
     guess_convention,
 )
 from fedseg.lightning_modules.metrics import BRATS_EMPTY_HD95, METRICS, RegionMetrics, check_metrics
+from fedseg.lightning_modules.owner_only import owner_only_dir
 
 LABEL_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 #: every value that some convention defines (0..4)
@@ -112,13 +113,14 @@ class ScoreTable:
         }
 
     def write(self, out_dir: Path | str) -> tuple[Path, Path]:
-        """Write ``scores.json`` and ``scores.csv`` (cases, then a ``mean`` row) to ``out_dir``."""
-        out_dir = Path(out_dir)
+        """Write ``scores.json`` and ``scores.csv`` (cases, then a ``mean`` row) to ``out_dir``,
+        owner-only (folder 0700, files 0600 through ``mkstemp``): per-case scores are patient data."""
+        out_dir = owner_only_dir(out_dir)
         json_path = write_json_atomic(out_dir / "scores.json", self.to_json())
         csv_path = out_dir / "scores.csv"
         fd, tmp = tempfile.mkstemp(prefix=".scores.csv.", dir=out_dir)
         try:
-            with os.fdopen(fd, "w", newline="") as f:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 writer.writerow(["case_id", *self.names])
                 for case in self.cases:

@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from fedseg.config import MODALITIES, StudyConfig
 from fedseg.lightning_modules.data.datalist import Datalist, merge_datalists, read_datalist, write_json_atomic
+from fedseg.lightning_modules.owner_only import owner_only_dir, owner_only_files
 from fedseg.lightning_modules.history import EpochLines, MetricsHistory, plot_curves, read_rows
 from fedseg.lightning_modules.tracking import make_wandb_logger
 
@@ -127,8 +128,15 @@ def train(cfg: TrainConfig, loggers: list[Any] | None = None, console: Any = Non
     ``console``: where one progress line per epoch goes (``fedseg.run.console.Console``) instead of
     Lightning's progress bar.
     """
+    # Checkpoints, metrics and curves come from patients' images: the run folder is owner-only
+    # (0700) and everything written in it, by Lightning and W&B too, 0600 / 0700.
+    owner_only_dir(cfg.out)
+    with owner_only_files():
+        return _train(cfg, loggers, console)
+
+
+def _train(cfg: TrainConfig, loggers: list[Any] | None, console: Any) -> dict[str, Any]:
     pl.seed_everything(cfg.study.seed, workers=True)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     datalist = load_training_data(cfg)
     if not datalist.training:
         raise ValueError(f"no training cases in {', '.join(map(str, cfg.datalists))}")

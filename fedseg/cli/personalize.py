@@ -23,12 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from fedseg.app.fedper import personalize
+    from fedseg.lightning_modules.owner_only import owner_only_files
 
     for path in (args.encoder, args.head):
         if not path.is_file():
             raise UserError(f"{path}: not found")
     try:
-        out = personalize(args.encoder, args.head, args.out)
+        # a model trained on the site's patients: the checkpoint is 0600 (and any folder made for it 0700)
+        with owner_only_files():
+            out = personalize(args.encoder, args.head, args.out)
     except ValueError as err:
         raise UserError(str(err)) from None
     print(f"personalized model written to {out}")

@@ -32,6 +32,7 @@ from typing import Any
 
 from fedseg.lightning_modules.history import write_rows
 from fedseg.lightning_modules.labels import REGIONS
+from fedseg.lightning_modules.owner_only import owner_only_dir, owner_only_files
 
 FINAL_MODEL = "SRV_FL_global_model.pt"
 BEST_MODEL = "SRV_best_FL_global_model.pt"
@@ -123,7 +124,7 @@ def read_round_metrics(server_dir: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         record = json.loads(line)
@@ -143,7 +144,7 @@ def read_cross_site(server_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
     path = server_dir / "cross_site_val" / "cross_val_results.json"
     if not path.exists():
         return {}
-    by_site = json.loads(path.read_text())
+    by_site = json.loads(path.read_text(encoding="utf-8"))
     by_model: dict[str, dict[str, dict[str, float]]] = {}
     for site, models in by_site.items():
         for model, metrics in (models or {}).items():
@@ -187,23 +188,34 @@ def collect_results(
     rounds = read_round_metrics(server_dir)
     cross = read_cross_site(server_dir)
     personal_file = server_dir / "metrics" / "personal_scores.json"
-    personal_sites = set(json.loads(personal_file.read_text()).get("scores", {})) if personal_file.is_file() else set()
+    personal_sites = (set(json.loads(personal_file.read_text(encoding="utf-8")).get("scores", {}))
+                      if personal_file.is_file() else set())
     sites = sorted({r["site"] for r in rounds if r["site"] != "mean"} | {s for m in cross.values() for s in m}
                    | personal_sites)
     results = FederatedResults(rounds=rounds, cross_site=cross, sites=sites, job=job or {})
     summary = server_dir / "metrics" / "participation_summary.json"
     if summary.is_file():
-        results.participation = json.loads(summary.read_text())
+        results.participation = json.loads(summary.read_text(encoding="utf-8"))
     personal = server_dir / "metrics" / "personal_scores.json"
     if personal.is_file():
-        results.personal = json.loads(personal.read_text()).get("scores", {})
+        results.personal = json.loads(personal.read_text(encoding="utf-8")).get("scores", {})
     streamed = server_dir / "metrics" / "site_metrics.jsonl"
     if streamed.is_file():
-        for line in streamed.read_text().splitlines():
+        for line in streamed.read_text(encoding="utf-8").splitlines():
             record = json.loads(line) if line.strip() else {}
             if record.get("key") == "val_dice":
                 results.last_val_dice[record["site"]] = float(record["value"])
 
+    # global checkpoints and per-site scores come from the sites' patients: owner-only, like
+    # fedseg train's run folder (folder 0700, files 0600, also the ones matplotlib writes)
+    owner_only_dir(out)
+    with owner_only_files():
+        _write_results(results, server_dir, out, rounds, cross, hyper_parameters, encoder_only)
+    return results
+
+
+def _write_results(results: FederatedResults, server_dir: Path, out: Path, rounds: list[dict[str, Any]],
+                   cross: dict[str, Any], hyper_parameters: dict[str, Any] | None, encoder_only: bool) -> None:
     if hyper_parameters is not None:
         for name, file in (("best", "best_FL_global_model.pt"), ("final", "FL_global_model.pt")):
             pt = server_dir / "app_server" / file
@@ -218,7 +230,7 @@ def collect_results(
             results.checkpoints[f"final_group-{group}"] = str(ckpt)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results.to_json(), indent=2, default=str) + "\n")
+    (out / "results.json").write_text(json.dumps(results.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
     table = [{"model": "final", **r} for r in results.final_table(FINAL_MODEL)]
     table += [{"model": "best", **r} for r in results.final_table(BEST_MODEL)]
     if results.personal:
@@ -229,7 +241,6 @@ def collect_results(
         plot_rounds(results, out / "val_dice_per_round.png")
     if len(cross) > 1:
         plot_cross_site(results, out / "cross_site.png")
-    return results
 
 
 def plot_rounds(results: FederatedResults, out: Path) -> Path:
