@@ -103,7 +103,7 @@ class FedsegWandBReceiver(WandBReceiver):
             queue: Queue = Queue()
             queue.put(WandBTask(task_owner=site, task_type="init", task_data=args, step=0))
             self.queues[site] = queue
-            self.processes[site] = Process(target=self._process_queue_tasks, args=(queue,))
+            self.processes[site] = Process(target=nvflare_internals.wandb_site_worker(self), args=(queue,))
             self.processes[site].start()
         self.log_info(fl_ctx, f"W&B ({self.mode}) runs for {', '.join(site_names)} under {root}/wandb")
         time.sleep(0.2)

@@ -4,9 +4,12 @@ NVFlare's recipes and controllers keep some of what fedseg needs in private attr
 helpers (the recipe's ``FedJob``, the server app's component table, the executor's transfer type,
 FedAvg's per-round aggregation state, ...). Reaching them from one module means that an NVFlare
 upgrade breaks here, loudly, and nowhere else: importing this module on another NVFlare version
-raises ``UnsupportedNVFlareVersion``. ``tests/test_nvflare_internals.py`` checks that no other
-module names any of ``PRIVATE_NAMES`` and that the hooks fedseg overrides still have the
-signatures it overrides (``OVERRIDDEN_HOOKS``).
+raises ``UnsupportedNVFlareVersion``. ``tests/test_nvflare_internals.py`` scans every other module
+for any private NVFlare name (any underscore name in NVFlare's sources, listed here or not) and
+fails on each one, except: the hooks fedseg overrides (``OVERRIDDEN_HOOKS``, whose signatures it
+pins) and the export conventions fedseg follows (``EXPORT_CONVENTIONS``,
+``PRIVATE_ARGUMENT_ATTRIBUTES``, which it shows NVFlare's job export still reads). ``PRIVATE_NAMES``
+is exactly what this module reaches.
 
 Nothing here changes NVFlare's behaviour except ``patch_job_export`` and the task-timing functions
 (``wrap_task_requests``, ``set_in_process_result_poll``, ``set_task_monitor_period``; see their
@@ -57,7 +60,8 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_job", "_deploy_map", "_params_transfer_type", "_cse_added", "_get_client_name", "_get_num_steps_weight",
     "_get_job_id_tag", "_persistor_id", "_aggr_helper", "_aggr_metrics_helper", "_all_metrics", "_received_count",
     "_expected_count", "_params_type", "_site_metric_weights", "_maybe_cleanup_memory", "_get_aggregated_result",
-    "_get_custom_file", "_aggregate_one_result", "_RESULT_POLL_INTERVAL", "_task_check_period",
+    "_get_custom_file", "_aggregate_one_result", "_RESULT_POLL_INTERVAL", "_task_check_period", "_get_args",
+    "_process_queue_tasks",
 )  # fmt: skip
 
 #: NVFlare's extension hooks fedseg overrides in subclasses (``class -> hook -> its parameters``);
@@ -72,6 +76,28 @@ OVERRIDDEN_HOOKS: dict[str, dict[str, tuple[str, ...]]] = {
         "_load_validation_content": ("self", "name", "load_dir", "fl_ctx"),
     },
 }
+
+
+#: names fedseg defines for NVFlare to read by name (``name -> where NVFlare reads it``): a fedseg
+#: class may define them; the test shows that NVFlare's job export still reads them
+EXPORT_CONVENTIONS: dict[str, str] = {
+    "_always_serialize_args": "nvflare.job_config.fed_job_config.FedJobConfig._get_args",
+}
+
+#: components that keep a constructor argument ``<name>`` in the attribute ``_<name>``, because
+#: ``<name>`` is taken (NVFlare's job export reads an argument back from ``<name>`` or ``_<name>``,
+#: ``FedJobConfig._get_args``): ``class path -> argument names``
+PRIVATE_ARGUMENT_ATTRIBUTES: dict[str, tuple[str, ...]] = {"fedseg.app.global_model.GlobalModel": ("network",)}
+
+
+def exported_arguments(component: Any) -> dict[str, Any]:
+    """The constructor arguments NVFlare's job export writes for ``component`` (``FedJobConfig._get_args``)."""
+    import tempfile
+
+    from nvflare.job_config.fed_job_config import FedJobConfig
+
+    with tempfile.TemporaryDirectory() as custom_dir:
+        return FedJobConfig(job_name="fedseg", min_clients=1)._get_args(component, custom_dir)
 
 
 def hook_signature(class_path: str, hook: str) -> tuple[str, ...]:
@@ -237,6 +263,13 @@ def wandb_job_tag(fl_ctx: Any) -> str:
     from nvflare.app_opt.tracking.wandb.wandb_receiver import _get_job_id_tag
 
     return _get_job_id_tag(fl_ctx)
+
+
+def wandb_site_worker(receiver: Any) -> Any:
+    """What NVFlare's ``WandBReceiver`` runs in each site's W&B process: its ``_process_queue_tasks``
+    (nvflare/app_opt/tracking/wandb/wandb_receiver.py), a function of the site's task queue. The receiver
+    starts these processes in its own ``initialize``; fedseg's starts them itself, with its settings."""
+    return receiver._process_queue_tasks
 
 
 # ------------------------------------------------------------------------------ task timing
