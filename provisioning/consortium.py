@@ -127,8 +127,13 @@ class Consortium:
             doc["root_ca_valid_days"] = self.root_ca_valid_days
         return doc
 
-    def project_config(self) -> dict[str, Any]:
-        """NVFlare's ``project.yml`` (api_version 3) for this consortium (``fedseg.provisioning.project``)."""
+    def project_config(self, *, hospitals: bool = True) -> dict[str, Any]:
+        """NVFlare's ``project.yml`` (api_version 3) for this consortium (``fedseg.provisioning.project``).
+
+        ``hospitals=False`` leaves the hospitals out: in a consortium whose hospitals make their own
+        keys (``fedseg.provisioning.distributed``), ``nvflare provision`` must never make a key or a
+        certificate for a hospital's name.
+        """
         from fedseg.provisioning.project import Participant, project_config
 
         server = self.server
@@ -136,7 +141,7 @@ class Consortium:
             self.name,
             Participant(server.host, "server", server.org),
             server.port,
-            [*(Participant(h.name, "client", h.org) for h in self.hospitals),
+            [*(Participant(h.name, "client", h.org) for h in (self.hospitals if hospitals else ())),
              *(Participant(a.email, "admin", a.org, a.role) for a in self.admins)],
             description=self.description or f"fedseg consortium {self.name}",
             root_ca_valid_days=self.root_ca_valid_days,
@@ -165,11 +170,11 @@ def write_consortium(consortium: Consortium, path: Path) -> Path:
     return write_yaml(consortium.to_dict(), path, header)
 
 
-def write_project_yml(consortium: Consortium, path: Path) -> Path:
-    """Write ``consortium.project_config()`` as NVFlare's ``project.yml``."""
+def write_project_yml(consortium: Consortium, path: Path, *, hospitals: bool = True) -> Path:
+    """Write ``consortium.project_config(hospitals=...)`` as NVFlare's ``project.yml``."""
     from fedseg.provisioning.project import write_yaml
 
-    return write_yaml(consortium.project_config(), path)
+    return write_yaml(consortium.project_config(hospitals=hospitals), path)
 
 
 def parse_consortium(doc: Any, source: Path | None = None) -> Consortium:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fedseg.provisioning.kits import ConsortiumKits
@@ -29,14 +29,17 @@ class LocalKitDeployment(LocalDeployment):
 
     ``with LocalKitDeployment(kits, root) as d: d.install_site_config(...); d.start(); d.submit(job)``.
     ``start_kit`` starts any other kit too (e.g. one from another consortium), and its processes
-    are ended with the rest.
+    are ended with the rest. ``site_kits`` names hospital kits kept outside the consortium folder
+    (kits a hospital assembled itself from its own key: ``fedseg.provisioning.distributed``).
     """
 
-    def __init__(self, kits: ConsortiumKits, root: Path, *, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, kits: ConsortiumKits, root: Path, *, log: Callable[[str], None] | None = None,
+                 site_kits: Mapping[str, Path] | None = None) -> None:
         consortium = kits.consortium
         super().__init__(root, consortium.hospital_names, port=consortium.server.port, log=log)
         self.project = consortium.name
         self.kits = kits
+        self.site_kits = {name: Path(kit).resolve() for name, kit in (site_kits or {}).items()}
         self.started_kits: list[Path] = []
 
     # ---------------------------------------------------------------- where the kits are
@@ -51,7 +54,7 @@ class LocalKitDeployment(LocalDeployment):
         return self.kits.lead_kit
 
     def site_kit(self, site: str) -> Path:
-        return self.kits.hospital_kit(site)
+        return self.site_kits.get(site) or self.kits.hospital_kit(site)
 
     @property
     def server_kit(self) -> Path:

@@ -47,6 +47,7 @@ CONSORTIUM_FILE = "consortium.yml"
 PROJECT_FILE = "project.yml"
 CA_DIR = "ca"
 SITE_GUIDE = "SITE_GUIDE.md"
+SIGNING_CA_DIR = "signing"  # ca/signing/: the root CA as `nvflare cert approve` reads it (fedseg.provisioning.distributed)
 SERVER_GUIDE = "SERVER_GUIDE.md"
 SITE_CONFIG = "fedseg_site.json"  # read by fedseg.app.site_config from <kit>/local/
 
@@ -140,12 +141,14 @@ def check_output_folder(folder: Path) -> None:
         raise KitsError(refusal)
 
 
-def provision(consortium: Consortium, out: Path = DEFAULT_OUT) -> ConsortiumKits:
+def provision(consortium: Consortium, out: Path = DEFAULT_OUT, *, hospital_kits: bool = True) -> ConsortiumKits:
     """Startup kits for every participant of ``consortium`` in ``out/<name>/`` (see the module doc).
 
     Refuses a folder git could commit, and an existing consortium folder (a new root CA would
     invalidate every kit already handed out). On failure, the folder it created is removed.
     """
+    ``hospital_kits=False``: the server's and admins' kits only; the hospitals make their own keys
+    and send signing requests (``fedseg.provisioning.distributed``), so no hospital key exists here.
     folder = Path(out).resolve() / consortium.name
     check_output_folder(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -159,13 +162,14 @@ def provision(consortium: Consortium, out: Path = DEFAULT_OUT) -> ConsortiumKits
     kits = ConsortiumKits(folder, consortium)
     try:
         write_consortium(consortium, folder / CONSORTIUM_FILE)
-        write_project_yml(consortium, kits.project_yml)
+        write_project_yml(consortium, kits.project_yml, hospitals=hospital_kits)
         prod = run_nvflare_provision(kits.project_yml, kits.ca_workspace, consortium.name)
-        for name in consortium.participant_names():
+        made = [n for n in consortium.participant_names() if hospital_kits or n not in consortium.hospital_names]
+        for name in made:
             shutil.move(str(prod / name), str(folder / name))
         # The kits now live in the consortium folder; a second copy of every private key is only clutter.
         shutil.rmtree(prod)
-        for hospital in consortium.hospitals:
+        for hospital in consortium.hospitals if hospital_kits else ():
             write_site_guide(kits, hospital.name)
         set_server_storage(kits.server_kit, consortium.server_storage, create=False)
         write_server_guide(kits)
@@ -186,6 +190,10 @@ def add_hospital(folder: Path, hospital: HospitalSpec) -> Path:
     try:
         grown = kits.consortium.with_hospital(hospital)
     except ConsortiumError as err:
+    if (kits.ca_workspace / SIGNING_CA_DIR).exists():
+        raise KitsError(f"{kits.folder}: this consortium's hospitals make their own keys (`fedseg provision ca`); "
+                        f"a new hospital runs `fedseg provision request` and you approve its request: "
+                        f"`fedseg provision approve {kits.folder} REQUEST.zip --add`")
         raise KitsError(f"cannot add hospital {hospital.name!r} to {kits.folder}: {err}") from None
     target = kits.folder / hospital.name
     if target.exists():
@@ -320,14 +328,25 @@ def restrict_permissions(root: Path) -> None:
 
 
 def write_site_guide(kits: ConsortiumKits, hospital: str) -> Path:
-    """``<hospital kit>/SITE_GUIDE.md``: what the hospital's IT admin does with the kit."""
+    """``<hospital kit>/SITE_GUIDE.md``: what the hospital's IT admin does with the kit the lead made."""
+    server = kits.consortium.server
+    return write_kit_site_guide(kits.hospital_kit(hospital), hospital, kits.consortium.name, server.host, server.port)
+
+
+def write_kit_site_guide(kit: Path, hospital: str, consortium: str, host: str, port: int, *,
+                         own_key: bool = False) -> Path:
+    """``kit/SITE_GUIDE.md`` for site ``hospital`` of ``consortium`` (server ``host:port``).
+
+    ``own_key``: the site assembled the kit itself from the key it made (``fedseg provision
+    assemble``), so the guide does not tell it to copy the kit from elsewhere.
+    """
     from fedseg import __version__
 
-    server = kits.consortium.server
-    kit = kits.hospital_kit(hospital)
-    text = _SITE_GUIDE.format(hospital=hospital, consortium=kits.consortium.name, host=server.host, port=server.port,
-                              version=__version__, site_config=SITE_CONFIG, python=_python_version())
-    path = kit / SITE_GUIDE
+    origin, unpack = (_OWN_KEY_ORIGIN, _OWN_KEY_UNPACK) if own_key else (_SENT_ORIGIN, _SENT_UNPACK)
+    values = dict(hospital=hospital, consortium=consortium, host=host, port=port, version=__version__,
+                  site_config=SITE_CONFIG, python=_python_version())
+    text = _SITE_GUIDE.format(origin=origin.format(**values), unpack=unpack.format(**values), **values)
+    path = Path(kit) / SITE_GUIDE
     path.write_text(text)
     path.chmod(0o600)
     return path
@@ -382,10 +401,7 @@ Hospitals' logs never reach the server: log streaming is off in every site kit.
 """
 
 
-_SITE_GUIDE = """\
-# {hospital}: site guide ({consortium})
-
-This folder is the startup kit of site **{hospital}** in the federated study **{consortium}**.
+_SENT_ORIGIN = """\
 It holds this site's private key (`startup/client.key`): keep it on the training machine only,
 readable by the account that runs the site (`chmod -R go-rwx` after copying), never in a shared
 drive or a git repository. Lost or leaked? Tell the study lead; do not copy it elsewhere.
@@ -393,7 +409,36 @@ drive or a git repository. Lost or leaked? Tell the study lead; do not copy it e
 The site connects **out** to `{host}:{port}` (TCP, mutual TLS with the certificates in `startup/`).
 It needs no inbound port. Imaging data never leaves this machine: only model weights and scalar
 metrics are sent.
+"""
 
+_OWN_KEY_ORIGIN = """\
+It was assembled on this machine (`fedseg provision assemble`) from the private key this site made
+itself (`fedseg provision request`, `startup/client.key`) and the certificate the study lead signed:
+the key never left this machine, and nobody else has a copy. Keep it here, readable only by the
+account that runs the site, never in a shared drive or a git repository. Lost or leaked? Tell the
+study lead, make a new request, and do not copy the key elsewhere.
+"""
+
+_SENT_UNPACK = """\
+Copy this folder to the training machine, for example to `/opt/fedseg/{hospital}`, then:
+
+```bash
+chmod -R go-rwx /opt/fedseg/{hospital}
+```
+
+Below, `KIT` is that folder.
+"""
+
+_OWN_KEY_UNPACK = """\
+This folder is already on the training machine and owner-only. Do not move it to another machine;
+if it must move, make a new request there instead. Below, `KIT` is this folder.
+"""
+
+_SITE_GUIDE = """\
+# {hospital}: site guide ({consortium})
+
+This folder is the startup kit of site **{hospital}** in the federated study **{consortium}**.
+{origin}
 ## 1. Install fedseg {version}
 
 On the training machine (Linux, Python {python} recommended), in a fresh virtual environment,
@@ -407,20 +452,13 @@ fedseg --version && nvflare --version
 
 Start the site from this environment (the kit's scripts run `python3` from `PATH`).
 
-## 2. Unpack the kit
-
-Copy this folder to the training machine, for example to `/opt/fedseg/{hospital}`, then:
-
-```bash
-chmod -R go-rwx /opt/fedseg/{hospital}
-```
-
-Below, `KIT` is that folder.
+## 2. The kit's place
 
 ## 3. Point the site at its data
 
 Jobs never contain paths: each site reads `KIT/local/{site_config}`. Write it with fedseg
 (`datalist` is this site's train/validation list, `data_root` the folder its paths are under):
+{unpack}
 
 ```bash
 fedseg provision site-config KIT --datalist /data/brats/site.json --data-root /data/brats \\
@@ -484,3 +522,4 @@ __all__ = [
     "set_server_storage",
     "write_site_guide",
 ]
+    "write_kit_site_guide",

@@ -1,4 +1,5 @@
-"""``fedseg provision``: a consortium description -> NVFlare startup kits; adding a hospital; a site's data."""
+"""``fedseg provision``: a consortium description -> NVFlare startup kits (made centrally, or each hospital's
+from its own key: ca, request, approve, assemble); adding a hospital; a site's data; the server's storage."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="startup kits for a real study: server, hospitals and admins (NVFlare provisioning)",
         description="Turns a consortium description (YAML: server host and port, hospitals with their "
         "organisations, admins with their roles; see provisioning/consortium.example.yml) into NVFlare's "
-        "project.yml and runs `nvflare provision`: one startup kit per hospital, one for the server and one "
-        "per admin, all signed by one root CA. Kits hold private keys: they are written owner-only.",
+        "project.yml and NVFlare's provisioning: one startup kit per hospital, one for the server and one "
+        "per admin, all signed by one root CA. Kits hold private keys: they are written owner-only. "
+        "A real study: the lead runs `ca`, each hospital `request` (its key stays there), the lead `approve`, "
+        "the hospital `assemble`. POC and labs: `create` makes every kit, keys included, in one place.",
     )
     sub = provision.add_subparsers(dest="provision_command", metavar="PROVISION_COMMAND", required=True)
 
@@ -26,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     create = sub.add_parser(
         "create",
-        help="provision a consortium: OUT/<name>/ with one startup kit per participant",
+        help="POC and labs: OUT/<name>/ with one startup kit per participant, hospitals' keys included",
         description="Writes OUT/<name>/: consortium.yml and project.yml (what the kits were made from), ca/ "
         "(NVFlare's provisioning state with the root CA's private key: keep it, never ship it) and one kit "
         "folder per participant; each hospital's kit has a SITE_GUIDE.md. Refuses an existing consortium "
@@ -66,6 +69,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "server-storage",
         help="the server admin's step: keep the server's jobs and snapshots in a persistent folder",
         description="Writes KIT/local/resources.json so the server stores every job (models, results, metrics) "
+    ca = sub.add_parser(
+        "ca",
+        help="a real study, the lead's step: root CA, server and admin kits; hospitals make their own keys",
+        description="Like `create`, but no hospital kit is made here: each hospital makes its own private key "
+        "(`fedseg provision request`) and sends only a signing request, which you sign with `fedseg provision "
+        "approve`. Writes OUT/<name>/ with the server's and admins' kits, ca/ (the root CA; never ship it), "
+        "requests/ and approved/, and prints the root CA fingerprint to tell each hospital over a second channel.",
+    )
+    ca.add_argument("consortium", type=Path, help="consortium YAML file (its hospitals are the ones you will approve)")
+    ca.add_argument("--out", type=Path, default=None, help="output folder (default kits/, git-ignored in this repository)")
+    ca.set_defaults(func=_ca)
+
+    request = sub.add_parser(
+        "request",
+        help="a real study, the hospital's first step: make this site's private key and a signing request",
+        description="Runs `nvflare cert request`: OUT/<name>/ holds this site's private key (it never leaves this "
+        "machine) and OUT/<name>/<name>.request.zip, the only file to send to the study lead.",
+    )
+    request.add_argument("--consortium", required=True, help="the consortium's name, as the study lead gives it")
+    request.add_argument("--name", required=True, help="this hospital's site name (letters, digits, '-' or '_')")
+    request.add_argument("--org", required=True, help="this hospital's organisation (letters, digits or '_')")
+    request.add_argument("--out", type=Path, default=Path("."), help="folder for the request folder (default: here)")
+    request.set_defaults(func=_request)
+
+    approve = sub.add_parser(
+        "approve",
+        help="a real study, the lead's step: sign a hospital's request zip; send back the signed zip",
+        description="Checks the request (this consortium, a hospital of it with its organisation, no private key "
+        "inside) and runs `nvflare cert approve` with the consortium's root CA: FOLDER/approved/<name>.signed.zip.",
+    )
+    approve.add_argument("folder", type=Path, help="the consortium folder (OUT/<name> of `fedseg provision ca`)")
+    approve.add_argument("request_zip", type=Path, help="the hospital's <name>.request.zip")
+    approve.add_argument("--add", action="store_true", help="the hospital is not in consortium.yml yet: add it")
+    approve.set_defaults(func=_approve)
+
+    assemble = sub.add_parser(
+        "assemble",
+        help="a real study, the hospital's last step: build this site's startup kit from the signed zip",
+        description="Runs `nvflare package` (it checks the root CA fingerprint and that the certificate matches "
+        "this site's key), then what fedseg adds to every site kit: log streaming off, SITE_GUIDE.md, owner-only.",
+    )
+    assemble.add_argument("signed_zip", type=Path, help="<name>.signed.zip from the study lead")
+    assemble.add_argument("--request-dir", type=Path, required=True,
+                          help="this site's request folder (OUT/<name> of `fedseg provision request`, with its key)")
+    assemble.add_argument("--fingerprint", required=True,
+                          help="the root CA fingerprint the study lead told you over another channel (SHA256:AB:CD:...)")
+    assemble.add_argument("--out", type=Path, required=True, help="the kit folder to make, e.g. /opt/fedseg/<name>")
+    assemble.set_defaults(func=_assemble)
+
         "and its snapshots in STORAGE (default KIT/storage) instead of NVFlare's /tmp/nvflare, and creates "
         "the folders owner-only. Run it after copying the server kit to the server machine.",
     )
@@ -115,6 +167,69 @@ def _create(args: argparse.Namespace) -> int:
 def _add_hospital(args: argparse.Namespace) -> int:
     from fedseg.provisioning.consortium import HospitalSpec
     from fedseg.provisioning.kits import KitsError, add_hospital
+
+def _ca(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.distributed import prepare, root_ca_fingerprint
+    from fedseg.provisioning.kits import DEFAULT_OUT, KitsError
+
+    consortium = _load(args.consortium)
+    try:
+        kits = prepare(consortium, args.out or DEFAULT_OUT)
+    except KitsError as err:
+        raise UserError(str(err)) from None
+    print(f"consortium {consortium.name}: root CA and kits in {kits.folder} (owner-only; no hospital key is made here)")
+    print(f"  server  {kits.server_kit}   -> the FL server ({consortium.server.host}:{consortium.server.port})")
+    for admin in consortium.admins:
+        print(f"  admin   {kits.admin_kit(admin.email)}   -> {admin.email} ({admin.role})")
+    print(f"  keep    {kits.ca_workspace}   (root CA private key: stays with you, signs the hospitals' requests)")
+    print(f"root CA fingerprint: {root_ca_fingerprint(kits)}")
+    print(f"Each hospital ({', '.join(consortium.hospital_names)}) runs `fedseg provision request --consortium "
+          f"{consortium.name} --name NAME --org ORG` and sends you NAME.request.zip; tell each the fingerprint above "
+          "over another channel (phone, letter), not with the zips.")
+    return 0
+
+
+def _request(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.consortium import HospitalSpec
+    from fedseg.provisioning.distributed import request
+    from fedseg.provisioning.kits import KitsError
+
+    try:
+        made = request(args.consortium, HospitalSpec(args.name, args.org), args.out)
+    except KitsError as err:
+        raise UserError(str(err)) from None
+    print(f"{args.name}: private key {made.key} (0600; it never leaves this machine)")
+    print(f"send to the study lead: {made.zip} (the signing request only, no key)")
+    return 0
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.distributed import approve, open_distributed, read_request, root_ca_fingerprint
+    from fedseg.provisioning.kits import KitsError
+
+    try:
+        signed = approve(args.folder, args.request_zip, add=args.add)
+        fingerprint = root_ca_fingerprint(open_distributed(args.folder))
+        name = read_request(args.request_zip)["name"]
+    except KitsError as err:
+        raise UserError(str(err)) from None
+    print(f"{name}: approved; send back {signed} (certificate and root CA, no private key)")
+    print(f"root CA fingerprint, to tell {name} over another channel: {fingerprint}")
+    return 0
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.distributed import assemble
+    from fedseg.provisioning.kits import KitsError
+
+    try:
+        kit = assemble(args.signed_zip, args.request_dir, args.fingerprint, args.out)
+    except KitsError as err:
+        raise UserError(str(err)) from None
+    print(f"startup kit {kit} (owner-only); next: its SITE_GUIDE.md (site-config, data check, start)")
+    print(f"{args.request_dir} still holds a copy of the key; delete it once the site has connected")
+    return 0
+
 
     try:
         kit = add_hospital(args.folder, HospitalSpec(args.name, args.org))
