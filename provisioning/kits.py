@@ -46,8 +46,8 @@ DEFAULT_OUT = Path("kits")  # git-ignored in this repository (.gitignore: /kits/
 CONSORTIUM_FILE = "consortium.yml"
 PROJECT_FILE = "project.yml"
 CA_DIR = "ca"
-SITE_GUIDE = "SITE_GUIDE.md"
 SIGNING_CA_DIR = "signing"  # ca/signing/: the root CA as `nvflare cert approve` reads it (fedseg.provisioning.distributed)
+SITE_GUIDE = "SITE_GUIDE.md"
 SERVER_GUIDE = "SERVER_GUIDE.md"
 SITE_CONFIG = "fedseg_site.json"  # read by fedseg.app.site_config from <kit>/local/
 
@@ -146,9 +146,9 @@ def provision(consortium: Consortium, out: Path = DEFAULT_OUT, *, hospital_kits:
 
     Refuses a folder git could commit, and an existing consortium folder (a new root CA would
     invalidate every kit already handed out). On failure, the folder it created is removed.
-    """
     ``hospital_kits=False``: the server's and admins' kits only; the hospitals make their own keys
     and send signing requests (``fedseg.provisioning.distributed``), so no hospital key exists here.
+    """
     folder = Path(out).resolve() / consortium.name
     check_output_folder(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -187,13 +187,13 @@ def add_hospital(folder: Path, hospital: HospitalSpec) -> Path:
     then list the new hospital too, so later additions keep it.
     """
     kits = open_kits(folder)
-    try:
-        grown = kits.consortium.with_hospital(hospital)
-    except ConsortiumError as err:
     if (kits.ca_workspace / SIGNING_CA_DIR).exists():
         raise KitsError(f"{kits.folder}: this consortium's hospitals make their own keys (`fedseg provision ca`); "
                         f"a new hospital runs `fedseg provision request` and you approve its request: "
                         f"`fedseg provision approve {kits.folder} REQUEST.zip --add`")
+    try:
+        grown = kits.consortium.with_hospital(hospital)
+    except ConsortiumError as err:
         raise KitsError(f"cannot add hospital {hospital.name!r} to {kits.folder}: {err}") from None
     target = kits.folder / hospital.name
     if target.exists():
@@ -405,10 +405,6 @@ _SENT_ORIGIN = """\
 It holds this site's private key (`startup/client.key`): keep it on the training machine only,
 readable by the account that runs the site (`chmod -R go-rwx` after copying), never in a shared
 drive or a git repository. Lost or leaked? Tell the study lead; do not copy it elsewhere.
-
-The site connects **out** to `{host}:{port}` (TCP, mutual TLS with the certificates in `startup/`).
-It needs no inbound port. Imaging data never leaves this machine: only model weights and scalar
-metrics are sent.
 """
 
 _OWN_KEY_ORIGIN = """\
@@ -439,6 +435,10 @@ _SITE_GUIDE = """\
 
 This folder is the startup kit of site **{hospital}** in the federated study **{consortium}**.
 {origin}
+The site connects **out** to `{host}:{port}` (TCP, mutual TLS with the certificates in `startup/`).
+It needs no inbound port. Imaging data never leaves this machine: only model weights and scalar
+metrics are sent.
+
 ## 1. Install fedseg {version}
 
 On the training machine (Linux, Python {python} recommended), in a fresh virtual environment,
@@ -454,11 +454,11 @@ Start the site from this environment (the kit's scripts run `python3` from `PATH
 
 ## 2. The kit's place
 
+{unpack}
 ## 3. Point the site at its data
 
 Jobs never contain paths: each site reads `KIT/local/{site_config}`. Write it with fedseg
 (`datalist` is this site's train/validation list, `data_root` the folder its paths are under):
-{unpack}
 
 ```bash
 fedseg provision site-config KIT --datalist /data/brats/site.json --data-root /data/brats \\
@@ -520,6 +520,6 @@ __all__ = [
     "restrict_permissions",
     "run_nvflare_provision",
     "set_server_storage",
+    "write_kit_site_guide",
     "write_site_guide",
 ]
-    "write_kit_site_guide",

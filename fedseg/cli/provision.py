@@ -65,10 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     site.add_argument("--head-store", type=Path, default=None, help="where the personalized jobs (fedper, fedrep, ditto, finetune) keep this site's personal models")
     site.set_defaults(func=_site_config)
 
-    storage = sub.add_parser(
-        "server-storage",
-        help="the server admin's step: keep the server's jobs and snapshots in a persistent folder",
-        description="Writes KIT/local/resources.json so the server stores every job (models, results, metrics) "
     ca = sub.add_parser(
         "ca",
         help="a real study, the lead's step: root CA, server and admin kits; hospitals make their own keys",
@@ -118,6 +114,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     assemble.add_argument("--out", type=Path, required=True, help="the kit folder to make, e.g. /opt/fedseg/<name>")
     assemble.set_defaults(func=_assemble)
 
+    storage = sub.add_parser(
+        "server-storage",
+        help="the server admin's step: keep the server's jobs and snapshots in a persistent folder",
+        description="Writes KIT/local/resources.json so the server stores every job (models, results, metrics) "
         "and its snapshots in STORAGE (default KIT/storage) instead of NVFlare's /tmp/nvflare, and creates "
         "the folders owner-only. Run it after copying the server kit to the server machine.",
     )
@@ -163,10 +163,6 @@ def _create(args: argparse.Namespace) -> int:
     print("Send each kit to its owner over a secure channel, one kit per recipient.")
     return 0
 
-
-def _add_hospital(args: argparse.Namespace) -> int:
-    from fedseg.provisioning.consortium import HospitalSpec
-    from fedseg.provisioning.kits import KitsError, add_hospital
 
 def _ca(args: argparse.Namespace) -> int:
     from fedseg.provisioning.distributed import prepare, root_ca_fingerprint
@@ -230,6 +226,10 @@ def _assemble(args: argparse.Namespace) -> int:
     print(f"{args.request_dir} still holds a copy of the key; delete it once the site has connected")
     return 0
 
+
+def _add_hospital(args: argparse.Namespace) -> int:
+    from fedseg.provisioning.consortium import HospitalSpec
+    from fedseg.provisioning.kits import KitsError, add_hospital
 
     try:
         kit = add_hospital(args.folder, HospitalSpec(args.name, args.org))
