@@ -10,11 +10,17 @@ RECEIVED_KEY          fingerprint of the global model the site trained on this r
 GROUP_KEY             the site group it declared in its own site config (grouped jobs)
 LOSS_AFTER_KEY        its validation loss after training (contribution-weighted aggregation)
 SITE_FAILURE_KEY      "this site failed this round": the error's class name, never its message
-SITE_STAGE_KEY        with a failure: "startup" (the site could not start: config, data) or "round"
+SITE_STAGE_KEY        with a failure: "startup" (the site could not start: config, data), "round", or
+                      "policy" (the site refuses the job; the failure is then the rule it breaks)
 ====================  =======================================================================
 
 The server's aggregate carries ``WEIGHTS_KEY`` (each site's share of the round's model) and
 ``CONTRIBUTION_KEY`` (the contribution weights' inputs). Only scalars and names cross here.
+
+A site checks every model it receives against what the job expects before using it
+(``check_received_params``): not empty, exactly the expected keys, each value a tensor of the
+expected size whose dtype is floating point where the site's own parameter is. A refusal is a
+``ReceivedModelError``, answered like any failed task.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ GROUP_KEY = "fedseg_group"
 LOSS_AFTER_KEY = "fedseg_val_loss_after"
 SITE_FAILURE_KEY = "fedseg_site_failure"
 SITE_STAGE_KEY = "fedseg_site_stage"
+#: the stage of a site's refusal of the job by its policy (``refusal_answer``)
+POLICY_STAGE = "policy"
 #: errors of a site's own data or configuration: the site "refused its data"
 DATA_ERRORS = frozenset({"DatasetCheckError", "DatalistError", "SiteConfigError"})
 WEIGHTS_KEY = "fedseg_weights"
@@ -62,6 +70,20 @@ def failure_answer(err: BaseException, *, evaluate: bool, stage: str = "round") 
     return FLModel(params={}, params_type=ParamsType.DIFF, meta=meta)
 
 
+def refusal_answer(reason: str, *, evaluate: bool) -> Any:
+    """The answer of a site that refuses the job (``fedseg.app.site_policy``): no weights, the rule.
+
+    The rule is the site's policy in words ("accepts at most 100 rounds; the job asks 200"), never a
+    path or a case: it goes to the server so that the lead learns which site refused and why.
+    """
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+    meta = {SITE_FAILURE_KEY: reason, SITE_STAGE_KEY: POLICY_STAGE, NUM_STEPS_KEY: 0}
+    if evaluate:
+        return FLModel(metrics={}, meta=meta)
+    return FLModel(params={}, params_type=ParamsType.DIFF, meta=meta)
+
+
 def failure_of(meta: Mapping[str, Any] | None) -> str | None:
     """The error class a site reported in ``meta``, or None."""
     value = (meta or {}).get(SITE_FAILURE_KEY)
@@ -70,10 +92,65 @@ def failure_of(meta: Mapping[str, Any] | None) -> str | None:
 
 def describe_failure(site: str, error: str, stage: str = "round") -> str:
     """What the study lead reads: "hospital-b refused its data (DatasetCheckError); see that site's log"."""
+    if stage == POLICY_STAGE:
+        return f"{site} refused the job: {error}"
     if stage == "startup":
         what = "refused its data" if error in DATA_ERRORS else "could not start"
         return f"{site} {what} ({error}); see that site's log"
     return f"{site} failed ({error})"
+
+
+class ReceivedModelError(ValueError):
+    """A received model that does not fit what the job expects (the message says what differs)."""
+
+
+def check_received_params(params: Any, expected: Mapping[str, Any], *, what: str = "the received model") -> None:
+    """Raise ``ReceivedModelError`` unless ``params`` fits ``expected`` (the site's own tensors for
+    the keys it shares: the server's model keys, or the shared keys of a personalized job).
+
+    Refused: no parameters at all, a key missing or unexpected, a value that is no tensor or array,
+    a non-numeric dtype, a non-floating dtype where the site's parameter is floating point, and
+    another number of elements. The exact shape and the load itself are left to
+    ``load_state_dict``, which names the key.
+    """
+    if params is None or (isinstance(params, Mapping) and not params):
+        raise ReceivedModelError(f"{what} holds no parameters (an empty payload)")
+    if not isinstance(params, Mapping):
+        raise ReceivedModelError(f"{what} is a {type(params).__name__}, not a mapping of parameter names to tensors")
+    received, wanted = set(params), set(expected)
+    if received != wanted:
+        missing, unexpected = sorted(wanted - received), sorted(received - wanted)
+        raise ReceivedModelError(
+            f"{what} has {len(received)} parameters, not the {len(wanted)} this job expects "
+            f"(missing {_few(missing)}, unexpected {_few(unexpected)})")
+    for key in sorted(expected):
+        value, local = params[key], expected[key]
+        found, own = _describe(value), _describe(local)
+        if found is None:
+            raise ReceivedModelError(f"{what}: {key} is a {type(value).__name__}, not a tensor")
+        kind, dtype, numel = found
+        if kind not in "fiub":
+            raise ReceivedModelError(f"{what}: {key} has dtype {dtype}, not a real number type")
+        if own is not None and own[0] == "f" and kind != "f":
+            raise ReceivedModelError(f"{what}: {key} has dtype {dtype}; this parameter is floating point ({own[1]})")
+        if own is not None and numel != own[2]:
+            raise ReceivedModelError(f"{what}: {key} has {numel} values, not {own[2]}")
+
+
+def _describe(value: Any) -> tuple[str, str, int] | None:
+    """``(numpy dtype kind, dtype name, element count)`` of a torch tensor or numpy array, else None."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.dtype.kind, str(value.dtype), int(np.size(value))
+    dtype = getattr(value, "dtype", None)
+    if hasattr(value, "numel") and type(dtype).__name__ == "dtype" and hasattr(dtype, "is_floating_point"):
+        # a torch tensor (torch is not imported here: the server side of this module needs no torch)
+        kind = "f" if dtype.is_floating_point else "c" if dtype.is_complex else "b" if str(dtype) == "torch.bool" else "i"
+        return kind, str(dtype), int(value.numel())
+    return None
+
+
+def _few(keys: list[str]) -> str:
+    return "[" + ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "") + "]" if keys else "none"
 
 
 def model_fingerprint(params: Mapping[str, Any]) -> str:

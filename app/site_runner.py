@@ -11,8 +11,12 @@ options. The runner is a plain Lightning loop: the same ``SegmentationModule`` a
 - ``validate`` (cross-site evaluation): score the received model, send the metrics;
 - ``submit_model`` (cross-site evaluation): send this site's model (its shareable part).
 
+Every model a task brings is checked before use (``check_received``: not empty, exactly the
+job's keys, floating tensors where the site's parameters are floating, their sizes); a refusal
+fails that task like a crash.
+
 A crash inside a task (an exception, an out-of-memory, a bad case, a ``fault_drill`` of the site
-config) is answered as this site's failure for that round (no weights, the error's class only,
+config, a refused received model, a failure to send the model for cross-site evaluation) is answered as this site's failure for that round (no weights, the error's class only,
 ``fedseg.app.protocol``) and the site takes the next task as usual. A site that cannot start
 (its config, its datalist, data that fails the check) answers every task the same way, so the
 server names it ("hospital-b refused its data (DatasetCheckError)") instead of failing the job;
@@ -253,9 +257,13 @@ class SiteRunner:
             if input_model is None:
                 break
             if flapi.is_submit_model():  # cross-site evaluation asks for this site's model
-                self.submit_model()
+                try:
+                    self.submit_model()
+                except Exception as err:  # noqa: BLE001 - a failed answer, not the end of the site's part
+                    self.fail(err, input_model, evaluate=False, task="submit_model")
                 continue
             try:
+                self.check_received(input_model, flapi.get_task_name())
                 for plugin in self.plugins:
                     plugin.check_received(self, input_model)
                 if flapi.get_task_name() == PERSONALIZE_TASK:
@@ -266,6 +274,21 @@ class SiteRunner:
                     self.evaluate()
             except Exception as err:  # noqa: BLE001 - any crash of this task is this site's failure for the round
                 self.fail(err, input_model, evaluate=flapi.is_evaluate())
+
+    def expected_params(self) -> dict[str, Any]:
+        """What a received model must hold: this site's model's keys that the job shares (every key,
+        or a personalized job's shared keys), with the site's own tensors for their dtypes and sizes."""
+        state = self.model.state_dict()
+        for plugin in self.plugins:
+            state = plugin.shareable(state)
+        return state
+
+    def check_received(self, input_model: Any, task: str) -> None:
+        """``ReceivedModelError`` unless the task's model fits the job (``protocol.check_received_params``):
+        a refused model fails the task like any crash, before it touches this site's model."""
+        from fedseg.app.protocol import check_received_params
+
+        check_received_params(input_model.params, self.expected_params(), what=f"the model of the {task} task")
 
     def submit_model(self) -> None:
         import nvflare.client as flapi
@@ -343,11 +366,12 @@ class SiteRunner:
                      f"{self.model.schedule_offset} of {self.job.study.epochs}")
             self._schedule_noted = True
 
-    def fail(self, err: BaseException, input_model: Any, *, evaluate: bool) -> None:
+    def fail(self, err: BaseException, input_model: Any, *, evaluate: bool, task: str = "") -> None:
         """Report the task as this site's failure and make the site ready for the next one.
 
         The traceback stays in the site's log; the server learns only the error class (a message may
-        hold file paths or case ids), and the site takes the next task as usual.
+        hold file paths or case ids), and the site takes the next task as usual. A failed
+        ``submit_model`` (cross-site evaluation) left no round half-done: nothing is reset then.
         """
         import nvflare.client as flapi
         from nvflare.app_opt.lightning.api import FLCallback
@@ -356,6 +380,14 @@ class SiteRunner:
 
         traceback.print_exc(file=sys.stdout)  # the site's own log (print goes there), never an ERROR record
         flapi.send(failure_answer(err, evaluate=evaluate))
+        from fedseg.app.protocol import ReceivedModelError
+
+        # what the server sent is no patient data: the reason goes on the site's line itself
+        why = f"{type(err).__name__}: {err}" if isinstance(err, ReceivedModelError) else type(err).__name__
+        if task == "submit_model":
+            progress(f"[fedseg] cross-site evaluation {self.site}: sending this site's model FAILED ({why}, "
+                     "traceback in the site log); reported to the server, the site takes the next task")
+            return
         # The Lightning patch's callback still holds the failed round (received model, round start);
         # reset it as its own on_train_end does after a send, so the next round starts clean.
         for callback in self.trainer.callbacks:
@@ -364,7 +396,7 @@ class SiteRunner:
         for plugin in self.plugins:
             plugin.after_failure(self)
         round_no = (input_model.current_round or 0) + 1
-        progress(f"[fedseg] round {round_no}/{input_model.total_rounds} {self.site}: FAILED ({type(err).__name__}, "
+        progress(f"[fedseg] round {round_no}/{input_model.total_rounds} {self.site}: FAILED ({why}, "
                  "traceback in the site log); reported to the server, the site stays in the study")
 
 
