@@ -57,6 +57,7 @@ from fedseg.run import study_store
 from fedseg.app.protocol import (
     CONTRIBUTION_KEY,
     PERSONALIZE_TASK,
+    POLICY_STAGE,
     SITE_STAGE_KEY,
     WEIGHTS_KEY,
     describe_failure,
@@ -98,7 +99,8 @@ class ResilientFedAvg(FedAvg):
         self.round_timeout = int(round_timeout)
         self.min_sites = int(min_sites)
         self._failed: dict[str, str] = {}
-        self._at_startup: set[str] = set()  # sites whose failure was at start-up (config, data)
+        self._at_startup: set[str] = set()  # sites out of the whole job: start-up failure or refusal
+        self._stages: dict[str, str] = {}  # those sites' stage: "startup" (config, data) or "policy"
         self._answered: list[str] = []
         self._history: list[dict[str, Any]] = []
         #: the study's folder in the server's durable store (None: off); see fedseg.run.study_store
@@ -328,7 +330,7 @@ class ResilientFedAvg(FedAvg):
 
     def _live_sites(self) -> list[str]:
         """The job's sites that NVFlare does not consider disconnected; reset this round's tallies."""
-        self._failed, self._answered, self._at_startup = {}, [], set()
+        self._failed, self._answered, self._at_startup, self._stages = {}, [], set(), {}
         sites = [client.name for client in self.engine.get_clients()]
         return [s for s in sites if not self.get_client_disconnect_time(s)]
 
@@ -341,9 +343,10 @@ class ResilientFedAvg(FedAvg):
         if not failure and (result.params or not weights):
             return False
         self._failed[site] = str(failure or "sent no weights")
-        if (result.meta or {}).get(SITE_STAGE_KEY) == "startup":
+        if (result.meta or {}).get(SITE_STAGE_KEY) in ("startup", POLICY_STAGE):  # out of the whole job
             self._at_startup.add(site)
-        stage = "startup" if site in self._at_startup else "round"
+            self._stages[site] = (result.meta or {})[SITE_STAGE_KEY]
+        stage = self._stages.get(site, "round")
         self.warning(f"Round {self.current_round + 1}: {describe_failure(site, self._failed[site], stage)}; "
                      "left out of the average")
         return True
@@ -391,6 +394,7 @@ class ResilientFedAvg(FedAvg):
             "answered": answered,
             "failed": failed,
             "failed_at_startup": sorted(s for s in failed if s in self._at_startup),
+            "failed_stage": {s: self._stages.get(s, "round") for s in failed},
             "missing": sorted(missing),
             "disconnected": [s for s in all_sites if s not in targets],
             "seconds": round(seconds, 2),
@@ -406,8 +410,7 @@ class ResilientFedAvg(FedAvg):
 
     @staticmethod
     def _describe(record: dict[str, Any]) -> str:
-        startup = set(record.get("failed_at_startup", []))
-        parts = [describe_failure(s, why, "startup" if s in startup else "round") for s, why in record["failed"].items()]
+        parts = [describe_failure(s, why, _stage(record, s)) for s, why in record["failed"].items()]
         if record["missing"]:
             waited = f"within {record['timeout']} s" if record["timeout"] else "before the round ended"
             parts.append(f"no answer {waited} from {', '.join(record['missing'])}")
@@ -425,8 +428,8 @@ class ResilientFedAvg(FedAvg):
                     continue
                 entry["rounds_missed"].append(record["round"])
                 failure = record["failed"].get(site)
-                if failure and site in record.get("failed_at_startup", []):
-                    failure = describe_failure(site, failure, "startup").removeprefix(f"{site} ")
+                if failure and _stage(record, site) != "round":
+                    failure = describe_failure(site, failure, _stage(record, site)).removeprefix(f"{site} ")
                 entry["why"][str(record["round"])] = failure or (
                     "no answer in time" if site in record["missing"] else "disconnected"
                 )
@@ -454,3 +457,9 @@ class ResilientFedAvg(FedAvg):
         path = os.path.join(self.get_run_dir(), REPORT_DIR)
         os.makedirs(path, exist_ok=True)
         return path
+
+
+def _stage(record: dict[str, Any], site: str) -> str:
+    """Where ``site``'s failure in ``record``'s round happened: "round", "startup" or "policy"."""
+    stage = record.get("failed_stage", {}).get(site)
+    return stage or ("startup" if site in record.get("failed_at_startup", []) else "round")

@@ -76,7 +76,9 @@ class ResilientFedOpt(FedOpt, ResilientFedAvg):
             self.warning(f"FedOpt: no optimizer state in {self._store_resume[1]}; the server optimizer starts afresh")
             return model
         if model is not None and self.optimizer_state:
-            path = os.path.join(self.get_app_dir(), "custom", self.optimizer_state)
+            # an absolute path on the server (jobs carry no files); a bare name: an older job's custom/ file
+            path = (self.optimizer_state if os.path.isabs(self.optimizer_state)
+                    else os.path.join(self.get_app_dir(), "custom", self.optimizer_state))
             saved = read_optimizer_state(path)
             self.optimizer.load_state_dict(saved["state"])
             self.info(f"FedOpt: server optimizer state of round {saved['round'] + 1} restored from {self.optimizer_state}")

@@ -33,23 +33,37 @@ CASES = "cases"
 CASE_FEATURES = ("spacing_x", "spacing_y", "spacing_z", "size_x", "size_y", "size_z", "et_ml", "tc_ml", "wt_ml")
 
 
+class JobRefused(RuntimeError):
+    """This site's policy refuses the statistics job (the message is the rule, no path)."""
+
+
 class SiteImageStatistics(Statistics):
     """Statistics of one site's images (see the module docstring); arguments are plain values, stored
     under their own names, as NVFlare's job export reads them back."""
 
     #: written into the exported job even when equal to the defaults: the job says what it computes
-    _always_serialize_args = ("modalities", "voxels_per_case")
+    _always_serialize_args = ("modalities", "voxels_per_case", "fedseg_version")
 
-    def __init__(self, modalities: list[str] | None = None, voxels_per_case: int = 20000) -> None:
+    def __init__(self, modalities: list[str] | None = None, voxels_per_case: int = 20000,
+                 fedseg_version: str = "") -> None:
         super().__init__()
         self.modalities = list(modalities or MODALITIES)
         self.voxels_per_case = int(voxels_per_case)
+        #: the fedseg that built the job; a site running another version refuses it
+        self.fedseg_version = fedseg_version
         self.values: dict[str, dict[str, np.ndarray]] = {}
 
     def initialize(self, fl_ctx: FLContext) -> None:
         from fedseg.app.site_config import load_site_config
+        from fedseg.app.site_executor import judge_job
 
         site = fl_ctx.get_identity_name()
+        # the site's policy first, before any case is read; NVFlare's cleansers filter what leaves
+        document = {"algorithm": "stats", "study_name": "stats", "wandb": "off",
+                    "study": {"data": {"modalities": self.modalities}}}
+        reason, _ = judge_job(fl_ctx, document, self.fedseg_version, privacy_filter=True)
+        if reason:
+            raise JobRefused(f"{site} refused the job: {reason}")
         config = load_site_config(site, script_file=sys.argv[0] if sys.argv and sys.argv[0] else None)
         self.values = site_values(config.datalist, config.data_root, self.modalities, self.voxels_per_case)
 

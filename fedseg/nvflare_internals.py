@@ -61,7 +61,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_get_job_id_tag", "_persistor_id", "_aggr_helper", "_aggr_metrics_helper", "_all_metrics", "_received_count",
     "_expected_count", "_params_type", "_site_metric_weights", "_maybe_cleanup_memory", "_get_aggregated_result",
     "_get_custom_file", "_aggregate_one_result", "_RESULT_POLL_INTERVAL", "_task_check_period", "_get_args",
-    "_process_queue_tasks",
+    "_ensure_client_apps_prepared", "_process_queue_tasks",
 )  # fmt: skip
 
 #: NVFlare's extension hooks fedseg overrides in subclasses (``class -> hook -> its parameters``);
@@ -323,3 +323,37 @@ def set_task_monitor_period(controller: Any, seconds: float) -> None:
     ``_task_check_period`` (0.2 s, nvflare/apis/impl/wf_comm_server.py), whatever the job sets.
     """
     controller.communicator._task_check_period = float(seconds)
+
+
+# ------------------------------------------------------------------------------ jobs without code
+
+
+def replace_client_executors(recipe: Any, make: Any, script: str) -> int:
+    """Replace every ``ClientAPIExecutor`` of the recipe's client apps by ``make(old_executor)`` and
+    drop ``script`` from the files the client apps carry into ``custom/``; the number replaced.
+
+    NVFlare's ``ScriptRunner`` always adds its executor with the script as a resource, and the
+    app config keeps both in plain lists (nvflare/job_config/script_runner.py, base_app_config.py);
+    a fedseg job runs the installed site code instead (``fedseg.app.site_executor``).
+    """
+    import os
+
+    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+
+    recipe._ensure_client_apps_prepared()  # recipes add the site apps lazily (nvflare/recipe/spec.py)
+    replaced = 0
+    for app in fed_job(recipe)._deploy_map.values():
+        config = getattr(app, "app_config", None)
+        for item in getattr(config, "executors", []):
+            if isinstance(item.executor, ClientAPIExecutor):
+                item.executor = make(item.executor)
+                replaced += 1
+        if config is not None and hasattr(config, "ext_scripts"):
+            config.ext_scripts = [s for s in config.ext_scripts if os.path.basename(s) != script]
+    return replaced
+
+
+def params_transfer_type(executor: Any) -> str:
+    """A Client API executor's transfer type ("FULL" or "DIFF"), as ``send_weight_diffs`` sets it."""
+    value = executor._params_transfer_type
+    return getattr(value, "value", value)

@@ -176,6 +176,8 @@ class Job:
             "study": {k: v for k, v in self.study.to_json().items() if k != "synth"},
             "study_name": self.study_name or self.name,
             "contribution": self.addons.contribution is not None,
+            # what a site's policy checks besides the study (fedseg.app.site_policy)
+            "wandb": self.addons.wandb,
         }
 
     def script_args(self) -> str:
@@ -309,7 +311,23 @@ def build_recipe(job: Job) -> Any:
             # A vanished site must not hold up the evaluation either: its tasks time out like a round.
             timeout = fed.round_timeout or None
             job.spec.add_evaluation(recipe, job, submit_model_timeout=timeout or 600, validation_timeout=timeout or 6000)
+        use_installed_site_code(recipe, job)
     return recipe
+
+
+def use_installed_site_code(recipe: Any, job: Job) -> None:
+    """Every site runs ``fedseg.app.site_executor.SiteExecutor`` with the job's settings, and the job
+    carries no code: NVFlare's script runner would copy ``site_entry.py`` into ``custom/``, which
+    makes a job one that brings its own code (a kit that refuses code refuses it)."""
+    from fedseg import __version__, nvflare_internals
+    from fedseg.app.site_executor import SiteExecutor
+
+    def site_executor(old: Any) -> SiteExecutor:
+        return SiteExecutor(job=job.site_document(), fedseg_version=__version__,
+                            params_transfer_type=nvflare_internals.params_transfer_type(old))
+
+    if not nvflare_internals.replace_client_executors(recipe, site_executor, SITE_SCRIPT):
+        raise RuntimeError(f"{job.algorithm}: the recipe has no Client API executor to run the site code with")
 
 
 def add_task_timing(fed_job: Any, longest_wait: float) -> None:
@@ -332,9 +350,11 @@ def _encoder_keys(job: Job) -> list[str]:
 def resume_start(job: Job) -> tuple[int, str]:
     """Rounds done and the checkpoint path for the recipe's ``initial_ckpt`` (``ValueError`` if unusable).
 
-    A path relative to the working directory (``app/`` while a recipe is built) makes NVFlare
-    bundle the file into the server app's custom/ folder (nvflare/recipe/utils.py,
-    ``prepare_initial_ckpt``), so the job carries its starting point to POC and real servers.
+    The path is absolute: NVFlare then reads it on the server (nvflare/recipe/utils.py,
+    ``prepare_initial_ckpt``). A relative one would bundle the file into the server app's
+    ``custom/`` folder, which makes the job one that brings its own code, and kits that refuse
+    code refuse it. So the checkpoint must be where the server can read it: on the machine of the
+    simulator and of POC mode, in the server's storage for a real study (``fedseg study``).
     """
     from fedseg.run.resume import find_resume_point
 
@@ -343,7 +363,7 @@ def resume_start(job: Job) -> tuple[int, str]:
     if point.rounds_done >= rounds:
         raise ValueError(f"{point.checkpoint} already holds {point.rounds_done} rounds; the job has {rounds}: "
                          "nothing left to resume (raise rounds to train more)")
-    return point.rounds_done, os.path.relpath(point.checkpoint, APP_DIR)
+    return point.rounds_done, str(Path(point.checkpoint).resolve())
 
 
 def export(job: Job, out_dir: Path) -> Path:

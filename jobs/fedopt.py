@@ -56,11 +56,9 @@ class FedOpt(Algorithm):
         state_file = _optimizer_state(job, round_args.get("start_round", 0))
         recipe = ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", server_optimizer=optimizer,
                                        params_transfer_type=TransferType.DIFF,
-                                       optimizer_state=state_file.name if state_file else "", **round_args, **common)
-        if state_file is not None:  # bundled into the server app's custom/ folder, as the checkpoint is
-            # (FedJob.add_file_to_server: the recipe's add_server_file takes scripts and refuses paths
-            # outside the working directory)
-            nvflare_internals.fed_job(recipe).add_file_to_server(str(state_file))
+                                       # read on the server, as the checkpoint is (fedseg.jobs.base.resume_start)
+                                       optimizer_state=str(state_file.resolve()) if state_file else "",
+                                       **round_args, **common)
         model = GlobalModel(**common["model"]["args"])  # the exporter writes its network arguments back
         nvflare_internals.fed_job(recipe).to_server(model, id=FEDOPT_MODEL_ID)
         return recipe

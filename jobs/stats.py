@@ -55,31 +55,20 @@ def build_stats_recipe(settings: StatsSettings = StatsSettings(), name: str = NA
     from fedseg import nvflare_internals
     from fedseg.jobs.base import in_app_dir
 
+    from fedseg.app.site_statistics import SiteImageStatistics
+
     nvflare_internals.patch_job_export()
-    with in_app_dir():  # the generator's class path names app/stats_entry.py, bundled into custom/
-        generator = _stats_entry().SiteImageStatistics(list(settings.modalities), settings.voxels_per_case)
+    with in_app_dir():
+        # the installed fedseg's generator: the job names its class and carries no code
+        from fedseg import __version__
+
+        generator = SiteImageStatistics(list(settings.modalities), settings.voxels_per_case, __version__)
         recipe = FedStatsRecipe(name=name, stats_output_path=OUTPUT, sites=[ALL_SITES],
                                 statistic_configs=settings.statistic_configs(), stats_generator=generator,
                                 min_count=settings.min_count, min_noise_level=settings.min_noise_level,
                                 max_noise_level=settings.max_noise_level, max_bins_percent=settings.max_bins_percent)
         nvflare_internals.fed_job(recipe).set_app_packages(["fedseg"])
     return recipe
-
-
-def _stats_entry() -> Any:
-    """``app/stats_entry.py`` as the top-level module ``stats_entry``: the name a site imports it by
-    from the job's custom/ folder, and what NVFlare's exporter copies there (the file of the module)."""
-    import importlib.util
-    import sys
-
-    from fedseg.jobs.base import APP_DIR
-
-    if "stats_entry" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("stats_entry", APP_DIR / "stats_entry.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["stats_entry"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["stats_entry"]
 
 
 def export_stats(out_dir: Path, settings: StatsSettings = StatsSettings(), name: str = NAME) -> Path:

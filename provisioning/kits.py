@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.lightning_modules.owner_only import owner_only_dir
+from fedseg.provisioning.site_control import lock_down_kit
 from fedseg.provisioning.consortium import (
     Consortium,
     ConsortiumError,
@@ -171,6 +172,8 @@ def provision(consortium: Consortium, out: Path = DEFAULT_OUT, *, hospital_kits:
         shutil.rmtree(prod)
         for hospital in consortium.hospitals if hospital_kits else ():
             write_site_guide(kits, hospital.name)
+            lock_down_kit(kits.hospital_kit(hospital.name))
+        lock_down_kit(kits.server_kit)  # no custom code for anyone, only listed classes
         set_server_storage(kits.server_kit, consortium.server_storage, create=False)
         write_server_guide(kits)
         restrict_permissions(folder)
@@ -216,6 +219,7 @@ def add_hospital(folder: Path, hospital: HospitalSpec) -> Path:
     write_consortium(grown, kits.folder / CONSORTIUM_FILE)
     write_project_yml(grown, kits.project_yml)
     write_site_guide(grown_kits, hospital.name)
+    lock_down_kit(target)
     restrict_permissions(target)
     restrict_permissions(kits.ca_workspace)
     for path in (kits.folder / CONSORTIUM_FILE, kits.project_yml):

@@ -66,7 +66,7 @@ def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
     }
     assert set(excluded) == set(RESULT_TASKS)  # exact task names: NVFlare has no wildcard here
     assert all(sorted(keys) == sorted(job.personal_keys()) for keys in excluded.values())
-    assert '"algorithm":"fedper"' in client["executors"][0]["executor"]["args"]["task_script_args"]
+    assert client["executors"][0]["executor"]["args"]["job"]["algorithm"] == "fedper"
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     assert "SharedEncoder" in json.dumps(persistor)
 

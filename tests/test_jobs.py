@@ -62,10 +62,7 @@ def test_submitting_a_job_folder_imports_no_lightning():
         "import importlib, sys\n"
         f"for path in {named!r}:\n"
         "    module, _, name = path.rpartition('.')\n"
-        "    try:\n"
-        "        getattr(importlib.import_module(module), name)\n"
-        "    except ImportError:\n"
-        "        pass  # a site script in custom/ (stats_entry): not importable from the submitting machine\n"
+        "    getattr(importlib.import_module(module), name)  # every class a job names is installed\n"
         "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'lightning_fabric') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, check=True)
@@ -85,18 +82,22 @@ def test_the_servers_global_model_is_the_sites_network_with_the_same_initial_wei
     assert set(shared) == set(site) - set(personal_keys(SegmentationModule(**args), head_depth="last"))
 
 
-def test_exported_job_has_only_the_site_script_and_no_site_paths(tmp_path):
+def test_exported_job_carries_settings_only_no_code_and_no_site_paths(tmp_path):
+    from fedseg import __version__
+
     folder = export(tiny_job(name="tiny", roi=(32, 32, 32), features=8), tmp_path)
-    custom = sorted(p.name for p in (folder / "app" / "custom").iterdir())
-    assert custom == ["site_entry.py"]  # fedseg itself is not copied: it is installed at the sites
+    # no app/custom: the sites run their installed fedseg (a kit refuses a job that brings code)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        "app/config/config_fed_client.json", "app/config/config_fed_server.json", "meta.json"]
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
     text = json.dumps(client) + json.dumps(server)
     assert str(tmp_path) not in text and "/data" not in text  # no site paths baked in
-    args = client["executors"][0]["executor"]["args"]["task_script_args"]
-    flag, document = args.split(" ")  # one argument: the site document, as JSON
-    site = json.loads(document)
-    assert flag == "--job-config" and site["algorithm"] == "fedavg"
+    executor = client["executors"][0]["executor"]
+    assert executor["path"] == "fedseg.app.site_executor.SiteExecutor"
+    assert executor["args"]["fedseg_version"] == __version__
+    site = executor["args"]["job"]  # the site document: settings only
+    assert site["algorithm"] == "fedavg" and site["wandb"] == "off"
     assert site["study"]["data"]["roi"] == [32, 32, 32] and site["study"]["model"]["features"] == 8
     components = {c["id"]: c for c in server["components"]}
     assert components["model_selector"]["args"]["key_metric"] == "val_dice"

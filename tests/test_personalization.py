@@ -71,7 +71,7 @@ def test_personalized_jobs_end_with_the_personal_scores_and_tell_the_sites_their
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     controller = next(w for w in server["workflows"] if w["id"] == "controller")
     assert controller["args"]["personalize"] is True
-    site = json.loads(client["executors"][0]["executor"]["args"]["task_script_args"].split(" ", 1)[1])
+    site = client["executors"][0]["executor"]["args"]["job"]
     assert site["algorithm"] == algorithm and site["options"] == job.options_json()
     model = next(c for c in server["components"] if c["id"] == "persistor")["args"]["model"]
     encoder_only = algorithm in ("fedper", "fedrep")

@@ -135,14 +135,12 @@ def _small_copy_of_study_job(name: str, dst: Path) -> Path:
     shutil.copytree(JOBS_DIR / name, job)
     client = job / "app" / "config" / "config_fed_client.json"
     doc = json.loads(client.read_text())
-    args = doc["executors"][0]["executor"]["args"]
-    flag, site_document = args["task_script_args"].split(" ")
-    site = json.loads(site_document)
-    study = site["study"]
+    executor = doc["executors"][0]["executor"]
+    assert executor["path"] == "fedseg.app.site_executor.SiteExecutor"  # settings only, no code
+    study = executor["args"]["job"]["study"]
     assert (study["data"]["roi"], study["model"]["features"], study["federation"]["rounds"]) == ([128] * 3, 16, 50)
     study["data"]["roi"], study["model"]["features"], study["federation"]["rounds"] = [32] * 3, 8, 2
     study["model"]["hd95"], study["federation"]["site_threads"] = False, 1
-    args["task_script_args"] = f"{flag} {json.dumps(site, separators=(',', ':'), sort_keys=True)}"
     client.write_text(json.dumps(doc, indent=4))
     server = job / "app" / "config" / "config_fed_server.json"
     doc = json.loads(server.read_text())

@@ -329,9 +329,11 @@ def _tiny_fedper_job(dst: Path) -> Path:
 
     job = _small_copy_of_study_job("fedper", dst)
     client = job / "app" / "config" / "config_fed_client.json"
-    text = client.read_text()
-    assert '\\"roi\\":[32,32,32]' in text and '\\"rounds\\":2' in text
-    client.write_text(text.replace('\\"roi\\":[32,32,32]', '\\"roi\\":[16,16,16]').replace('\\"rounds\\":2', '\\"rounds\\":1'))
+    doc = json.loads(client.read_text())
+    study = doc["executors"][0]["executor"]["args"]["job"]["study"]
+    assert study["data"]["roi"] == [32, 32, 32] and study["federation"]["rounds"] == 2
+    study["data"]["roi"], study["federation"]["rounds"] = [16, 16, 16], 1
+    client.write_text(json.dumps(doc, indent=4))
     server = job / "app" / "config" / "config_fed_server.json"
     text = json.dumps(json.loads(server.read_text()))  # one line: the lists are easy to find
     assert '"num_rounds": 2' in text and '"roi_size": [32, 32, 32]' in text

@@ -54,15 +54,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     site = sub.add_parser(
         "site-config",
-        help="a hospital's step: point its startup kit at its data (KIT/local/fedseg_site.json)",
+        help="a hospital's step: point its startup kit at its data and set its study policy (KIT/local/fedseg_site.json)",
         description="Writes KIT/local/fedseg_site.json, where fedseg's jobs read this site's datalist and "
-        "folders; jobs themselves never contain paths.",
+        "folders (jobs themselves never contain paths), with the site's study policy: the algorithms, "
+        "networks, rounds, epochs and modalities it accepts, whether it requires a privacy filter, allows "
+        "W&B or runs approved jobs only. An existing policy is kept; edit the file to change it.",
     )
     site.add_argument("kit", type=Path, help="this hospital's startup kit folder")
     site.add_argument("--datalist", type=Path, required=True, help="this site's datalist (.json)")
     site.add_argument("--data-root", type=Path, default=None, help="folder the datalist's paths are under")
     site.add_argument("--cache-dir", type=Path, default=None, help="where preprocessed cases may be cached")
     site.add_argument("--head-store", type=Path, default=None, help="where the personalized jobs (fedper, fedrep, ditto, finetune) keep this site's personal models")
+    site.add_argument("--require-approval", action="store_true",
+                      help="run only jobs approved at this site with `fedseg site approve JOB_FOLDER`")
     site.set_defaults(func=_site_config)
 
     ca = sub.add_parser(
@@ -251,9 +255,29 @@ def _site_config(args: argparse.Namespace) -> int:
     if args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"{args.data_root}: data root not found")
     extra = {key: value for key, value in (("cache_dir", args.cache_dir), ("head_store", args.head_store)) if value}
-    path = write_site_config(kit / "local" / LOCAL_FILE, args.datalist, args.data_root, **extra)
-    print(f"wrote {path}")
+    target = kit / "local" / LOCAL_FILE
+    extra["policy"] = site_policy_for(target, args.require_approval)
+    path = write_site_config(target, args.datalist, args.data_root, **extra)
+    print(f"wrote {path} (its 'policy' says which studies this site joins: see SITE_GUIDE.md)")
     return 0
+
+
+def site_policy_for(config: Path, require_approval: bool) -> dict:
+    """The policy an existing site config holds (an admin's edits survive), else fedseg's default."""
+    import json
+
+    from fedseg.provisioning.site_control import default_site_policy
+
+    policy = None
+    if config.is_file():
+        try:
+            policy = json.loads(config.read_text(encoding="utf-8")).get("policy")
+        except (OSError, ValueError, AttributeError):
+            policy = None
+    policy = policy or default_site_policy().to_json()
+    if require_approval:
+        policy["require_approval"] = True
+    return policy
 
 
 def _server_storage(args: argparse.Namespace) -> int:

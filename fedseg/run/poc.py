@@ -182,6 +182,10 @@ class PocDeployment(LocalDeployment):
             missing = [p for p in [self.admin_kit, *map(self.site_kit, self.sites)] if not (p / "startup").is_dir()]
             if missing:
                 raise PocError(f"nvflare poc prepare made no startup kit at {', '.join(map(str, missing))}")
+            from fedseg.provisioning.site_control import lock_down_kit
+
+            for kit in (self.server_kit, *map(self.site_kit, self.sites)):  # as a real consortium's kits
+                lock_down_kit(kit)
         return self.workspace
 
     def start(self, timeout: int = 240) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from fedseg.app.site_config import ENV_VAR, write_site_config
 from fedseg.run.progress import FederatedProgress, simulator_logs
 from fedseg.jobs.base import Job, build_recipe, execute
+from fedseg.provisioning.site_control import allow_fedseg_classes_in_simulator
 from fedseg.run.results import FederatedResults, collect_results
 
 
@@ -62,6 +63,7 @@ def simulate(
         write_site_config(configs / f"{site}.json", datalist, root, cache_dir=run_dir / "cache" / site, head_store=heads, **extra)
 
     recipe = build_recipe(job)
+    allow_fedseg_classes_in_simulator(run_dir / "nvflare" / job.name)
     env = SimEnv(
         clients=list(site_datalists),
         num_threads=threads or len(site_datalists),

@@ -55,6 +55,9 @@ def simulate_stats(site_datalists: dict[str, Path], run_dir: Path, settings: Sta
     for site, datalist in site_datalists.items():
         write_site_config(configs / f"{site}.json", datalist, (data_roots or {}).get(site))
     recipe = build_stats_recipe(settings)
+    from fedseg.provisioning.site_control import allow_fedseg_classes_in_simulator
+
+    allow_fedseg_classes_in_simulator(run_dir / "nvflare" / NAME)
     env = SimEnv(clients=list(site_datalists), num_threads=len(site_datalists), workspace_root=str(run_dir / "nvflare"))
     previous = os.environ.get(ENV_VAR)
     os.environ[ENV_VAR] = str(configs)
