@@ -3,7 +3,7 @@
 The flow runs the real ``nvflare cert`` and ``nvflare package`` (a few seconds). The checks: the
 lead's folder never holds a hospital's private key, an assembled kit equals a centrally made one
 but for its key, bad requests are refused with the file named. The e2e test starts the server and
-two hospitals whose kits were assembled that way on localhost and runs a tiny FedAvg job.
+a hospital whose kit was assembled that way on localhost and runs a tiny FedAvg job.
 """
 
 from __future__ import annotations
@@ -197,37 +197,43 @@ def test_hospitals_make_their_own_keys_get_a_kit_like_a_central_one_and_bad_requ
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(420)
-def test_kits_assembled_from_the_hospitals_own_keys_connect_and_run_a_job(tmp_path):
+@pytest.mark.timeout(300)
+def test_a_kit_assembled_from_the_hospitals_own_key_connects_and_runs_a_job(tmp_path):
+    """One hospital (the job needs one site): its kit from its own key, the server's from `ca`."""
+    import time
+
     from conftest import tiny_job, tiny_synth
 
     from fedseg.jobs.base import export
     from fedseg.provisioning.deployment import LocalKitDeployment
     from fedseg.provisioning.distributed import prepare, root_ca_fingerprint
-    from fedseg.provisioning.kits import open_kits, set_server_storage
+    from fedseg.provisioning.kits import set_server_storage
     from fedseg.run.poc import COMPLETED, free_port
 
+    started = time.perf_counter()
     port = free_port()
-    kits = prepare(parse_consortium(_consortium_doc(port=port)), tmp_path / "lead")
-    fingerprint = root_ca_fingerprint(kits)
-    site_kits = {h: _request_assemble(kits.folder, h, tmp_path / h, fingerprint) for h in HOSPITALS}
+    kits = prepare(parse_consortium(_consortium_doc(port=port, hospitals=("hospital-a",))), tmp_path / "lead")
+    site_kits = {"hospital-a": _request_assemble(kits.folder, "hospital-a", tmp_path / "hospital-a",
+                                                 root_ca_fingerprint(kits))}
     _assert_lead_never_held(kits.folder, site_kits)
     set_server_storage(kits.server_kit, kits.server_kit / "storage")
+    provisioned = time.perf_counter() - started
 
-    synth = tiny_synth(tmp_path / "synth", sites=2, cases=3)
-    job_dir = export(tiny_job("fedavg", name="own-keys", rounds=1, cross_site_eval=False), tmp_path / "jobs")
+    synth = tiny_synth(tmp_path / "synth", sites=1, cases=3)
+    job = tiny_job("fedavg", name="own-key", rounds=1, min_clients=1, cross_site_eval=False)
+    job_dir = export(job, tmp_path / "jobs")
 
-    deployment = LocalKitDeployment(open_kits(kits.folder), tmp_path / "run", site_kits=site_kits)
+    deployment = LocalKitDeployment(kits, tmp_path / "run", site_kits=site_kits)
     with deployment:
-        for hospital, synth_site in zip(HOSPITALS, ("site-1", "site-2")):
-            deployment.install_site_config(hospital, synth.datalists[synth_site])
-        deployment.start(timeout=180)
-        assert deployment.connected_sites() == sorted(HOSPITALS)
+        deployment.install_site_config("hospital-a", synth.datalists["site-1"])
+        deployment.start(timeout=120)
         job_id = deployment.submit(job_dir)
-        status = deployment.wait(job_id, timeout=300)
-    assert status == COMPLETED, f"job {job_id}: {status}\n{deployment._console_tails()}"
-    for hospital, kit in site_kits.items():
-        log = (kit / job_id / "log.txt").read_text()
-        assert "Traceback" not in log, log[-3000:]
+        status = deployment.wait(job_id, timeout=180)
+        tails = deployment._console_tails(40)
+    print(f"e2e timings (s): provisioning {provisioned:.1f}, {deployment.timings}, "
+          f"total {time.perf_counter() - started:.1f}")
+    assert status == COMPLETED, f"job {job_id}: {status}\n{tails}"
+    assert "Successfully registered" in (site_kits["hospital-a"] / "log.txt").read_text()
+    assert (kits.server_kit / "storage" / "jobs" / job_id).is_dir()
     assert deployment.running_processes() == []
     _assert_lead_never_held(kits.folder, site_kits)  # the run left no hospital key at the lead's either
