@@ -39,7 +39,8 @@ RESERVED_NAMES = ("ca", "consortium.yml", "project.yml")
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _TOP_KEYS = {"name", "description", "server", "hospitals", "admins", "root_ca_valid_days"}
 _SERVER_KEYS = {"host", "port", "org", "storage"}
-#: where a server keeps its jobs and snapshots unless the consortium file names a folder
+#: where a server keeps its jobs and snapshots unless the consortium file names a folder: the one
+#: default, for the kits made at provisioning and for `fedseg provision server-storage` alike
 DEFAULT_SERVER_STORAGE = "/var/lib/fedseg/{name}"
 _HOSPITAL_KEYS = {"name", "org"}
 _ADMIN_KEYS = {"email", "org", "role"}
@@ -92,7 +93,7 @@ class Consortium:
     @property
     def server_storage(self) -> str:
         """The server's folder for jobs and snapshots (absolute, on the server machine)."""
-        return self.server.storage or DEFAULT_SERVER_STORAGE.format(name=self.name)
+        return self.server.storage or default_server_storage(self.name)
 
     @property
     def hospital_names(self) -> tuple[str, ...]:
@@ -146,6 +147,11 @@ class Consortium:
             description=self.description or f"fedseg consortium {self.name}",
             root_ca_valid_days=self.root_ca_valid_days,
         )
+
+
+def default_server_storage(consortium: str) -> str:
+    """The server's job and snapshot folder of consortium ``consortium`` when no folder is named."""
+    return DEFAULT_SERVER_STORAGE.format(name=consortium)
 
 
 def load_consortium(path: Path) -> Consortium:
@@ -321,6 +327,7 @@ __all__ = [
     "ServerSpec",
     "load_consortium",
     "parse_consortium",
+    "default_server_storage",
     "write_consortium",
     "write_project_yml",
 ]

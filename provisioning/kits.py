@@ -265,7 +265,8 @@ def run_nvflare_provision(project_yml: Path, workspace: Path, project: str, add_
 
 
 def set_server_storage(kit: Path, storage: Path | str | None = None, *, create: bool = True) -> Path:
-    """Keep the server's jobs and snapshots in ``storage`` (default ``<kit>/storage``), not in /tmp.
+    """Keep the server's jobs and snapshots in ``storage``, not in /tmp; by default the consortium's
+    one default, ``default_server_storage`` (``/var/lib/fedseg/<consortium>``).
 
     NVFlare's server kit stores every job (its models, results and metrics) and the run snapshots
     under ``/tmp/nvflare`` (``local/resources.json.default``): a reboot or a tmp cleaner loses the
@@ -273,13 +274,24 @@ def set_server_storage(kit: Path, storage: Path | str | None = None, *, create: 
     writes ``<kit>/local/resources.json``, which the server reads instead of the ``.default``
     (nvflare/apis/workspace.py), with the snapshot folder, the job store and the log receiver's
     staging folder under ``storage``. NVFlare refuses relative paths, so ``storage`` is made
-    absolute. ``create`` makes the folders, owner-only (0700); the path written at provisioning is
-    on the server machine, where the server creates it. Returns ``storage``.
+    absolute. ``create`` makes the folders, owner-only (0700). The path written at provisioning is
+    on the server machine: the kit's ``startup/start.sh`` then runs
+    ``fedseg.provisioning.storage_guard`` first, which creates the folders owner-only there, and
+    refuses to start the server on storage other accounts can read. Returns ``storage``.
     """
     import json
 
+    from fedseg.provisioning.consortium import default_server_storage
+    from fedseg.provisioning.storage_guard import StorageError, check_storage, install_guard
+
     kit = Path(kit)
-    storage = Path(storage or kit / "storage").expanduser().absolute()
+    if storage is None:
+        try:
+            consortium = json.loads((kit / "startup" / "fed_server.json").read_text())["servers"][0]["name"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+            raise KitsError(f"{kit}: not a server startup kit (startup/fed_server.json: {err})") from None
+        storage = default_server_storage(consortium)
+    storage = Path(storage).expanduser().absolute()
     local = kit / "local"
     source = local / "resources.json" if (local / "resources.json").is_file() else local / "resources.json.default"
     if not source.is_file():
@@ -296,10 +308,12 @@ def set_server_storage(kit: Path, storage: Path | str | None = None, *, create: 
     target = local / "resources.json"
     target.write_text(json.dumps(config, indent=2) + "\n")
     target.chmod(0o600)
-    if create:
-        for sub in ("jobs", "snapshots", "log-staging"):
-            owner_only_dir(storage / sub)
-        storage.chmod(0o700)
+    try:
+        install_guard(kit)
+        if create:
+            check_storage(kit)  # creates what is missing, 0700; refuses a folder others can read
+    except StorageError as err:
+        raise KitsError(str(err)) from None
     return storage
 
 
@@ -385,15 +399,17 @@ next reboot or tmp clean-up). Create it, owned by the account that runs the serv
 sudo install -d -m 0700 -o $USER {storage}
 ```
 
-or keep the storage inside this kit (or anywhere else) instead; this rewrites `local/resources.json`
-and creates the folders owner-only:
+and let fedseg create the folders inside it owner-only, or keep the storage elsewhere; this rewrites
+`local/resources.json` if needed and creates the folders owner-only:
 
 ```bash
-fedseg provision server-storage KIT                     # KIT/storage
-fedseg provision server-storage KIT --storage /srv/fl   # another absolute folder
+fedseg provision server-storage KIT                          # {storage}
+fedseg provision server-storage KIT --storage /srv/fl/{consortium}   # another absolute folder
 ```
 
-Back the folder up with the kit. Two studies on one machine need two folders.
+`KIT/startup/start.sh` checks the storage before the server starts: a missing folder is created
+owner-only, and the server refuses to start on a folder the group or others can read (fix:
+`chmod -R go-rwx` on it). Back the folder up with the kit. Two studies on one machine need two folders.
 
 ## 3. Start the server
 

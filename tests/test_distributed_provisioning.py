@@ -195,6 +195,55 @@ def test_hospitals_make_their_own_keys_get_a_kit_like_a_central_one_and_bad_requ
         approve(central.folder, stranger.zip)
     _assert_lead_never_held(lead, {"hospital-a": kit})
 
+    _check_server_storage(kits, tmp_path)
+
+
+def _check_server_storage(kits, tmp_path: Path) -> None:
+    """One default for the server's storage; created owner-only; a server refuses to start on an open one."""
+    import os
+    import subprocess
+    import sys
+
+    from fedseg.cli import main
+    from fedseg.provisioning.consortium import DEFAULT_SERVER_STORAGE, default_server_storage
+    from fedseg.provisioning.kits import set_server_storage
+    from fedseg.provisioning.storage_guard import GUARD_LINE, StorageError, check_storage
+
+    # the kit made at provisioning and `server-storage` without --storage name the same folder
+    def job_store(kit: Path) -> str:
+        resources = json.loads((kit / "local" / "resources.json").read_text())
+        return next(c for c in resources["components"] if c["id"] == "job_manager")["args"]["uri_root"]
+
+    assert job_store(kits.server_kit) == f"{kits.consortium.server_storage}/jobs" == "/var/lib/fedseg/study/jobs"
+    assert kits.consortium.server_storage == default_server_storage("study") == DEFAULT_SERVER_STORAGE.format(name="study")
+    set_server_storage(kits.server_kit, create=False)
+    assert job_store(kits.server_kit) == "/var/lib/fedseg/study/jobs"
+    script = kits.server_kit / "startup" / "start.sh"
+    assert script.read_text().count(GUARD_LINE) == 1  # installed at provisioning, once
+
+    # `server-storage --storage`: the folders are created 0700
+    storage = tmp_path / "server-storage"
+    assert main(["provision", "server-storage", str(kits.server_kit), "--storage", str(storage)]) == 0
+    for folder in (storage, storage / "jobs", storage / "snapshots"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    # a missing folder is created owner-only by the guard before the server starts
+    (storage / "snapshots").rmdir()
+    assert storage / "snapshots" in check_storage(kits.server_kit)
+    assert stat.S_IMODE((storage / "snapshots").stat().st_mode) == 0o700
+
+    # storage others can read: start.sh stops before NVFlare starts, naming the folder and the fix
+    storage.chmod(0o755)
+    with pytest.raises(StorageError, match=r"server-storage is open to other accounts \(mode 755\).*chmod -R go-rwx"):
+        check_storage(kits.server_kit)
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    started = subprocess.run(["bash", str(script)], cwd=kits.server_kit, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 1 and f"{storage} is open to other accounts" in started.stderr, started
+    assert not (kits.server_kit / "log.txt").exists()  # the server never started
+    with pytest.raises(KitsError, match="open to other accounts"):
+        set_server_storage(kits.server_kit, storage)
+    storage.chmod(0o700)
+
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)

@@ -226,8 +226,8 @@ def test_server_storage_moves_into_an_owner_only_folder_and_the_consortium_can_n
     resources = json.loads((kits.server_kit / "local" / "resources.json").read_text())
     assert next(c for c in resources["components"] if c["id"] == "job_manager")["args"]["uri_root"] == "/srv/fl/study/jobs"
     # the server admin's step after copying the kit: storage inside the kit, created owner-only
-    assert main(["provision", "server-storage", str(kits.server_kit)]) == 0
     storage = kits.server_kit / "storage"
+    assert main(["provision", "server-storage", str(kits.server_kit), "--storage", str(storage)]) == 0
     resources = json.loads((kits.server_kit / "local" / "resources.json").read_text())
     assert resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] == str(storage / "snapshots")
     for folder in (storage, storage / "jobs", storage / "snapshots"):
@@ -375,7 +375,7 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     # the server admin's step: the study's jobs and snapshots in a persistent folder of the kit, not /tmp
     from fedseg.cli import main
 
-    assert main(["provision", "server-storage", str(kits.server_kit)]) == 0
+    assert main(["provision", "server-storage", str(kits.server_kit), "--storage", str(kits.server_kit / "storage")]) == 0
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(16, 16, 16)), tmp_path / "synth")
     job_dir = _tiny_fedper_job(tmp_path / "jobs")
 

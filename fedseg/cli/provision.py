@@ -122,11 +122,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "server-storage",
         help="the server admin's step: keep the server's jobs and snapshots in a persistent folder",
         description="Writes KIT/local/resources.json so the server stores every job (models, results, metrics) "
-        "and its snapshots in STORAGE (default KIT/storage) instead of NVFlare's /tmp/nvflare, and creates "
+        "and its snapshots in STORAGE (default /var/lib/fedseg/<consortium>, the consortium file's default) "
+        "instead of NVFlare's /tmp/nvflare, and creates "
         "the folders owner-only. Run it after copying the server kit to the server machine.",
     )
     storage.add_argument("kit", type=Path, help="the server's startup kit folder")
-    storage.add_argument("--storage", type=Path, default=None, help="absolute folder (default: KIT/storage)")
+    storage.add_argument("--storage", type=Path, default=None,
+                         help="absolute folder (default: /var/lib/fedseg/<consortium>)")
     storage.set_defaults(func=_server_storage)
 
 
