@@ -6,8 +6,12 @@ Sites need neither W&B credentials nor internet: their ``flare.logger()`` metric
 through NVFlare, and only the server talks to W&B. What this subclass changes:
 
 - offline unless asked for ``online``; ``online`` without ``WANDB_API_KEY`` on the server is
-  refused (the receiver fails to start), never quietly logged offline; the key is never part of
-  the job;
+  refused, never quietly logged offline; the key is never part of the job;
+- a receiver that cannot start stops the job (``system_panic``, NVFlare's fatal-error event: the
+  server aborts the run and names the reason in its log). NVFlare's ``AnalyticsReceiver`` catches
+  every exception of ``initialize`` and lets the job run on untracked with one log line
+  (nvflare/app_common/widgets/streaming.py, ``_handle_start_run_event``); a study lead who asked for
+  W&B runs would find none at the end;
 - runs are written under ``$WANDB_DIR`` (W&B's own variable; ``fedseg simulate`` sets it to the run
   folder) or else the server's job folder, as ``<dir>/wandb/offline-run-*``;
 - each site's number of training cases (``n_train_cases``, from the meta of its accepted update,
@@ -27,6 +31,7 @@ from typing import Any
 
 from nvflare.apis.analytix import AnalyticsData, AnalyticsDataType, LogWriterName
 from nvflare.apis.dxo import from_shareable
+from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ProcessType, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -74,6 +79,15 @@ class FedsegWandBReceiver(WandBReceiver):
             os.environ["WANDB_MODE"] = previous
 
     def initialize(self, fl_ctx: FLContext) -> None:
+        """Start one W&B process per site; an error is kept for ``handle_event`` to stop the job with."""
+        self.start_error: Exception | None = None
+        try:
+            self._start_runs(fl_ctx)
+        except Exception as err:
+            self.start_error = err
+            raise  # the base class logs it, then carries on: handle_event stops the job
+
+    def _start_runs(self, fl_ctx: FLContext) -> None:
         # Re-implements WandBReceiver.initialize: the base puts one shared, mutated dict on every
         # site's queue (pickled later by the queue's feeder thread, so a site can get another's
         # name) and calls wandb.login, which needs network; here each site gets its own copy.
@@ -123,6 +137,11 @@ class FedsegWandBReceiver(WandBReceiver):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.START_RUN and getattr(self, "start_error", None) is not None:
+            # the job must not run on untracked: NVFlare's fatal-error event makes the server abort it
+            reason = f"W&B tracking could not start, the job is stopped: {self.start_error}"
+            self.log_error(fl_ctx, reason, fire_event=False)
+            self.system_panic(reason, fl_ctx)
         if event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
             self._log_case_count(fl_ctx)
 
