@@ -3,7 +3,10 @@
 - ``consortium``: the YAML a project lead edits (server, hospitals, admins), validated, and its
   mapping to NVFlare's ``project.yml``;
 - ``kits``: ``nvflare provision`` into owner-only startup kits, adding a hospital later with the
-  same root CA, and each hospital's ``SITE_GUIDE.md``;
+  same root CA, and each hospital's ``SITE_GUIDE.md`` (POC and labs: every key made in one place);
+- ``distributed``: a real study's path, where each hospital makes its own key and assembles its
+  kit from the lead's signature (``nvflare cert request/approve``, ``nvflare package``);
+- ``storage_guard``: the server kit's start refuses job storage that other accounts can read;
 - ``deployment``: a provisioned consortium's kits run as local processes (trials, tests).
 
 The command line is ``fedseg provision`` (fedseg/cli/provision.py); an example description is
