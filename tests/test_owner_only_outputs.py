@@ -114,3 +114,14 @@ def test_federated_results_are_owner_only(tmp_path, permissive_umask):
     assert set(results.checkpoints) == {"final"}
     assert {"results.json", "results.csv", "rounds.csv", "val_dice_per_round.png"} <= set(modes(tmp_path / "run"))
     assert_owner_only(tmp_path / "run")
+
+
+def test_split_datalists_are_owner_only(tmp_path, permissive_umask):
+    """A split's datalists name every case and carry per-case tumour volumes (from the labels)."""
+    synth = tiny_synth(tmp_path / "synth", sites=1, cases=4)
+    out = tmp_path / "splits"
+    data = next(iter(synth.datalists.values())).parent.parent / "data"
+    assert main(["data", "split", str(data), "--sites", "2", "--mode", "dirichlet", "--out", str(out)]) == 0
+    assert {"site-1.json", "site-2.json", "all.json", "summary.csv"} <= set(modes(out))
+    assert "wt_volume_ml" in json.loads((out / "site-1.json").read_text())["meta"]
+    assert_owner_only(out)

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from fedseg.lightning_modules.data.datalist import Case, Datalist, merge_datalists, write_datalist
+from fedseg.lightning_modules.owner_only import owner_only_dir, owner_only_files
 
 MODES: tuple[str, ...] = ("iid", "unequal", "dirichlet", "institution")
 #: Column names accepted for the case id and the institution in an institutions CSV.
@@ -365,21 +366,25 @@ def write_split(datalists: dict[str, Datalist], out_dir: Path | str) -> Path:
     summary_path = out_dir / "summary.csv"
     if summary_path.is_file():
         for old in read_summary(summary_path):
-            (out_dir / f"{old.site}.json").unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, dl in datalists.items():
-        write_datalist(out_dir / f"{name}.json", dl)
-    union = merge_datalists(datalists.values())
-    union.meta = {"site": "all", "merged_from": list(datalists),
-                  "split": next(iter(datalists.values())).meta.get("split", {})}
-    write_datalist(out_dir / "all.json", union)
-    tmp = summary_path.with_name(".summary.csv.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow([fl.name for fl in fields(SiteSummary)])
-        for r in rows:
-            writer.writerow([r.site, r.n_train, r.n_val, _fmt(r.wt_ml_mean), _fmt(r.wt_ml_median), r.institution])
-    tmp.replace(summary_path)
+            if re.fullmatch(r"[A-Za-z0-9_.-]+", old.site) and not old.site.startswith("."):  # never a path
+                (out_dir / f"{old.site}.json").unlink(missing_ok=True)
+    # case ids and per-case tumour volumes (meta) come from patients' labels: owner-only
+    owner_only_dir(out_dir)
+    with owner_only_files():
+        for name, dl in datalists.items():
+            write_datalist(out_dir / f"{name}.json", dl)
+        union = merge_datalists(datalists.values())
+        union.meta = {"site": "all", "merged_from": list(datalists),
+                      "split": next(iter(datalists.values())).meta.get("split", {})}
+        write_datalist(out_dir / "all.json", union)
+        tmp = summary_path.with_name(".summary.csv.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow([fl.name for fl in fields(SiteSummary)])
+            for r in rows:
+                writer.writerow([r.site, r.n_train, r.n_val, _fmt(r.wt_ml_mean), _fmt(r.wt_ml_median), r.institution])
+        tmp.chmod(0o600)  # an earlier run's leftover temporary file keeps its mode
+        tmp.replace(summary_path)
     return summary_path
 
 
