@@ -198,3 +198,15 @@ def test_a_utf8_datalist_reads_in_an_ascii_locale(tmp_path):
                           capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert done.stdout.decode().strip().splitlines()[-1].startswith("OK: 1 case (5 files)")
+
+
+def test_predict_refuses_a_case_folder_whose_files_lead_out_before_loading_a_model(study, tmp_path, capsys):
+    data, _, _ = study
+    flair = data / "case-2" / "case-2_flair.nii.gz"
+    flair.unlink()
+    flair.symlink_to(tmp_path / "outside" / "stray_flair.nii.gz")
+    argv = ["predict", str(tmp_path / "missing.ckpt"), str(data), "--out", str(tmp_path / "pred")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "case case-2: image: 'case-2/case-2_flair.nii.gz' resolves to" in error and "outside the data root" in error
+    assert not (tmp_path / "pred").exists()

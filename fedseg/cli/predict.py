@@ -56,6 +56,18 @@ def find_cases(path: Path, layout: str = "auto", convention: str | None = None):
             raise dataset_error from None
 
 
+def refuse_unconfined(dataset) -> None:  # dataset: layouts.Dataset
+    """``DatalistError`` naming every case whose id is no plain file name (it names the output file)
+    or whose files lead out of the input folder (a symlink), as ``fedseg data check`` reports them."""
+    from fedseg.lightning_modules.data.datalist import DatalistError, confinement_problems
+
+    problems = confinement_problems(((f"case {c.case_id}", c) for c in dataset.cases), dataset.root)
+    if problems:
+        listed = "\n  ".join(p.format() for p in problems)
+        raise DatalistError(f"{dataset.root}: {len(problems)} unsafe case(s), nothing was predicted:\n  {listed}",
+                            problems)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.datalist import DatalistError
     from fedseg.lightning_modules.data.layouts import LayoutError
@@ -69,6 +81,7 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         dataset = find_cases(args.input, args.layout, args.convention)
         refuse_output_inside_inputs(args.out, dataset.cases, dataset.root)
+        refuse_unconfined(dataset)
         for note in dataset.notes:
             print(f"note: {note}", file=sys.stderr)
         model = load_model(args.checkpoint, device=args.device, modalities=args.modalities)
