@@ -32,7 +32,7 @@ import pytest
 from fedseg.run import study_store
 from fedseg.run.study import (
     STATE_FILE,
-    Decision,
+    FlareSession,
     Memo,
     Observation,
     Policy,
@@ -185,6 +185,7 @@ class ScriptedSession:
         self.looks: dict[str, int] = {}
         self.aborted: list[str] = []
         self.done = 0  # rounds in the "store"
+        self.tokens: list[str] = []
 
     def _look(self, job_id):
         plan = self.plans[self.jobs.index(job_id)]
@@ -208,7 +209,8 @@ class ScriptedSession:
         self.done = max(self.done, done)
         return _progress(done + 1, done)
 
-    def submit(self, folder):
+    def submit(self, folder, token):
+        self.tokens.append(token)
         self.jobs.append(f"job{len(self.jobs) + 1}")
         return self.jobs[-1]
 
@@ -253,6 +255,7 @@ def test_supervisor_continues_after_a_dead_job_and_completes(tmp_path):
     state = sup.run()
     assert state.status == "completed" and state.rounds_done == 5, lines
     assert [s.job_id for s in state.segments] == ["job1", "job2"] and session.aborted == ["job1"]
+    assert session.tokens == [f"{state.study_id}.segment-1", f"{state.study_id}.segment-2"]
     assert any("server restarted" in line for line in lines)
     reloaded = StudyState.load(tmp_path / "study")
     assert reloaded.status == "completed" and reloaded.sites["a"]["answered"] == [1, 2, 3, 4, 5]
@@ -286,7 +289,7 @@ def test_a_restarted_supervisor_follows_the_running_segment(tmp_path):
 # ---------------------------------------------------------------------------------------- end to end on POC
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
-ROUND_TIMEOUT = 25
+ROUND_TIMEOUT = 60  # above a tiny first round (the sites start the job) on 2 loaded cores
 ROUNDS = 5
 
 
@@ -306,6 +309,20 @@ def _kill(pids) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _start_kit(kit: Path, env: dict, log: Path) -> None:
+    """``<kit>/startup/start.sh``, as its admin (or ``nvflare poc start``) runs it: the kit's start loop."""
+    with log.open("a") as out:
+        subprocess.run(["bash", str(kit / "startup" / "start.sh")], cwd=kit, env=env, stdin=subprocess.DEVNULL,
+                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True, timeout=60, check=True)
+
+
+def _connected(session) -> set[str]:
+    try:
+        return set(session.connected_sites())
+    except Exception:
+        return set()
 
 
 @pytest.mark.e2e
@@ -329,8 +346,16 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
         for site, datalist in zip(SITES, synth.datalists.values()):
             extra = {"fault_drill": {"hang_in_rounds": [4], "hang_seconds": 600}} if site == "hospital-c" else {}
             poc.install_site_config(site, datalist, cache_dir=tmp_path / "cache" / site, **extra)
-        poc.start()
         env = poc.env()
+        # each kit's start.sh, as `nvflare poc start` runs them; readiness through the admin API with a
+        # patient login (poc start's own check allows 1 s per login, which a loaded machine misses)
+        for kit in (poc.server_kit, *map(poc.site_kit, SITES)):
+            _start_kit(kit, env, tmp_path / "kits.log")
+        admin = FlareSession(poc.admin_kit, timeout=20)
+        try:
+            _wait(lambda: _connected(admin) >= set(SITES), 300, "every site connected", poll=3)
+        finally:
+            admin.close()
         cmd = [sys.executable, "-m", "fedseg", "study", "run", str(job_dir), "--dir", str(study_dir),
                "--startup-kit", str(poc.admin_kit), "--poll", "2", "--dead-grace", "20"]
         lead_log = tmp_path / "lead.log"
@@ -368,10 +393,7 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
             _kill(pid for pid, _ in processes_matching([str(poc.server_kit)]))
             _wait(lambda: not processes_matching([str(poc.server_kit)]), 30, "server processes gone")
             time.sleep(5)
-            with (tmp_path / "server-restart.log").open("w") as out:
-                subprocess.run(["bash", str(poc.server_kit / "startup" / "start.sh")], cwd=poc.server_kit, env=env,
-                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True, timeout=60, check=True)
+            _start_kit(poc.server_kit, env, tmp_path / "server-restart.log")
 
             # 3. hospital-c vanishes for good in round 4 (of the continued study)
             def c_hangs() -> bool:

@@ -26,9 +26,12 @@ What the supervisor decides, and why (``decide``; every decision is printed and 
   next segment is submitted, after a pause that doubles with every segment in a row that added no
   round (``Policy.retry_base`` .. ``retry_max``); after ``max_retries`` such segments the study
   stops and says what to check;
-- the job is RUNNING in NVFlare's job store but the server does not run it (the server restarted:
-  NVFlare 2.9 neither resumes nor ends such a job) for ``dead_grace`` seconds: it is ended and
-  the study continues;
+- the job is RUNNING in NVFlare's job store but the server does not run it for ``dead_grace``
+  seconds: the server restarted (NVFlare 2.9 neither resumes nor ends such a job), or the job's
+  server process has finished and NVFlare holds the job for a vanished site's outcome (up to
+  ``client_outcome_wait_timeout``, 900 s by default). It is ended (an abort, which NVFlare
+  refuses for a job it no longer knows and takes for one it holds) and its results are read: the
+  study completes or continues;
 - a running segment completes no round for ``stall_limit`` seconds (default: 3 round timeouts, at
   least 10 minutes): it is ended and the study continues;
 - a site that left the running segment (NVFlare never redeploys a running job to a restarted
@@ -221,8 +224,10 @@ def decide(state: StudyState, seg: Segment, obs: Observation, memo: Memo, policy
         memo.not_run_since = obs.now if memo.not_run_since is None else memo.not_run_since
         if obs.now - memo.not_run_since >= policy.dead_grace:
             return Decision("end", f"job {seg.job_id} is {status or 'RUNNING'} in NVFlare's job store but the "
-                                   f"server has not run it for {obs.now - memo.not_run_since:.0f} s (the server "
-                                   "restarted; NVFlare 2.9 neither resumes nor ends such a job)")
+                                   f"server has not run it for {obs.now - memo.not_run_since:.0f} s: its server "
+                                   "job process is gone (the server restarted: NVFlare 2.9 neither resumes nor "
+                                   "ends such a job; or the job is done and NVFlare waits for a vanished site's "
+                                   "outcome)")
         return Decision("wait", f"job {seg.job_id}: not in the server's running jobs; checking again")
     memo.not_run_since = None
     progress = obs.progress or {}
@@ -256,7 +261,7 @@ class Session(Protocol):
     def connected_sites(self) -> list[str]: ...
     def sites_with_job(self, job_id: str) -> list[str] | None: ...
     def progress(self, job_id: str) -> dict[str, Any] | None: ...
-    def submit(self, folder: Path) -> str: ...
+    def submit(self, folder: Path, token: str) -> str: ...
     def abort(self, job_id: str) -> str: ...
     def download(self, job_id: str, dest: Path) -> Path: ...
     def close(self) -> None: ...
@@ -285,10 +290,12 @@ class FlareSession:
         return self._s
 
     def _call(self, fn: Callable[[Any], Any]) -> Any:
+        from nvflare.fuel.flare_api.api_spec import NoConnection, NoReply, SessionClosed
+
         try:
             return fn(self._session())
-        except Exception:
-            self.close()
+        except (NoConnection, NoReply, SessionClosed, ConnectionError, TimeoutError, OSError):
+            self.close()  # the next call logs in again: the server may have restarted
             raise
 
     def close(self) -> None:
@@ -323,8 +330,16 @@ class FlareSession:
             return None
         return find_progress(stats)
 
-    def submit(self, folder: Path) -> str:
-        return str(self._call(lambda s: s.submit_job(str(folder))))
+    def submit(self, folder: Path, token: str) -> str:
+        """Submit with a retry-safe token: the same token again returns the job it made, not a new one."""
+        from nvflare.fuel.flare_api.api_spec import SubmitTokenConflict
+
+        try:
+            return str(self._call(lambda s: s.submit_job(str(folder), submit_token=token)))
+        except SubmitTokenConflict as err:
+            if err.existing_job_id:
+                return str(err.existing_job_id)
+            raise
 
     def abort(self, job_id: str) -> str:
         try:
@@ -474,8 +489,11 @@ class Supervisor:
             self.decision("pause", f"{pause:.0f} s before the next segment ({st.retries} segment(s) in a row "
                                    "added no round)")
             self.sleep(pause)
+        # one token per segment: a lead killed after the server took the job and before study.json
+        # recorded it submits the same token again when restarted, and gets that job back
+        token = f"{st.study_id}.segment-{len(st.segments) + 1}"
         try:
-            job_id = self.session.submit(Path(st.job_folder))
+            job_id = self.session.submit(Path(st.job_folder), token)
         except Exception as err:
             st.last_error = f"submit: {type(err).__name__}: {err}"
             st.retries += 1
@@ -513,9 +531,10 @@ class Supervisor:
             last = obs.progress.get("last_round") or {}
             if last.get("round"):
                 self.state.note_rounds([last])
-            done = int(obs.progress.get("rounds_done") or 0)
+            # rounds a dead segment completed show up as the next segment's start
+            done = max(int(obs.progress.get("rounds_done") or 0), int(obs.progress.get("start_round") or 0))
             if done > self.state.rounds_done:
-                self.state.rounds_done = done
+                self.state.rounds_done, self.state.retries = done, 0  # progress: the retries start again
                 self.state.save(self.folder)
         d = decide(self.state, seg, obs, self.memo, self.policy)
         if d.action == "wait":
@@ -527,8 +546,10 @@ class Supervisor:
             self.state.last_error = d.reason
             self._finish("stopped", d.reason)
         elif d.action == "end":
-            self.decision("end", d.reason + f"; ending job {seg.job_id}: " + self.session.abort(seg.job_id))
-            self._end_segment(seg, "ENDED", d.reason, wait_for_end=True)
+            answer = self.session.abort(seg.job_id)
+            self.decision("end", d.reason + f"; ending job {seg.job_id}: " + answer)
+            # an abort the server took turns into a final status within seconds; a dead job's never does
+            self._end_segment(seg, "ENDED", d.reason, wait_for_end=answer == "abort sent")
         elif d.action == "finished":
             self._end_segment(seg, obs.status or "FINISHED", d.reason)
 
