@@ -246,7 +246,7 @@ def _check_server_storage(kits, tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)  # 240 s measured on 2 cores at load 9 (other test runs); far less on a quiet machine
 def test_a_kit_assembled_from_the_hospitals_own_key_connects_and_runs_a_job(tmp_path):
     """One hospital (the job needs one site): its kit from its own key, the server's from `ca`."""
     import time
