@@ -154,6 +154,18 @@ def default_server_storage(consortium: str) -> str:
     return DEFAULT_SERVER_STORAGE.format(name=consortium)
 
 
+def hospital_problems(consortium: str, hospital: HospitalSpec) -> list[str]:
+    """What is wrong with a hospital's own description of itself (``fedseg provision request``): the
+    consortium file's rules for the consortium's name, the hospital's name and its organisation."""
+    problems = []
+    if not isinstance(consortium, str) or not _PROJECT_NAME.match(consortium):
+        problems.append(f"consortium: {consortium!r} is not a consortium name (letters, digits, '_' or '-', at most 63)")
+    for what, value, kind in (("name", hospital.name, "client"), ("org", hospital.org, "org")):
+        if problem := _name_problem(value, kind):
+            problems.append(f"{what}: {problem}")
+    return problems
+
+
 def load_consortium(path: Path) -> Consortium:
     """Read and validate a consortium YAML file; ``ConsortiumError`` names the file and the problems."""
     import yaml  # PyYAML: an NVFlare dependency
@@ -328,6 +340,7 @@ __all__ = [
     "load_consortium",
     "parse_consortium",
     "default_server_storage",
+    "hospital_problems",
     "write_consortium",
     "write_project_yml",
 ]

@@ -268,17 +268,12 @@ def request(consortium: str, hospital: HospitalSpec, out: Path) -> SiteRequest:
     ``out/<hospital>/<hospital>.request.zip`` goes to the lead; the key (0600) never leaves.
     Refuses a folder git could commit and an existing request folder (its key may be in use).
     """
-    from fedseg.provisioning.consortium import parse_consortium
+    from fedseg.provisioning.consortium import hospital_problems
     from fedseg.provisioning.project import write_yaml
 
-    # The same name rules as a consortium file (an unused lead and server make a valid document).
-    try:
-        parse_consortium({"name": consortium, "server": {"host": "fl.invalid", "port": 1, "org": "x"},
-                          "hospitals": [{"name": hospital.name, "org": hospital.org}],
-                          "admins": [{"email": "lead@fl.invalid", "org": "x", "role": "lead"}]},
-                         Path("fedseg provision request"))
-    except ConsortiumError as err:
-        raise KitsError(str(err)) from None
+    problems = hospital_problems(consortium, hospital)
+    if problems:
+        raise KitsError("cannot make this request: " + "; ".join(problems))
     folder = Path(out).resolve() / hospital.name
     check_output_folder(folder)
     if folder.exists():

@@ -177,6 +177,9 @@ def test_hospitals_make_their_own_keys_get_a_kit_like_a_central_one_and_bad_requ
     assert "hospital-c" not in (lead / "project.yml").read_text()  # nvflare provision never makes its key
     with pytest.raises(KitsError, match="may hold this site's key"):  # a new request would replace the key
         request("study", HospitalSpec("hospital-c", "hospital_c"), tmp_path / "c")
+    with pytest.raises(KitsError, match=r"consortium: 'my study' is not .*name: 'hospital.c' is not .*org: 'a-b'"):
+        request("my study", HospitalSpec("hospital.c", "a-b"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
     # --- what the hospital refuses: a signed zip whose root CA is not the one the lead announced
     signed = lead / "approved" / "hospital-c.signed.zip"
