@@ -104,6 +104,7 @@ def test_hospitals_make_their_own_keys_get_a_kit_like_a_central_one_and_bad_requ
     from fedseg.cli import main
     from fedseg.provisioning.distributed import approve, assemble, request, root_ca_fingerprint
     from fedseg.provisioning.kits import open_kits
+    from fedseg.provisioning.site_control import is_locked_down
 
     consortium_file = tmp_path / "consortium.yml"
     consortium_file.write_text(yaml.safe_dump(_consortium_doc(port=18998)))
@@ -142,6 +143,8 @@ def test_hospitals_make_their_own_keys_get_a_kit_like_a_central_one_and_bad_requ
         if (kit / name).is_file():
             assert (kit / name).read_bytes() == (central_kit / name).read_bytes(), name
     assert json.loads((kit / "local" / "resources.json.default").read_text())["allow_log_streaming"] is False
+    assert json.loads((kit / "local" / "resources.json").read_text())["allow_log_streaming"] is False
+    assert is_locked_down(kit)  # no custom code for any role, fedseg's class allow list
     guide = (kit / "SITE_GUIDE.md").read_text()
     for step in ("# hospital-a: site guide (study)", "localhost:18998", "the key never left this machine",
                  "fedseg provision site-config KIT", "KIT/startup/start.sh"):
