@@ -34,10 +34,11 @@ What the supervisor decides, and why (``decide``; every decision is printed and 
   study completes or continues;
 - a running segment completes no round for ``stall_limit`` seconds (default: 3 round timeouts, at
   least 10 minutes): it is ended and the study continues;
-- a site that left the running segment (NVFlare never redeploys a running job to a restarted
-  site) is connected again and at least ``rejoin_rounds_left`` rounds are left: the segment is
-  ended (the round in flight is lost) and the next one includes the site; with fewer rounds left
-  the study finishes without it (it costs more to restart than it gains);
+- a site left out of the last round (NVFlare never redeploys a running job to a restarted site) is
+  connected again without the job, and a new segment would run at least ``rejoin_rounds_left``
+  rounds (the one in flight included): the segment is ended (the round in flight is lost) and the
+  next one includes the site; with fewer rounds left the study finishes without it (a new segment
+  costs its start and the round in flight, more than the site's last round gains);
 - the server cannot be reached: wait and retry; after ``server_down_limit`` seconds the study
   stops, saying to start the server kit and run the same command again.
 """
@@ -239,12 +240,14 @@ def decide(state: StudyState, seg: Segment, obs: Observation, memo: Memo, policy
     if stalled >= limit:
         return Decision("end", f"job {seg.job_id}: no progress for {stalled:.0f} s (limit {limit:.0f} s)")
     total = int(progress.get("total_rounds") or state.total_rounds)
-    current = int(progress.get("current_round") or 0)
+    done = int(progress.get("rounds_done") or 0)
     if obs.sites_with_job is not None and progress:
         last = progress.get("last_round") or {}
-        left_out = {*(last.get("missing") or []), *(last.get("disconnected") or [])}
+        left_out = {*(last.get("missing") or []), *(last.get("disconnected") or []), *(last.get("failed") or {})}
+        # connected again but without the job: its client restarted (a site that crashed in a round, or
+        # refused its data, still runs the job and is not counted)
         back = sorted((set(obs.connected) & left_out) - set(obs.sites_with_job))
-        left = total - current
+        left = total - done  # the rounds a new segment would run, the one in flight included
         if back and left >= policy.rejoin_rounds_left:
             return Decision("end", f"{', '.join(back)} connected again but out of job {seg.job_id} (NVFlare "
                                    f"does not redeploy a running job); {left} round(s) left: the next segment "
