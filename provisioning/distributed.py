@@ -64,6 +64,7 @@ from fedseg.provisioning.kits import (
 )
 
 PROFILE_FILE = "profile.yml"  # ca/profile.yml: NVFlare's project profile for `nvflare cert approve`
+GUIDES_DIR = "guides"  # guides/<hospital>.md: the first steps, sent to each hospital before it has a kit
 REQUESTS_DIR = "requests"  # the request zips the lead received (no key in any of them)
 APPROVED_DIR = "approved"  # the signed zips the lead sent back
 #: Validity of a hospital's certificate, in days (NVFlare's default for `cert approve`); never past the root CA's.
@@ -108,11 +109,31 @@ def prepare(consortium: Consortium, out: Path = DEFAULT_OUT) -> ConsortiumKits:
         _write_profile(kits)
         owner_only_dir(kits.folder / REQUESTS_DIR)
         owner_only_dir(kits.folder / APPROVED_DIR)
+        for hospital in consortium.hospitals:
+            write_request_guide(kits, hospital)
         restrict_permissions(kits.folder)
     except BaseException:
         shutil.rmtree(kits.folder, ignore_errors=True)
         raise
     return kits
+
+
+def write_request_guide(kits: ConsortiumKits, hospital: HospitalSpec) -> Path:
+    """``guides/<hospital>.md``: the hospital IT admin's steps up to a running site (no secret in it).
+
+    The kit's own ``SITE_GUIDE.md`` exists only once the kit is assembled; this guide gets the
+    hospital there. The root CA fingerprint is deliberately not in it: it travels by another channel.
+    """
+    from fedseg import __version__
+
+    server = kits.consortium.server
+    text = _REQUEST_GUIDE.format(hospital=hospital.name, org=hospital.org, consortium=kits.consortium.name,
+                                 host=server.host, port=server.port, version=__version__,
+                                 python=f"{sys.version_info.major}.{sys.version_info.minor}")
+    path = owner_only_dir(kits.folder / GUIDES_DIR) / f"{hospital.name}.md"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
 
 
 def open_distributed(folder: Path) -> ConsortiumKits:
@@ -419,10 +440,55 @@ def run_nvflare(args: Sequence[str], *, cwd: Path, log: Path, what: str, timeout
     return doc.get("data") or {}
 
 
+_REQUEST_GUIDE = """\
+# {hospital}: joining the federated study {consortium}
+
+These are the steps of **{hospital}**'s IT admin, on the machine that will train (Linux, Python
+{python} recommended). This site makes its own private key there; it never leaves that machine.
+Only a signing request goes to the study lead, and a signed certificate comes back.
+
+From the study lead you need: this guide, the fedseg {version} wheel or source folder and, **by
+phone or in person, not by e-mail with the zips**, the root CA fingerprint (`SHA256:AB:CD:...`).
+
+## 1. Install fedseg {version}
+
+```bash
+python3 -m venv ~/fedseg-env && . ~/fedseg-env/bin/activate
+pip install <the fedseg {version} wheel or source folder>
+fedseg --version
+```
+
+## 2. Make this site's key and a signing request
+
+```bash
+fedseg provision request --consortium {consortium} --name {hospital} --org {org} --out /opt/fedseg/request
+```
+
+`/opt/fedseg/request/{hospital}/{hospital}.key` is this site's private key (readable by you only).
+Send the study lead **only** `/opt/fedseg/request/{hospital}/{hospital}.request.zip`.
+
+## 3. Assemble the kit from the signed zip
+
+The study lead sends back `{hospital}.signed.zip`. With the fingerprint you were told:
+
+```bash
+fedseg provision assemble {hospital}.signed.zip --request-dir /opt/fedseg/request/{hospital} \\
+    --fingerprint SHA256:AB:CD:... --out /opt/fedseg/{hospital}
+```
+
+It refuses a zip whose root CA does not have that fingerprint: then the zip did not come from the
+study lead; ask them. The kit `/opt/fedseg/{hospital}` connects out to `{host}:{port}` (no inbound
+port), and its `SITE_GUIDE.md` has the next steps: point the site at its data, check the data,
+start the site. Once the site has connected, delete `/opt/fedseg/request/{hospital}` (it holds a
+second copy of the key).
+"""
+
+
 __all__ = [
     "APPROVED_DIR",
     "PROFILE_FILE",
     "REQUESTS_DIR",
+    "GUIDES_DIR",
     "SiteRequest",
     "approve",
     "assemble",
@@ -434,4 +500,5 @@ __all__ = [
     "root_ca_fingerprint",
     "run_nvflare",
     "signing_ca",
+    "write_request_guide",
 ]

@@ -115,8 +115,11 @@ def test_hospitals_make_their_own_keys_get_a_kit_like_a_central_one_and_bad_requ
     fingerprint = root_ca_fingerprint(kits)
     assert f"root CA fingerprint: {fingerprint}" in out
     assert sorted(p.name for p in lead.iterdir()) == sorted(
-        ["approved", "ca", "consortium.yml", "project.yml", "requests", "localhost", LEAD])
+        ["approved", "ca", "consortium.yml", "guides", "project.yml", "requests", "localhost", LEAD])
     assert [p["name"] for p in yaml.safe_load(kits.project_yml.read_text())["participants"]] == ["localhost", LEAD]
+    guide = (lead / "guides" / "hospital-b.md").read_text()  # what the lead sends each hospital first
+    assert "fedseg provision request --consortium study --name hospital-b --org hospital_b" in guide
+    assert "fedseg provision assemble hospital-b.signed.zip" in guide and fingerprint not in guide
 
     kit = _request_assemble(lead, "hospital-a", tmp_path / "hospital-a", fingerprint)
     _assert_lead_never_held(lead, {"hospital-a": kit})

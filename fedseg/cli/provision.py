@@ -185,6 +185,7 @@ def _ca(args: argparse.Namespace) -> int:
         print(f"  admin   {kits.admin_kit(admin.email)}   -> {admin.email} ({admin.role})")
     print(f"  keep    {kits.ca_workspace}   (root CA private key: stays with you, signs the hospitals' requests)")
     print(f"root CA fingerprint: {root_ca_fingerprint(kits)}")
+    print(f"  send    {kits.folder / 'guides'}/<hospital>.md   -> each hospital's IT admin: its steps (no secret)")
     print(f"Each hospital ({', '.join(consortium.hospital_names)}) runs `fedseg provision request --consortium "
           f"{consortium.name} --name NAME --org ORG` and sends you NAME.request.zip; tell each the fingerprint above "
           "over another channel (phone, letter), not with the zips.")
