@@ -300,7 +300,8 @@ def read_datalist(path: Path | str, data_root: Path | str | None = None, *, conf
         problems = confinement_problems(named, root)
         if problems:
             listed = "\n  ".join(p.format() for p in problems)
-            raise DatalistError(f"{path}: refused, {len(problems)} unsafe entr{'y' if len(problems) == 1 else 'ies'} "
+            n = len({p.entry for p in problems})
+            raise DatalistError(f"{path}: refused, {n} unsafe entr{'y' if n == 1 else 'ies'} "
                                 f"(a case id must be a plain file name, and every file must lie under the data "
                                 f"root {root}):\n  {listed}", problems)
     return Datalist(entries["training"], entries["validation"], root, document.get("meta", {}))
