@@ -75,11 +75,30 @@ def tiny_train_config(datalists, out, *, epochs: int = 2, wandb: str = "off", in
                        progress=False, wandb=wandb, init_from=init_from)
 
 
+#: settings under which a tiny federated job learns in 2 rounds: an untrained network's mean Dice on the
+#: synthetic validation cases is about 0.01; after 2 rounds of 4 local epochs at this rate, 0.2 to 0.5
+#: (FedAvg, 2 sites x 3 cases, seeds 0-2; docs/testing.md)
+LEARNING = {"lr": 0.03, "local_epochs": 4}
+#: how far a trained model's mean Dice over the sites must rise above the initial model's
+LEARNED_BY = 0.1
+
+
+def assert_learned(initial, trained, what: str = "the model") -> None:
+    """The sites' mean Dice of a trained model (``site -> Dice``) is ``LEARNED_BY`` above the initial
+    model's, measured in the same run: each site's validation in round 1 scores the initial global model."""
+    assert set(trained) == set(initial), (initial, trained)
+    before, after = (sum(d.values()) / len(d) for d in (initial, trained))
+    assert after > before + LEARNED_BY, (
+        f"{what} did not learn: mean Dice {before:.4f} -> {after:.4f} (needs +{LEARNED_BY}); "
+        f"initial {dict(initial)}, trained {dict(trained)}")
+
+
 @pytest.fixture(scope="session")
 def fedavg_run(tmp_path_factory):
     """One FedAvg-family job in NVFlare's simulator, shared by the tests that read it (jobs, tracking):
-    2 sites x 3 cases of 32^3, 2 rounds, cross-site evaluation, W&B offline on the server, and the
-    fine-tuning step at the end (``finetune`` is FedAvg plus that step).
+    2 sites x 3 cases of 32^3, 2 rounds of 4 local epochs (``LEARNING``: it learns), cross-site
+    evaluation, W&B offline on the server, and the fine-tuning step at the end (``finetune`` is FedAvg
+    plus that step).
 
     Returns ``(job, synth, run folder, FederatedResults)``.
     """
@@ -91,7 +110,7 @@ def fedavg_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fedavg")
     synth = tiny_synth(root / "synth", sites=2, cases=3, size=32)
-    job = tiny_job("finetune", name="fedavg", rounds=2, features=8, roi=(32, 32, 32), hd95=True,
+    job = tiny_job("finetune", name="fedavg", rounds=2, features=8, roi=(32, 32, 32), hd95=True, **LEARNING,
                    options=FineTuneOptions(finetune_epochs=2), addons=Addons(wandb="offline"))
     env = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", "WANDB_MODE") if k in os.environ}
     try:

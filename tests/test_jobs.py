@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_job
+from conftest import assert_learned, tiny_job
 from fedseg.jobs.base import export
 from offline_validation import validate_state
 
@@ -159,6 +159,11 @@ def test_simulator_fedavg_two_sites_two_rounds_then_each_site_fine_tunes(fedavg_
     # the global model changed: the final model differs from the initial one
     final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     assert any(not torch.equal(initial[k], final[k]) for k in initial if initial[k].is_floating_point())
+    # and it learned: the final global model's Dice on the sites' validation cases (cross-site evaluation)
+    # is well above the initial model's, which each site scored in round 1; so are the fine-tuned models
+    assert_learned(round1, {s: m["val_dice"] for s, m in results.cross_site["SRV_FL_global_model.pt"].items()},
+                   "FedAvg's final global model")
+    assert_learned(round1, {s: m["val_dice"] for s, m in results.personal.items()}, "the fine-tuned models")
 
     # the best model is kept and loads into SegmentationModule (strict)
     best = SegmentationModule.load_from_checkpoint(results.checkpoints["best"], map_location="cpu")

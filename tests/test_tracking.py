@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_job
+from conftest import LEARNING, tiny_job
 from fedseg.jobs.addons import Addons
 from fedseg.jobs.base import export
 from fedseg.lightning_modules.data.datalist import read_datalist
@@ -144,7 +144,8 @@ def test_simulator_writes_one_offline_wandb_run_per_site_with_round_metrics(fede
         assert set(SHARED_CONFIG_KEYS) <= set(s["config"])
         assert ROUND_METRICS <= metric_names(s), ROUND_METRICS - metric_names(s)
         dice = [row["val_dice"] for row in s["history"] if "val_dice" in row]
-        assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)  # one global-model validation per round
+        # a validation per local epoch (2 rounds of LEARNING's epochs); the run learns (test_jobs.py)
+        assert len(dice) == 2 * LEARNING["local_epochs"] and all(0.0 <= d <= 1.0 for d in dice)
         cases = [row["n_train_cases"] for row in s["history"] if "n_train_cases" in row]
         assert cases and set(cases) == {2.0}  # 3 synthetic cases per site: 2 training, 1 validation
     assert_nothing_private(federated_run / "wandb", synth.datalists, synth.data_root)
