@@ -56,6 +56,7 @@ class SiteExecutor(ClientAPIExecutor):
         # NVFlare's job exporter writes back the constructor arguments it finds as attributes
         self.job = job
         self.fedseg_version = fedseg_version
+        self.job_exchange_format = params_exchange_format
         self._refusal = ""
         self._train_tasks = 0
         self._max_rounds: int | None = None
@@ -65,6 +66,10 @@ class SiteExecutor(ClientAPIExecutor):
             self._refusal = self._decide(fl_ctx)
             if self._refusal:  # the site runner never starts: nothing of the site's data is read
                 self.log_warning(fl_ctx, f"this site refuses the job: {self._refusal}")
+                # the tasks still arrive with tensors: without the backend, their decoders must be set here
+                from nvflare.client.decomposers import register_framework_decomposers
+
+                register_framework_decomposers(self.job_exchange_format, self.job_exchange_format, self.logger)
                 return
         elif self._refusal and event_type in (EventType.END_RUN, EventType.ABORT_TASK):
             return

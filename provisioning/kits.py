@@ -521,6 +521,44 @@ It runs in the background and reconnects by itself; its log is `KIT/log.txt`, ea
 `KIT/<job id>/log.txt`. The study lead sees the site in `nvflare system status` once it is
 connected. To stop it, ask the study lead (a clean shutdown goes through the admin console), or as a
 last resort run `KIT/startup/stop_fl.sh`.
+
+## 7. What runs at this site, and what leaves it
+
+- **Only the code you installed in step 1.** A fedseg job is settings only (algorithm, network,
+  rounds, epochs, modalities): its folder has no code, and this kit refuses every job that brings
+  code (`local/authorization.json`: `byoc` is "none" for every role) and every job that names a
+  class outside `class_allow_list` in `local/resources.json` (NVFlare's own list plus the fedseg
+  classes the jobs use). A job built by another fedseg version than yours is refused, naming both.
+- **What leaves:** model weights (for FedPer and FedRep without the head this site keeps) and scalar
+  metrics (Dice, loss, case counts). No image, label, path or case id; this site's log stays here
+  too (log streaming to the server is off).
+
+## 8. Which studies this site joins
+
+`fedseg provision site-config` writes a `policy` into `KIT/local/{site_config}`. Edit it to say
+what this site accepts; a job outside it is refused before it reads a single case, and the study
+lead is told which rule (for example "{hospital} refused the job: accepts at most 100 rounds; the
+job asks 200"):
+
+```json
+"policy": {{
+  "algorithms": ["fedavg", "fedper", "ditto", "stats"], "networks": ["unet"],
+  "max_rounds": 100, "max_local_epochs": 5, "modalities": ["t1", "t1ce", "t2", "flair"],
+  "require_privacy_filter": false, "allow_wandb": false, "require_approval": true
+}}
+```
+
+With `"require_approval": true` the site runs only jobs you approved: review the job folder the
+lead sends you (its `app/config/config_fed_client.json` holds every setting this site will run
+with), then
+
+```bash
+fedseg site approve JOB_FOLDER --kit KIT   # records the job's fingerprint (SHA-256 of that file)
+```
+
+A job changed by one setting after your approval has another fingerprint and is refused. Every
+decision, accepted or refused, is appended to `KIT/local/fedseg_site.audit.jsonl` (time, job id,
+fingerprint, submitter, decision, reason); `fedseg site audit --kit KIT` prints it.
 """
 
 

@@ -160,7 +160,7 @@ def test_cli_check_prints_project_yml_and_refuses_a_bad_file(tmp_path, capsys):
 # ------------------------------------------------------------------------------ kits
 
 
-def test_provision_writes_owner_only_kits_a_site_guide_each_and_the_lead_may_bring_code(tmp_path):
+def test_provision_writes_owner_only_kits_a_site_guide_each_and_nobody_may_bring_code(tmp_path):
     before = _user_nvflare_config()
     consortium = parse_consortium(_consortium_doc(port=18999))
     kits = provision(consortium, tmp_path / "kits")
@@ -207,10 +207,13 @@ def test_provision_writes_owner_only_kits_a_site_guide_each_and_the_lead_may_bri
     guide = (kits.server_kit / "SERVER_GUIDE.md").read_text()
     assert "/var/lib/fedseg/study" in guide and "fedseg provision server-storage KIT" in guide
 
-    # NVFlare's default policy lets the lead submit jobs that carry custom code (byoc); an org admin not.
-    policy = json.loads((kits.server_kit / "local" / "authorization.json.default").read_text())["permissions"]
-    assert policy["lead"]["submit_job"] == "any" and policy["lead"]["byoc"] == "any"
-    assert policy["org_admin"]["byoc"] == "none"
+    # NVFlare's default policy lets the lead submit jobs that carry custom code (byoc); fedseg's kits
+    # let nobody (the lead still submits jobs: they carry settings only).
+    default = json.loads((kits.server_kit / "local" / "authorization.json.default").read_text())["permissions"]
+    assert default["lead"]["byoc"] == "any"
+    policy = json.loads((kits.server_kit / "local" / "authorization.json").read_text())["permissions"]
+    assert policy["lead"]["submit_job"] == "any" and policy["lead"]["byoc"] == "none"
+    assert policy["org_admin"]["byoc"] == "none" and policy["project_admin"]["byoc"] == "none"
     assert json.loads((kits.lead_kit / "startup" / "fed_admin.json").read_text())["admin"]["username"] == LEAD
 
     assert open_kits(kits.folder).consortium.to_dict() == consortium.to_dict()
@@ -341,6 +344,50 @@ def _tiny_fedper_job(dst: Path) -> Path:
     return job
 
 
+def _jobs_a_site_must_refuse(job_dir: Path, dst: Path) -> tuple[Path, Path, Path, list[Path]]:
+    """Copies of ``job_dir``: 3 rounds (outside hospital-b's policy, and not approved at hospital-a);
+    with an ``app/custom`` component that writes a marker file when it is built; naming a class outside
+    the allow list (``logging.FileHandler``, which would create its marker file). The markers last."""
+    import shutil
+
+    markers = [dst / "custom-code-ran", dst / "unlisted-class-ran"]
+    copies = []
+    for name in ("too_long", "with_code", "unlisted"):
+        copy = dst / name
+        shutil.copytree(job_dir, copy)
+        meta = json.loads((copy / "meta.json").read_text())
+        (copy / "meta.json").write_text(json.dumps({**meta, "name": name}))
+        copies.append(copy)
+    too_long, with_code, unlisted = copies
+
+    def edit(job: Path, config: str, change) -> None:
+        path = job / "app" / "config" / config
+        doc = json.loads(path.read_text())
+        change(doc)
+        path.write_text(json.dumps(doc, indent=2))
+
+    def three_rounds(doc):
+        doc["executors"][0]["executor"]["args"]["job"]["study"]["federation"]["rounds"] = 3
+
+    def num_rounds(doc):
+        for workflow in doc["workflows"]:
+            if "num_rounds" in workflow.get("args", {}):
+                workflow["args"]["num_rounds"] = 3
+
+    edit(too_long, "config_fed_client.json", three_rounds)
+    edit(too_long, "config_fed_server.json", num_rounds)
+    (with_code / "app" / "custom").mkdir()
+    (with_code / "app" / "custom" / "marker.py").write_text(
+        "from pathlib import Path\nfrom nvflare.apis.fl_component import FLComponent\n\n\n"
+        "class Marker(FLComponent):\n    def __init__(self, path):\n        super().__init__()\n"
+        "        Path(path).write_text('ran')\n")
+    edit(with_code, "config_fed_client.json", lambda d: d["components"].append(
+        {"id": "marker", "path": "marker.Marker", "args": {"path": str(markers[0])}}))
+    edit(unlisted, "config_fed_client.json", lambda d: d["components"].append(
+        {"id": "marker", "path": "logging.FileHandler", "args": {"filename": str(markers[1])}}))
+    return too_long, with_code, unlisted, markers
+
+
 def _wait_port_free(port: int, seconds: float = 15.0) -> bool:
     from fedseg.run.poc import port_in_use
 
@@ -354,7 +401,7 @@ def _wait_port_free(port: int, seconds: float = 15.0) -> bool:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a_hospital_joins_later(tmp_path):
     from fedseg.run.poc import COMPLETED, free_port
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
@@ -379,11 +426,17 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(16, 16, 16)), tmp_path / "synth")
     job_dir = _tiny_fedper_job(tmp_path / "jobs")
 
+    # What each hospital accepts: hospital-a runs only jobs its admin approved, hospital-b at most 1 round.
+    policies = {"hospital-a": {"require_approval": True}, "hospital-b": {"max_rounds": 1}}
+    too_long, with_code, unlisted, markers = _jobs_a_site_must_refuse(job_dir, tmp_path / "refused")
     deployment = LocalKitDeployment(kits, tmp_path / "run")
     with deployment:
+        site_configs = {}
         for hospital, synth_site in zip(HOSPITALS, ("site-1", "site-2")):  # each hospital admin's step
             # Its own head store: on one machine all sites share HOME, and so the default store.
-            deployment.install_site_config(hospital, synth.datalists[synth_site], head_store=tmp_path / "heads" / hospital)
+            site_configs[hospital] = deployment.install_site_config(
+                hospital, synth.datalists[synth_site], head_store=tmp_path / "heads" / hospital, policy=policies[hospital])
+        assert main(["site", "approve", str(job_dir), "--kit", str(kits.hospital_kit("hospital-a"))]) == 0
         deployment.start_kit(foreign.hospital_kit("intruder"))
         deployment.start_kit(foreign.hospital_kit("insider"))
         deployment.start(timeout=240)
@@ -391,6 +444,18 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
         status = deployment.wait(job_id, timeout=420)
         download = deployment.download(job_id, tmp_path / "download")
         connected = deployment.connected_sites()
+        # A job that brings code is refused at submission; one naming a class outside the allow list
+        # never builds it; one outside the sites' policies is refused by both, each naming its rule.
+        with_code_id = deployment.submit(with_code)
+        with_code_status = deployment.wait(with_code_id, timeout=300)
+        with_code_meta = deployment.nvflare_json("meta", ["job", "meta", with_code_id, *deployment.kit_args()], timeout=120)
+        unlisted_id = deployment.submit(unlisted)
+        unlisted_status = deployment.wait(unlisted_id, timeout=300)
+        too_long_id = deployment.submit(too_long)
+        too_long_status = deployment.wait(too_long_id, timeout=300)
+        too_long_download = deployment.download(too_long_id, tmp_path / "download-refused")
+        refused_logs = deployment.site_job_logs(too_long_id)
+        unlisted_logs = deployment.site_job_logs(unlisted_id)
         # A hospital added to the running consortium joins without restarting the server.
         late_kit = add_hospital(kits.folder, HospitalSpec("hospital-c", "hospital_c"))
         deployment.start_kit(late_kit)
@@ -400,6 +465,24 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     print(f"e2e timings (s): {deployment.timings}, total {time.perf_counter() - started:.1f}")
 
     assert status == COMPLETED, f"job {job_id}: {status}"
+    # --- a site runs only what its admin installed, and decides which studies it joins
+    # the job with code is refused where it would be deployed, and the lead reads why in the job's meta
+    assert with_code_status != COMPLETED and "BYOC not permitted" in json.dumps(with_code_meta), with_code_meta
+    assert unlisted_status != COMPLETED
+    assert any("not in allow_list" in log.read_text() for log in unlisted_logs.values())
+    assert not [m for m in markers if m.exists()]  # neither the code nor the unlisted class ever ran anywhere
+    assert too_long_status != COMPLETED
+    summary = json.loads((too_long_download / "workspace" / "metrics" / "participation_summary.json").read_text())
+    assert "hospital-b refused the job: accepts at most 1 rounds; the job asks 3" in summary["reason"]
+    assert "hospital-a refused the job: runs only approved jobs" in summary["reason"]
+    for hospital in HOSPITALS:  # refused before a single case was read: the site runner never started
+        assert "training /" not in refused_logs[hospital].read_text()
+        audit = [json.loads(line) for line in site_configs[hospital].with_name("fedseg_site.audit.jsonl").read_text().splitlines()]
+        decisions = {r["job_id"]: r for r in audit}
+        assert decisions[job_id]["decision"] == "accepted" and decisions[job_id]["submitter"] == LEAD
+        assert decisions[too_long_id]["decision"] == "refused" and decisions[too_long_id]["reason"]
+        assert all(len(r["fingerprint"]) == 64 and r["time"] for r in audit)
+    assert main(["site", "audit", "--kit", str(kits.hospital_kit("hospital-b"))]) == 0
     # Per-site metrics, streamed by the hospitals and written by JsonlMetricsReceiver on the server.
     server_run = download / "workspace"
     streamed = [json.loads(line) for line in (server_run / "metrics" / "site_metrics.jsonl").read_text().splitlines()]
