@@ -381,8 +381,9 @@ def _jobs_a_site_must_refuse(job_dir: Path, dst: Path) -> tuple[Path, Path, Path
         "from pathlib import Path\nfrom nvflare.apis.fl_component import FLComponent\n\n\n"
         "class Marker(FLComponent):\n    def __init__(self, path):\n        super().__init__()\n"
         "        Path(path).write_text('ran')\n")
-    edit(with_code, "config_fed_client.json", lambda d: d["components"].append(
-        {"id": "marker", "path": "marker.Marker", "args": {"path": str(markers[0])}}))
+    for config in ("config_fed_client.json", "config_fed_server.json"):  # at the sites and on the server
+        edit(with_code, config, lambda d: d["components"].append(
+            {"id": "marker", "path": "marker.Marker", "args": {"path": str(markers[0])}}))
     edit(unlisted, "config_fed_client.json", lambda d: d["components"].append(
         {"id": "marker", "path": "logging.FileHandler", "args": {"filename": str(markers[1])}}))
     return too_long, with_code, unlisted, markers
