@@ -210,3 +210,6 @@ def test_predict_refuses_a_case_folder_whose_files_lead_out_before_loading_a_mod
     error = capsys.readouterr().err
     assert "case case-2: image: 'case-2/case-2_flair.nii.gz' resolves to" in error and "outside the data root" in error
     assert not (tmp_path / "pred").exists()
+    report = check_dataset(data)  # the folder's own check says the same, and reads the rest
+    assert [(p.case_id, p.kind) for p in report.problems] == [("case-2", "outside_root")]
+    assert report.n_files == 5
