@@ -52,7 +52,7 @@ class SiteConfig:
     def from_file(cls, path: Path) -> SiteConfig:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise SiteConfigError(f"{path}: not a readable site config ({err})") from None
         if not isinstance(doc, dict) or "datalist" not in doc:
             raise SiteConfigError(f"{path}: a site config needs at least a 'datalist' entry")

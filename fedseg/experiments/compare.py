@@ -333,7 +333,9 @@ def compare(
     sites = {name: Path(p).resolve() for name, p in site_datalists.items()}
     root = Path(data_root).resolve() if data_root is not None else None
     _check_sites(sites, root)
-    out.mkdir(parents=True, exist_ok=True)
+    from fedseg.lightning_modules.owner_only import owner_only_dir
+
+    owner_only_dir(out)  # per-site scores of patient data: like every other fedseg output, owner-only
     fingerprint = {"settings": settings.to_json(), "sites": {k: str(v) for k, v in sites.items()},
                    "data_root": str(root) if root else None}
 

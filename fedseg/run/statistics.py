@@ -77,7 +77,9 @@ def collect_stats(server_dir: Path, run_dir: Path) -> StatsReport:
     if not source.is_file():
         raise FileNotFoundError(f"{source}: the statistics job wrote no result (see its server log, {server_dir}/..)")
     doc = json.loads(source.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from fedseg.lightning_modules.owner_only import owner_only_dir
+
+    owner_only_dir(run_dir)  # the sites' image statistics, like every other fedseg output: owner-only
     shutil.copyfile(source, run_dir / "stats.json")
     sites = sorted({site for stats in doc.values() for by_site in stats.values() for site in by_site} - {GLOBAL})
     report = StatsReport(doc, sites, {"json": run_dir / "stats.json"})
