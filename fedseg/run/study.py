@@ -593,6 +593,9 @@ class Supervisor:
                 st.last_error = f"download of job {seg.job_id}: {type(err).__name__}: {err}"
                 self.decision("note", f"results of job {seg.job_id} not downloaded ({st.last_error}); the next "
                                       "segment learns the rounds done from the server's store")
+        else:
+            self.decision("note", f"job {seg.job_id} cannot be downloaded (its server job process is gone); the "
+                                  "next segment continues after the last round in the server's store")
         st.note_rounds(records)
         seg.rounds_after = st.rounds_done
         summary = read_summary(Path(seg.download)) if seg.download else {}
