@@ -349,6 +349,35 @@ def test_a_restarted_supervisor_follows_the_running_segment(tmp_path):
     assert state.status == "completed" and len(session.jobs) == 1
 
 
+def test_cli_status_screen_and_the_lead_kit_from_the_consortium_file(tmp_path, capsys):
+    import argparse
+
+    from fedseg.cli import main
+    from fedseg.cli.study import _kit
+
+    assert main(["study", "status", "--dir", str(tmp_path / "none")]) == 2
+    assert main(["study", "run", "--dir", str(tmp_path / "none"), "--startup-kit", str(tmp_path)]) == 2
+    assert "holds no study yet" in capsys.readouterr().err
+    state = Supervisor.create(tmp_path / "study", _fake_job(tmp_path / "src"))
+    state = StudyState.load(tmp_path / "study")
+    state.segments.append(Segment("job1", 0.0, status="FINISHED:ABORTED", ended_at=60.0, rounds_after=2,
+                                  reason="hospital-b connected again"))
+    state.note_rounds([{"round": 1, "targets": ["a", "b"], "answered": ["a", "b"]},
+                       {"round": 2, "targets": ["a", "b"], "answered": ["a"], "missing": ["b"]}])
+    state.last_error = "round 2: only 1 of the 2 sites needed answered"
+    state.save(tmp_path / "study")
+    assert main(["study", "status", "--dir", str(tmp_path / "study")]) == 0
+    screen = capsys.readouterr().out
+    assert "rounds done: 1/4" in screen and "1. job job1" in screen and "b                1 answered, missed 2" in screen
+    assert "last error: round 2: only 1 of the 2 sites" in screen
+    example = Path(__file__).resolve().parents[1] / "provisioning" / "consortium.example.yml"
+    args = argparse.Namespace(startup_kit=None, consortium=example, kits=tmp_path / "kits")
+    from fedseg.provisioning.consortium import load_consortium
+
+    consortium = load_consortium(example)
+    assert _kit(args) == tmp_path / "kits" / consortium.name / consortium.leads[0].email
+
+
 # ---------------------------------------------------------------------------------------- end to end on POC
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
