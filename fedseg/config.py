@@ -102,11 +102,13 @@ class FederationSettings:
     min_sites_per_round: int = setting(0, "fewest sites a round may average (0: all); fewer stop the study")
     poll_interval: float = setting(2.0, "seconds a site waits between task requests (NVFlare's task_request_interval)")
     site_threads: int = setting(0, "torch CPU threads per site (0: torch's default)")
+    gpus_per_site: int = setting(0, "GPUs each site's NVFlare resource manager holds for the job (the job's "
+                                    "meta.json resource_spec; a site trains on the devices its own config names); 0: none")
 
     def __post_init__(self) -> None:
         _positive(self, "rounds", "local_epochs", "poll_interval")
-        if self.round_timeout < 0 or self.min_sites_per_round < 0 or self.site_threads < 0:
-            raise ValueError("round_timeout, min_sites_per_round and site_threads must be >= 0")
+        if self.round_timeout < 0 or self.min_sites_per_round < 0 or self.site_threads < 0 or self.gpus_per_site < 0:
+            raise ValueError("round_timeout, min_sites_per_round, site_threads and gpus_per_site must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,9 @@ class Job:
             "algorithm": self.algorithm,
             "options": self.options_json(),
             # the synthetic-data settings only matter where the data is made, not at a site
-            "study": {k: v for k, v in self.study.to_json().items() if k != "synth"},
+            # (nor the GPUs a site holds for the job: its resource manager reads them from meta.json)
+            "study": {k: ({f: x for f, x in v.items() if f != "gpus_per_site"} if k == "federation" else v)
+                      for k, v in self.study.to_json().items() if k != "synth"},
             "study_name": self.study_name or self.name,
             "contribution": self.addons.contribution is not None,
             # what a site's policy checks besides the study (fedseg.app.site_policy)
@@ -312,7 +314,26 @@ def build_recipe(job: Job) -> Any:
             timeout = fed.round_timeout or None
             job.spec.add_evaluation(recipe, job, submit_model_timeout=timeout or 600, validation_timeout=timeout or 6000)
         use_installed_site_code(recipe, job)
+        if fed.gpus_per_site:
+            from nvflare.apis.job_def import JobMetaKey
+            from nvflare.recipe.utils import set_recipe_meta
+
+            set_recipe_meta(recipe, JobMetaKey.RESOURCE_SPEC, resource_spec(job))
     return recipe
+
+
+def resource_spec(job: Job) -> dict[str, Any]:
+    """The job's ``meta.json`` ``resource_spec``: the study's GPUs per site, for every site.
+
+    NVFlare 2.9 resolves a site's requirement as ``{**spec["@default"], **spec[site]}``
+    (nvflare/utils/job_launcher_utils.py, ``get_resource_manager_spec``), so one ``@default`` entry
+    serves any consortium; the server's scheduler asks each site's ``GPUResourceManager`` for that
+    many free GPUs and holds the job until they are. No GPUs (``gpus_per_site`` 0): an empty spec,
+    which NVFlare reads as "no requirement". ``@default`` may only hold NVFlare's portable keys
+    (``num_of_gpus``, ``num_of_cpus``, ``memory``), so no ``mem_per_gpu_in_GiB`` is asked (0).
+    """
+    gpus = job.study.federation.gpus_per_site
+    return {"@default": {"num_of_gpus": gpus}} if gpus else {}
 
 
 def use_installed_site_code(recipe: Any, job: Job) -> None:

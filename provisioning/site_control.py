@@ -144,6 +144,38 @@ def is_locked_down(kit: Path) -> bool:
             and sorted(resources.get("class_allow_list", [])) == class_allow_list())
 
 
+GPU_RESOURCE_MANAGER = "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager"
+
+
+def set_site_gpus(kit: Path, gpus: int, mem_per_gpu_in_GiB: float = 0) -> Path:
+    """Write the site's GPUs into ``kit``'s ``local/resources.json``: the ``num_of_gpus`` and
+    ``mem_per_gpu_in_GiB`` of its ``resource_manager`` (NVFlare's ``GPUResourceManager``), keeping
+    everything else in the file (the class allow list, a site's own edits). 0 GPUs: a CPU-only site.
+
+    NVFlare's server asks this manager for the GPUs a job's ``meta.json`` ``resource_spec`` names
+    (``fedseg.jobs.base.resource_spec``) and holds the job until the site has them; the manager checks
+    at the site's start that the machine has that many GPUs and refuses to start otherwise.
+    """
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise KitControlError(f"the number of GPUs must be an integer >= 0, got {gpus!r}")
+    if mem_per_gpu_in_GiB < 0:
+        raise KitControlError(f"GPU memory must be >= 0 GiB, got {mem_per_gpu_in_GiB!r}")
+    local = Path(kit) / "local"
+    resources = _read(local, RESOURCES)
+    components = resources.setdefault("components", [])
+    manager = next((c for c in components if isinstance(c, dict) and c.get("id") == "resource_manager"), None)
+    if manager is None:
+        manager = {"id": "resource_manager", "path": GPU_RESOURCE_MANAGER, "args": {"expiration_period": 300}}
+        components.insert(0, manager)
+    if manager.get("path") != GPU_RESOURCE_MANAGER:
+        raise KitControlError(f"{local / RESOURCES}: its resource_manager is {manager.get('path')}, not NVFlare's "
+                              "GPUResourceManager; set its GPUs by hand")
+    manager.setdefault("args", {}).update(num_of_gpus=gpus, mem_per_gpu_in_GiB=mem_per_gpu_in_GiB)
+    path = local / RESOURCES
+    _write(path, resources)
+    return path
+
+
 def _read(local: Path, name: str) -> dict[str, Any]:
     """``local/<name>``, or its ``.default`` as NVFlare provisioned it."""
     for path in (local / name, local / f"{name}.default"):

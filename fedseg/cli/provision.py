@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     site.add_argument("--data-root", type=Path, default=None, help="folder the datalist's paths are under")
     site.add_argument("--cache-dir", type=Path, default=None, help="where preprocessed cases may be cached")
     site.add_argument("--head-store", type=Path, default=None, help="where the personalized jobs (fedper, fedrep, ditto, finetune) keep this site's personal models")
+    site.add_argument("--gpus", type=int, default=None,
+                      help="GPUs this site trains on (0: CPU only): NVFlare's resource manager in KIT/local/resources.json "
+                      "holds a job until that many are free, and fedseg_site.json's 'devices' is set to it (at least 1)")
     site.add_argument("--require-approval", action="store_true",
                       help="run only jobs approved at this site with `fedseg site approve JOB_FOLDER`")
     site.set_defaults(func=_site_config)
@@ -260,6 +263,18 @@ def _site_config(args: argparse.Namespace) -> int:
     extra = {key: value for key, value in (("cache_dir", args.cache_dir), ("head_store", args.head_store)) if value}
     target = kit / "local" / LOCAL_FILE
     extra["policy"] = site_policy_for(target, args.require_approval)
+    if args.gpus is not None:
+        from fedseg.provisioning.site_control import KitControlError, set_site_gpus
+
+        if args.gpus < 0:
+            raise UserError(f"--gpus must be >= 0, got {args.gpus}")
+        try:
+            resources = set_site_gpus(kit, args.gpus)
+        except KitControlError as err:
+            raise UserError(str(err)) from None
+        # one training process per GPU; a CPU-only site trains in one process unless its admin sets more
+        extra["devices"] = max(1, args.gpus)
+        print(f"wrote {resources}: {args.gpus} GPU(s) for NVFlare's resource manager")
     path = write_site_config(target, args.datalist, args.data_root, **extra)
     print(f"wrote {path} (its 'policy' says which studies this site joins: see SITE_GUIDE.md)")
     return 0
