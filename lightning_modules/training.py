@@ -77,15 +77,30 @@ def make_trainer(
     callbacks: list[pl.Callback] | None = None,
     logger: Any = None,
     progress: bool = True,
+    ranks: Any = None,
     **kwargs: Any,
 ) -> pl.Trainer:
-    """A Trainer with fedseg's defaults: mixed precision only where a GPU is present."""
+    """A Trainer with fedseg's defaults: mixed precision only where a GPU is present.
+
+    ``ranks``: one rank of a site that trains on several devices (``fedseg.app.multi_device.RankEnvironment``,
+    its processes started by the site, not by Lightning): Lightning's DDP over ``ranks.world_size()``
+    devices, gloo on CPUs, NCCL on GPUs. None: one device.
+    """
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    devices: Any = 1
+    if ranks is not None and ranks.world_size() > 1:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        accelerator = "gpu" if on_gpu else "cpu"
+        devices = ranks.world_size()
+        # find_unused_parameters: FedRep freezes the head or the encoder within a fit
+        kwargs["strategy"] = DDPStrategy(cluster_environment=ranks, process_group_backend="nccl" if on_gpu else "gloo",
+                                         find_unused_parameters=True)
     return pl.Trainer(
         default_root_dir=out,
         max_epochs=max_epochs,
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
         precision="16-mixed" if on_gpu else "32-true",
         callbacks=callbacks or [],
         logger=logger if logger is not None else False,

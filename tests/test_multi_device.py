@@ -1,0 +1,180 @@
+"""A site on several devices (``fedseg.app.multi_device``), and jobs that say which GPUs they need.
+
+- the site config's ``devices``: read, checked, and a site asking for more than it has stops;
+- two CPU ranks (gloo) outside NVFlare: disjoint training shards, one model, validation reduced
+  over the ranks (the site's ``val_dice``, not rank 0's shard's);
+- the job's ``meta.json`` ``resource_spec`` and ``fedseg provision site-config --gpus``;
+- end to end in NVFlare's simulator: a 2-rank site next to a 1-rank site (``e2e``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_job, tiny_synth
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ the site's devices
+
+
+def test_the_device_count_is_a_site_setting_checked_before_any_round():
+    from fedseg.app.multi_device import DeviceCountError, available_devices, check_devices, site_devices
+
+    assert site_devices({}) == 1 and site_devices({"devices": 2}) == 2
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="'devices' must be a whole number"):
+            site_devices({"devices": bad}, "site.json")
+    have, kind = available_devices()
+    check_devices(1, 1, 1)
+    with pytest.raises(DeviceCountError, match=rf"asks for {have + 1} devices; this machine has {have} {kind}"):
+        check_devices(have + 1, 100, 100, "site.json")
+    if have >= 2:
+        with pytest.raises(DeviceCountError, match="need at least 2 training and 2 validation cases"):
+            check_devices(2, 5, 1, "site.json")
+
+
+# ------------------------------------------------------------------------------ two ranks, no NVFlare
+
+RANK_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import pytorch_lightning as pl
+    import torch
+    from fedseg.app.multi_device import RankEnvironment, ShardedData, open_group
+    from fedseg.config import profile
+    from fedseg.lightning_modules.data.datalist import read_datalist
+    from fedseg.lightning_modules.module import SegmentationModule
+    from fedseg.lightning_modules.training import build_datamodule, make_trainer
+
+    rank, world, port, datalist, cache, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
+    torch.set_num_threads(1)
+    study = profile("tiny").override(hd95=False)
+    pl.seed_everything(0, verbose=False)
+    env = RankEnvironment(rank, world, "127.0.0.1", port)
+    open_group(env)
+    data = ShardedData(build_datamodule(study, read_datalist(datalist), cache), rank, world, seed=7)
+    seen, validated = [], []
+
+    class Seen(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, index):
+            seen.extend(map(str, batch["case_id"]))
+
+        def on_validation_batch_start(self, trainer, module, batch, index, dataloader_index=0):
+            validated.extend(map(str, batch["case_id"]))
+
+    model = SegmentationModule(**study.module_args())
+    trainer = make_trainer(out, 2, ranks=env, callbacks=[Seen()], logger=False, progress=False,
+                           enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                           use_distributed_sampler=False)
+    assert trainer.world_size == world and trainer.global_rank == rank
+    trainer.fit(model, datamodule=data)
+    trainer.limit_val_batches = 1.0
+    (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
+    torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"seen": seen, "validated": validated, "val_dice": float(metrics["val_dice"])}, f)
+''')
+
+
+def test_two_cpu_ranks_train_disjoint_shards_into_one_model_and_reduce_validation(tmp_path, tiny):
+    """What a 2-device site does inside NVFlare, without it: Lightning's DDP (gloo) over two processes
+    the site started itself (``RankEnvironment``), each on its shard (``ShardedData``)."""
+    import torch
+
+    from fedseg.app.multi_device import free_port
+    from fedseg.lightning_modules.data.datalist import read_datalist
+    from fedseg.lightning_modules.module import SegmentationModule
+    from fedseg.lightning_modules.training import build_datamodule, make_trainer
+
+    synth = tiny_synth(tmp_path / "synth", sites=1, cases=8)
+    datalist = next(iter(synth.datalists.values()))
+    cases = read_datalist(datalist)
+    assert len(cases.training) == 6 and len(cases.validation) == 2
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    port, world = free_port(), 2
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port), str(datalist),
+                               str(tmp_path / "cache"), str(tmp_path)], cwd=REPO) for r in range(world)]
+    assert [p.wait(timeout=600) for p in ranks] == [0, 0]
+    done = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+    # each epoch the ranks split the training cases between them, with none trained twice
+    train_ids = sorted(c.case_id for c in cases.training)
+    for epoch in range(2):
+        shards = [set(d["seen"][3 * epoch:3 * epoch + 3]) for d in done]
+        assert len(shards[0]) == len(shards[1]) == 3 and not shards[0] & shards[1]
+        assert sorted(shards[0] | shards[1]) == train_ids
+    # validation: each rank its own case, the Dice over both
+    assert sorted(d["validated"][0] for d in done) == sorted(c.case_id for c in cases.validation)
+    # one model: DDP's ranks hold the same weights after every step
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # the validation both ranks report is the site's: one process scoring every validation case agrees
+    study = tiny.override(hd95=False)
+    model = SegmentationModule(**study.module_args())
+    model.load_state_dict(states[0])
+    (single,) = make_trainer(tmp_path / "single", 1, logger=False, progress=False).validate(
+        model, datamodule=build_datamodule(study, cases, tmp_path / "cache"), verbose=False)
+    assert done[0]["val_dice"] == done[1]["val_dice"] == pytest.approx(float(single["val_dice"]), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ jobs that say what they need
+
+
+def test_an_exported_job_asks_each_site_for_the_studys_gpus(tmp_path):
+    from nvflare.utils.job_launcher_utils import get_resource_manager_spec, validate_portable_resource_spec
+
+    from fedseg.jobs.base import export
+
+    folder = export(tiny_job("fedavg", name="gpus", gpus_per_site=2), tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["resource_spec"] == {"@default": {"num_of_gpus": 2}}
+    validate_portable_resource_spec(meta["resource_spec"])  # what the server checks at submission
+    # NVFlare's scheduler asks every site, whatever its name, for 2 GPUs
+    assert get_resource_manager_spec(meta, "hospital-x") == {"num_of_gpus": 2}
+    # the sites are not told: each trains on the devices its own config names
+    client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
+    assert "gpus_per_site" not in json.dumps(client)
+
+    plain = export(tiny_job("fedavg", name="cpu"), tmp_path)
+    meta = json.loads((plain / "meta.json").read_text())
+    assert meta["resource_spec"] == {} and get_resource_manager_spec(meta, "hospital-x") == {}  # no requirement
+
+
+def test_site_config_writes_the_sites_gpus_into_its_kit(tmp_path, capsys):
+    from test_provisioning import _consortium_doc, _write
+
+    from fedseg.app.site_config import load_site_config
+    from fedseg.cli import main
+    from fedseg.provisioning.consortium import parse_consortium
+    from fedseg.provisioning.kits import provision
+    from fedseg.provisioning.site_control import is_locked_down
+
+    kits = provision(parse_consortium(_consortium_doc()), tmp_path / "kits")
+    kit = kits.hospital_kit("hospital-a")
+    datalist = _write(tmp_path / "site.json", "{}")
+
+    def manager() -> dict:
+        resources = json.loads((kit / "local" / "resources.json").read_text())
+        return next(c for c in resources["components"] if c["id"] == "resource_manager")["args"]
+
+    assert main(["provision", "site-config", str(kit), "--datalist", str(datalist), "--gpus", "2"]) == 0
+    assert manager()["num_of_gpus"] == 2 and manager()["mem_per_gpu_in_GiB"] == 0
+    assert manager()["expiration_period"] == 300  # the rest of NVFlare's settings stay
+    assert is_locked_down(kit)  # and fedseg's class allow list and custom-code refusal too
+    assert load_site_config("hospital-a", kit / "startup" / "x.py").extra["devices"] == 2
+    assert "2 GPU(s)" in capsys.readouterr().out
+
+    assert main(["provision", "site-config", str(kit), "--datalist", str(datalist), "--gpus", "0"]) == 0  # CPU only
+    assert manager()["num_of_gpus"] == 0
+    assert load_site_config("hospital-a", kit / "startup" / "x.py").extra["devices"] == 1
+    assert main(["provision", "site-config", str(kit), "--datalist", str(datalist), "--gpus", "-1"]) == 2
+    assert "--gpus must be >= 0" in capsys.readouterr().err
