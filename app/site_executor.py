@@ -79,7 +79,8 @@ class SiteExecutor(ClientAPIExecutor):
         if task_name == AppConstants.TASK_TRAIN and not self._refusal:
             self._train_tasks += 1
             if self._max_rounds is not None and self._train_tasks > self._max_rounds:
-                reason = f"accepts at most {self._max_rounds} rounds; the server sent round {self._train_tasks}"
+                reason = (f"accepts at most {self._max_rounds} training rounds of this job; the server sent "
+                          f"round {self._train_tasks}")
                 self.log_warning(fl_ctx, f"this site refuses the round: {reason}")
                 return self._refusal_answer(task_name, reason)
         if self._refusal:
@@ -89,8 +90,13 @@ class SiteExecutor(ClientAPIExecutor):
     # ------------------------------------------------------------------ the decision
 
     def _decide(self, fl_ctx: FLContext) -> str:
-        reason, policy = judge_job(fl_ctx, self.job, self.fedseg_version)
-        self._max_rounds = policy.max_rounds if policy is not None else None
+        try:
+            reason, policy, declared = judge_job(fl_ctx, self.job, self.fedseg_version)
+        except Exception as err:  # noqa: BLE001 - whatever breaks the decision refuses the job, never runs it
+            self.log_error(fl_ctx, f"the job could not be judged: {type(err).__name__}: {err}")
+            return f"cannot judge the job ({type(err).__name__})"
+        limits = [n for n in (policy.max_rounds if policy is not None else None, declared) if n]
+        self._max_rounds = min(limits) if limits else None  # never more training rounds than allowed or declared
         return reason
 
     @staticmethod
@@ -105,15 +111,13 @@ class SiteExecutor(ClientAPIExecutor):
         return FLModelUtils.to_shareable(refusal_answer(reason, evaluate=task_name != AppConstants.TASK_TRAIN))
 
 
-def judge_job(fl_ctx: FLContext, document: dict[str, Any], fedseg_version: str,
-              privacy_filter: bool | None = None) -> tuple[str, Any]:
-    """Whether this site runs the job of ``document`` (a site document): ('' or the reasons, the policy).
+def judge_job(fl_ctx: FLContext, document: dict[str, Any], fedseg_version: str) -> tuple[str, Any, int]:
+    """Whether this site runs the job of ``document`` (a site document): ('' or the reasons, the
+    policy, the rounds the job declares). The decision is appended to the site's audit log either way.
 
-    The decision is appended to the site's audit log either way. ``privacy_filter``: whether the job's
-    updates are filtered, when the job says so otherwise than by a filter in its client config.
+    The facts are read from what will run: the deployed client config, and the server config when
+    the job deploys this site's app to the server too (as every fedseg job does: one app, ``@ALL``).
     """
-    from dataclasses import replace
-
     from fedseg.app.site_config import SiteConfigError, load_site_config
     from fedseg.app.site_policy import (
         JobFacts,
@@ -128,14 +132,18 @@ def judge_job(fl_ctx: FLContext, document: dict[str, Any], fedseg_version: str,
     site = fl_ctx.get_identity_name()
     job_id = fl_ctx.get_job_id()
     meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
-    workspace = fl_ctx.get_engine().get_workspace()
+    config_dir = Path(fl_ctx.get_engine().get_workspace().get_app_config_dir(job_id))
     try:
-        client_config = read_client_config(Path(workspace.get_app_config_dir(job_id)) / "config_fed_client.json")
+        client_config = read_client_config(config_dir / "config_fed_client.json")
     except PolicyError:
         client_config = {}
-    facts = JobFacts.from_job(document, client_config)
-    if privacy_filter is not None:
-        facts = replace(facts, privacy_filter=privacy_filter)
+    server_config = None
+    if _server_runs_this_app(meta, site) and (config_dir / "config_fed_server.json").is_file():
+        try:
+            server_config = read_client_config(config_dir / "config_fed_server.json")
+        except PolicyError:
+            server_config = None
+    facts = JobFacts.from_job(document, client_config, server_config)
     try:
         config = load_site_config(site)
     except SiteConfigError:
@@ -155,4 +163,20 @@ def judge_job(fl_ctx: FLContext, document: dict[str, Any], fedseg_version: str,
             "fingerprint": facts.fingerprint, "submitter": meta.get("submitter_name", ""),
             "decision": "accepted" if accepted else "refused", "reason": reason,
         })
-    return reason, policy
+    return reason, policy, facts.declared_rounds
+
+
+def _server_runs_this_app(meta: dict[str, Any], site: str) -> bool:
+    """Whether the job deploys the app this site got to the server too (then the server config in it
+    is what the server runs): NVFlare's deploy map, app name -> targets (``@ALL``: the server and
+    every site)."""
+    for targets in (meta.get("deploy_map") or {}).values():
+        if not isinstance(targets, list):
+            continue
+        names = {t for t in targets if isinstance(t, str)}
+        for t in targets:
+            if isinstance(t, dict):
+                names.update(x for x in t.get("sites", []) if isinstance(x, str))
+        if "@ALL" in names or site in names:
+            return "@ALL" in names or "server" in names
+    return False

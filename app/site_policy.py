@@ -17,8 +17,11 @@ checks every job against it before the job reads a single case::
 
 A missing key allows anything for that rule; a site config without ``policy`` accepts every job
 (the simulator and POC mode). The approve list (``<config>.approved.json`` beside the config)
-holds job fingerprints: SHA-256 of the job's ``config_fed_client.json``, which is everything the
-job runs at this site. Every decision, accepted or refused, is one JSON line of the audit log
+holds job fingerprints: SHA-256 of the job's ``config_fed_client.json`` and
+``config_fed_server.json``, everything the job runs at this site and on the server. The rules are
+checked against what will run: the site document as the site parses it, the filters of the client
+config and the tasks they cover, the server config's rounds and W&B receiver (a site with a policy
+refuses a job whose server runs another app than the site was given). Every decision, accepted or refused, is one JSON line of the audit log
 (``<config>.audit.jsonl``, owner-only): time, job id, job name, fingerprint, submitter, decision,
 reason. Neither file leaves the site; a refusal's reason (the rule, never a path) goes to the
 server, so that the lead learns which site refused and why.
@@ -37,8 +40,11 @@ from typing import Any
 
 #: the client config inside a job's app folder: what runs at a site
 CLIENT_CONFIG = "config_fed_client.json"
+SERVER_CONFIG = "config_fed_server.json"
 #: class paths of the filters that count as a privacy filter (fedseg.jobs.addons.PrivacyFilter)
 PRIVACY_FILTER_PREFIX = "fedseg.app.privacy_filters."
+#: what filters the statistics job's results (NVFlare's cleansers run inside it)
+STATISTICS_PRIVACY_FILTER = "nvflare.app_common.filters.statistics_privacy_filter.StatisticsPrivacyFilter"
 
 
 class PolicyError(ValueError):
@@ -93,7 +99,7 @@ class SitePolicy:
         out: list[str] = []
         if self.algorithms is not None and job.algorithm not in self.algorithms:
             out.append(f"accepts the algorithms {', '.join(self.algorithms)}; the job runs {job.algorithm}")
-        if self.networks is not None and job.network and job.network not in self.networks:
+        if self.networks is not None and job.network not in self.networks and job.algorithm != "stats":
             out.append(f"accepts the networks {', '.join(self.networks)}; the job trains {job.network}")
         if self.max_rounds is not None and job.rounds > self.max_rounds:
             out.append(f"accepts at most {self.max_rounds} rounds; the job asks {job.rounds}")
@@ -112,37 +118,94 @@ class SitePolicy:
 
 @dataclass(frozen=True)
 class JobFacts:
-    """What a site checks of a job: its settings (the site document) and its client config's filters."""
+    """What a site checks of a job, read from what will run: the site document as the site parses
+    it (defaults filled in), the client config's filters, and the server config the site was
+    deployed with (its rounds and W&B receiver)."""
 
     name: str
     algorithm: str
     network: str
+    #: the most rounds the job may run: the rounds it tells the sites, or its server's, if more
     rounds: int
     local_epochs: int
     modalities: tuple[str, ...]
     wandb: str
     privacy_filter: bool
     fingerprint: str
+    #: the rounds the job tells the sites (a site refuses training rounds past them)
+    declared_rounds: int = 0
+    #: why the job's configs cannot be checked ('' when they can)
+    unreadable: str = ""
+    #: the site was deployed with the server's own configuration (one app for the server and the sites)
+    server_seen: bool = False
 
     @classmethod
-    def from_job(cls, document: Mapping[str, Any], client_config: Mapping[str, Any]) -> JobFacts:
+    def from_job(cls, document: Mapping[str, Any], client_config: Mapping[str, Any],
+                 server_config: Mapping[str, Any] | None = None) -> JobFacts:
         """The facts of a job from its site document (``fedseg.jobs.base.Job.site_document``) and
-        the ``config_fed_client.json`` the site deployed (the filters are read from what will run)."""
-        study = document.get("study") or {}
-        model, data, fed = study.get("model") or {}, study.get("data") or {}, study.get("federation") or {}
-        filters = [f.get("path", "") for entry in client_config.get("task_result_filters", [])
-                   for f in entry.get("filters", [])]
-        return cls(
-            name=str(document.get("study_name") or ""),
-            algorithm=str(document.get("algorithm", "")),
-            network=str(model.get("network", "")),
-            rounds=int(fed.get("rounds", 0)),
-            local_epochs=int(fed.get("local_epochs", 0)),
-            modalities=tuple(data.get("modalities") or ()),
-            wandb=str(document.get("wandb", "off")),
-            privacy_filter=any(p.startswith(PRIVACY_FILTER_PREFIX) for p in filters),
-            fingerprint=config_fingerprint(client_config),
-        )
+        the configs the site deployed. ``server_config`` None: the site did not get the server's."""
+        fingerprint = config_fingerprint(client_config, server_config)
+        try:
+            if document.get("algorithm") == "stats":  # the statistics job: no study document to parse
+                study = None
+                modalities = tuple((document.get("study") or {}).get("data", {}).get("modalities") or ())
+            else:
+                from fedseg.app.site_runner import SiteJob
+
+                study = SiteJob.from_document(dict(document)).study  # the parse the site trains with
+                modalities = tuple(study.data.modalities)
+            declared = study.federation.rounds if study is not None else 0
+            server_rounds = _server_rounds(server_config or {})
+            # W&B: what the server will run decides, when the site sees it; else what the job says
+            receivers = [c for c in (server_config or {}).get("components", [])
+                         if "wandb" in str(c.get("path", "")).lower()]
+            wandb = str(document.get("wandb", "off"))
+            if receivers:
+                wandb = str(receivers[0].get("args", {}).get("mode") or "on")
+            elif server_config is not None:
+                wandb = "off"
+            return cls(
+                name=str(document.get("study_name") or ""),
+                algorithm=str(document.get("algorithm", "")),
+                network=study.model.network if study is not None else "",
+                rounds=max(declared, server_rounds),
+                local_epochs=study.federation.local_epochs if study is not None else 0,
+                modalities=modalities,
+                wandb=wandb,
+                server_seen=server_config is not None,
+                privacy_filter=_filters_updates(client_config, document.get("algorithm") == "stats"),
+                fingerprint=fingerprint,
+                declared_rounds=declared,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            return cls(name=str(document.get("study_name") or ""), algorithm=str(document.get("algorithm", "")),
+                       network="", rounds=0, local_epochs=0, modalities=(), wandb="off", privacy_filter=False,
+                       fingerprint=fingerprint, unreadable=f"{type(err).__name__}: {err}")
+
+
+def _server_rounds(server_config: Mapping[str, Any]) -> int:
+    """The last round any workflow of the server config runs (its start round plus its rounds)."""
+    rounds = 0
+    for workflow in server_config.get("workflows", []):
+        args = workflow.get("args", {}) if isinstance(workflow, Mapping) else {}
+        if "num_rounds" in args:
+            rounds = max(rounds, int(args.get("start_round") or 0) + int(args["num_rounds"]))
+    return rounds
+
+
+def _filters_updates(client_config: Mapping[str, Any], statistics: bool) -> bool:
+    """Whether a privacy filter covers every update the site sends: a fedseg privacy filter on the
+    train task (a training job), NVFlare's statistics privacy filter on ``fed_stats`` (the statistics
+    job). NVFlare applies a filter to the tasks listed with it only."""
+    task = "fed_stats" if statistics else "train"
+    for entry in client_config.get("task_result_filters", []):
+        if task not in entry.get("tasks", []) and "*" not in entry.get("tasks", []):
+            continue
+        for f in entry.get("filters", []):
+            path = str(f.get("path", ""))
+            if path.startswith(PRIVACY_FILTER_PREFIX) or (statistics and path == STATISTICS_PRIVACY_FILTER):
+                return True
+    return False
 
 
 def policy_of(site_config: Any) -> SitePolicy | None:
@@ -151,9 +214,11 @@ def policy_of(site_config: Any) -> SitePolicy | None:
     return None if doc is None else SitePolicy.from_json(doc, site_config.source)
 
 
-def config_fingerprint(client_config: Mapping[str, Any]) -> str:
-    """SHA-256 of a client config's content (key order and layout do not matter)."""
-    text = json.dumps(client_config, sort_keys=True, separators=(",", ":"))
+def config_fingerprint(client_config: Mapping[str, Any], server_config: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 of a job app's configs: what runs at the site and on the server (key order and
+    layout do not matter)."""
+    doc = {"client": client_config, "server": server_config}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -208,7 +273,9 @@ def approve(site_config: Path, job_folder: Path) -> list[tuple[str, str]]:
     approved = approved_fingerprints(site_config)
     added = []
     for app, config_path in job_client_configs(job_folder).items():
-        fingerprint = config_fingerprint(read_client_config(config_path))
+        server_path = config_path.with_name(SERVER_CONFIG)
+        server = read_client_config(server_path) if server_path.is_file() else None
+        fingerprint = config_fingerprint(read_client_config(config_path), server)
         approved[fingerprint] = {"job": Path(job_folder).name, "app": app,
                                  "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         added.append((app, fingerprint))
@@ -259,10 +326,17 @@ def decide(policy: SitePolicy | None, job: JobFacts, approved: Sequence[str] | M
            *, job_version: str, site_version: str) -> Decision:
     """Whether the site runs ``job``: the same fedseg version, the policy's rules, the approve list."""
     reasons: list[str] = []
+    if job.unreadable:
+        reasons.append(f"cannot read the job's settings ({job.unreadable})")
+    if job.declared_rounds and job.rounds > job.declared_rounds:
+        reasons.append(f"the job's server runs {job.rounds} rounds but the job tells the sites {job.declared_rounds}")
     if job_version != site_version:
         reasons.append(f"runs fedseg {site_version}; the job was built for fedseg {job_version}")
     if policy is not None:
         reasons += policy.refusals(job)
+        if not job.server_seen:
+            reasons.append("checks the server's configuration of every job; this job deploys another app to the "
+                           "server than to this site (a fedseg job deploys one app to @ALL)")
         if policy.require_approval and job.fingerprint not in approved:
             reasons.append(f"runs only approved jobs; this job (fingerprint {job.fingerprint[:12]}) is not approved "
                            "(`fedseg site approve JOB_FOLDER` at the site)")

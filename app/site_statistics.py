@@ -58,10 +58,11 @@ class SiteImageStatistics(Statistics):
         from fedseg.app.site_executor import judge_job
 
         site = fl_ctx.get_identity_name()
-        # the site's policy first, before any case is read; NVFlare's cleansers filter what leaves
+        # the site's policy first, before any case is read (its privacy rule: NVFlare's statistics
+        # privacy filter on the results, as the job's client config says)
         document = {"algorithm": "stats", "study_name": "stats", "wandb": "off",
                     "study": {"data": {"modalities": self.modalities}}}
-        reason, _ = judge_job(fl_ctx, document, self.fedseg_version, privacy_filter=True)
+        reason, _, _ = judge_job(fl_ctx, document, self.fedseg_version)
         if reason:
             raise JobRefused(f"{site} refused the job: {reason}")
         config = load_site_config(site, script_file=sys.argv[0] if sys.argv and sys.argv[0] else None)

@@ -527,8 +527,8 @@ last resort run `KIT/startup/stop_fl.sh`.
 - **Only the code you installed in step 1.** A fedseg job is settings only (algorithm, network,
   rounds, epochs, modalities): its folder has no code, and this kit refuses every job that brings
   code (`local/authorization.json`: `byoc` is "none" for every role) and every job that names a
-  class outside `class_allow_list` in `local/resources.json` (NVFlare's own list plus the fedseg
-  classes the jobs use). A job built by another fedseg version than yours is refused, naming both.
+  class outside `class_allow_list` in `local/resources.json` (exactly the classes fedseg's jobs
+  use at a site, so every job this site runs is judged by its policy below). A job built by another fedseg version than yours is refused, naming both.
 - **What leaves:** model weights (for FedPer and FedRep without the head this site keeps) and scalar
   metrics (Dice, loss, case counts). No image, label, path or case id; this site's log stays here
   too (log streaming to the server is off).
@@ -550,10 +550,10 @@ job asks 200"):
 
 With `"require_approval": true` the site runs only jobs you approved: review the job folder the
 lead sends you (its `app/config/config_fed_client.json` holds every setting this site will run
-with), then
+with, `config_fed_server.json` what the server runs), then
 
 ```bash
-fedseg site approve JOB_FOLDER --kit KIT   # records the job's fingerprint (SHA-256 of that file)
+fedseg site approve JOB_FOLDER --kit KIT   # records the job's fingerprint (SHA-256 of both files)
 ```
 
 A job changed by one setting after your approval has another fingerprint and is refused. Every

@@ -9,10 +9,13 @@ carry no code (``fedseg.app.site_executor``), so every kit fedseg makes (``fedse
 - ``local/authorization.json``: NVFlare's default permissions with ``byoc`` "none" for every
   role, so a job with custom code is refused at submission (the server) and at deployment (each
   site);
-- ``local/resources.json``: ``class_list_enforcement_mode`` "enforce" and a ``class_allow_list``
-  of NVFlare's default list plus exactly the classes fedseg's jobs name (``FEDSEG_JOB_CLASSES``
-  and the few NVFlare and torch classes beyond the default list, ``EXTRA_JOB_CLASSES``). A job that
-  names any other class fails to start where that class would be built.
+- ``local/resources.json``: ``class_list_enforcement_mode`` "enforce" and a ``class_allow_list``:
+  on the server NVFlare's default list plus exactly the classes fedseg's jobs name
+  (``FEDSEG_JOB_CLASSES`` and the few NVFlare and torch classes beyond the default list,
+  ``EXTRA_JOB_CLASSES``); at a hospital exactly the classes fedseg's site configs name
+  (``SITE_JOB_CLASSES``) and the kit's own components, so that every job a hospital runs is judged
+  by its policy (``fedseg.app.site_executor``). A job that names any other class fails to start
+  where that class would be built.
 
 A site's admin may edit both files; ``fedseg provision site-config`` writes the site's own study
 policy (``fedseg.app.site_policy``) into ``local/fedseg_site.json``.
@@ -55,6 +58,28 @@ EXTRA_JOB_CLASSES: tuple[str, ...] = (
     "torch.optim.Adam",
     "torch.optim.lr_scheduler.ConstantLR",
 )
+#: every class a fedseg job names in its site (client) config: a hospital's kit allows exactly these
+#: (and the components of its own local/resources.json); NVFlare's default list is the server's.
+#: A narrower list than NVFlare's default: its other executors (PSI, XGBoost, the swarm and cyclic
+#: controllers, ...) would run at the site without the site's policy ever judging the job.
+SITE_JOB_CLASSES: tuple[str, ...] = (
+    "fedseg.app.privacy_filters.TorchPercentilePrivacy",
+    "fedseg.app.privacy_filters.TorchSVTPrivacy",
+    "fedseg.app.quantization.DequantizeWeights",
+    "fedseg.app.quantization.QuantizeWeights",
+    "fedseg.app.site_executor.SiteExecutor",
+    "fedseg.app.site_statistics.SiteImageStatistics",
+    "fedseg.app.task_timing.QuickResultHandoff",
+    "nvflare.app_common.executors.statistics.statistics_executor.StatisticsExecutor",
+    "nvflare.app_common.filters.exclude_vars.ExcludeVars",
+    "nvflare.app_common.filters.statistics_privacy_filter.StatisticsPrivacyFilter",
+    "nvflare.app_common.statistics.histogram_bins_cleanser.HistogramBinsCleanser",
+    "nvflare.app_common.statistics.min_count_cleanser.MinCountCleanser",
+    "nvflare.app_common.statistics.min_max_cleanser.AddNoiseToMinMax",
+    "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
+    "nvflare.app_opt.he.model_decryptor.HEModelDecryptor",
+    "nvflare.app_opt.he.model_encryptor.HEModelEncryptor",
+)
 AUTHORIZATION = "authorization.json"
 RESOURCES = "resources.json"
 
@@ -64,10 +89,21 @@ class KitControlError(RuntimeError):
 
 
 def class_allow_list() -> list[str]:
-    """NVFlare's default class allow list plus the classes fedseg's jobs name."""
+    """The server's (and the simulator's): NVFlare's default class allow list plus the classes
+    fedseg's jobs name."""
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
     return sorted({*DEFAULT_CLASS_ALLOW_LIST, *FEDSEG_JOB_CLASSES, *EXTRA_JOB_CLASSES})
+
+
+def site_class_allow_list(resources: dict[str, Any]) -> list[str]:
+    """A hospital's: the classes fedseg's site configs name, and the site's own components."""
+    own = {c.get("path") for c in resources.get("components", []) if isinstance(c, dict) and c.get("path")}
+    return sorted({*SITE_JOB_CLASSES, *own})
+
+
+def _is_site_kit(kit: Path) -> bool:
+    return (Path(kit) / "startup" / "fed_client.json").is_file()
 
 
 def refuse_custom_code(authorization: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +149,7 @@ def lock_down_kit(kit: Path) -> None:
     _write(local / AUTHORIZATION, refuse_custom_code(auth))
     resources = _read(local, RESOURCES)
     resources["class_list_enforcement_mode"] = "enforce"
-    resources["class_allow_list"] = class_allow_list()
+    resources["class_allow_list"] = site_class_allow_list(resources) if _is_site_kit(kit) else class_allow_list()
     _write(local / RESOURCES, resources)
 
 
@@ -139,9 +175,10 @@ def is_locked_down(kit: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     rights = auth.get("permissions", {}).values()
+    expected = site_class_allow_list(resources) if _is_site_kit(kit) else class_allow_list()
     return (all(isinstance(r, dict) and r.get("byoc") == "none" for r in rights)
             and resources.get("class_list_enforcement_mode") == "enforce"
-            and sorted(resources.get("class_allow_list", [])) == class_allow_list())
+            and sorted(resources.get("class_allow_list", [])) == expected)
 
 
 GPU_RESOURCE_MANAGER = "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager"

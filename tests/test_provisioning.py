@@ -477,7 +477,9 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     assert "hospital-b refused the job: accepts at most 1 rounds; the job asks 3" in summary["reason"]
     assert "hospital-a refused the job: runs only approved jobs" in summary["reason"]
     for hospital in HOSPITALS:  # refused before a single case was read: the site runner never started
+        assert "training /" in site_logs[hospital].read_text()  # what a site that read its cases says
         assert "training /" not in refused_logs[hospital].read_text()
+        assert "this site refuses the job" in refused_logs[hospital].read_text()
         audit = [json.loads(line) for line in site_configs[hospital].with_name("fedseg_site.audit.jsonl").read_text().splitlines()]
         decisions = {r["job_id"]: r for r in audit}
         assert decisions[job_id]["decision"] == "accepted" and decisions[job_id]["submitter"] == LEAD

@@ -31,7 +31,8 @@ from fedseg.app.site_policy import (
 
 def _facts(**changes) -> JobFacts:
     base = dict(name="study", algorithm="fedavg", network="unet", rounds=50, local_epochs=1,
-                modalities=("t1", "t1ce", "t2", "flair"), wandb="off", privacy_filter=False, fingerprint="ab" * 32)
+                modalities=("t1", "t1ce", "t2", "flair"), wandb="off", privacy_filter=False, fingerprint="ab" * 32,
+                declared_rounds=50, server_seen=True)
     return JobFacts(**{**base, **changes})
 
 
@@ -85,32 +86,82 @@ def test_approval_pins_the_exact_client_config_and_the_lists_are_owner_only(tmp_
     config.parent.mkdir()
     config.write_text("{}")
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
-    facts = JobFacts.from_job(client["executors"][0]["executor"]["args"]["job"], client)
+    server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+    facts = JobFacts.from_job(client["executors"][0]["executor"]["args"]["job"], client, server)
     policy = SitePolicy(require_approval=True)
     refused = decide(policy, facts, approved_fingerprints(config), job_version="1", site_version="1")
     assert not refused.accepted and "runs only approved jobs" in refused.reason
     [(app, fingerprint)] = approve(config, folder)
-    assert app == "app" and fingerprint == facts.fingerprint == config_fingerprint(client)
+    assert app == "app" and fingerprint == facts.fingerprint == config_fingerprint(client, server)
     assert decide(policy, facts, approved_fingerprints(config), job_version="1", site_version="1").accepted
     listing = config.with_name("fedseg_site.approved.json")
     assert stat.S_IMODE(listing.stat().st_mode) == 0o600
     # one changed setting (a round more) is another job: not approved
     client["executors"][0]["executor"]["args"]["job"]["study"]["federation"]["rounds"] += 1
-    changed = JobFacts.from_job(client["executors"][0]["executor"]["args"]["job"], client)
+    changed = JobFacts.from_job(client["executors"][0]["executor"]["args"]["job"], client, server)
     assert changed.fingerprint != facts.fingerprint
     assert not decide(policy, changed, approved_fingerprints(config), job_version="1", site_version="1").accepted
+    # so is the server's side of the job: more rounds on the server than the sites were told
+    document = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
+    server["workflows"][0]["args"]["num_rounds"] = 200
+    longer = JobFacts.from_job(document["executors"][0]["executor"]["args"]["job"], document, server)
+    assert longer.fingerprint != facts.fingerprint and longer.rounds == 200
+    refused = decide(None, longer, (), job_version="1", site_version="1")
+    assert "the job's server runs 200 rounds but the job tells the sites 2" in refused.reason
     with pytest.raises(PolicyError, match="not a job folder"):
         approve(config, tmp_path)
 
 
-def test_the_privacy_filter_is_read_from_the_filters_the_job_runs(tmp_path):
+def test_the_rules_are_checked_against_what_will_run_not_what_the_job_declares(tmp_path):
+    """The privacy filter must cover the train task; a setting left out of the job is the default the
+    site trains with; the W&B receiver is read from the server config the site was deployed with."""
     from fedseg.jobs.addons import Addons, PrivacyFilter
     from fedseg.jobs.base import export
+    from fedseg.jobs.stats import export_stats
 
-    for name, addons, filtered in (("plain", Addons(), False), ("svt", Addons(privacy=PrivacyFilter("svt")), True)):
-        folder = export(tiny_job(name=name, addons=addons), tmp_path)
+    def facts_of(folder, edit_client=None, edit_document=None):
         client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
-        assert JobFacts.from_job(client["executors"][0]["executor"]["args"]["job"], client).privacy_filter is filtered
+        server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+        (edit_client or (lambda c: None))(client)
+        document = client["executors"][0]["executor"]["args"]["job"] if client["executors"][0]["executor"]["args"].get("job") else {}
+        (edit_document or (lambda d: None))(document)
+        return JobFacts.from_job(document, client, server)
+
+    plain = export(tiny_job(name="plain"), tmp_path)
+    svt = export(tiny_job(name="svt", addons=Addons(privacy=PrivacyFilter("svt"))), tmp_path)
+    assert facts_of(plain).privacy_filter is False and facts_of(svt).privacy_filter is True
+
+    def filter_on_another_task(client):
+        for entry in client["task_result_filters"]:
+            entry["tasks"] = ["never"]
+
+    assert facts_of(svt, edit_client=filter_on_another_task).privacy_filter is False
+
+    def drop_settings(document):
+        del document["study"]["data"], document["study"]["model"]
+
+    bare = facts_of(plain, edit_document=drop_settings)
+    assert bare.modalities == ("t1", "t1ce", "t2", "flair") and bare.network == "unet"  # the site's defaults
+    policy = SitePolicy(modalities=("t1", "t2"), networks=("segresnet",))
+    assert len(policy.refusals(bare)) == 2
+    # W&B: the job says "off", the server it was deployed with runs a receiver
+    tracked = export(tiny_job(name="tracked", addons=Addons(wandb="offline")), tmp_path)
+    assert facts_of(tracked, edit_document=lambda d: d.update(wandb="off")).wandb != "off"
+    # statistics: NVFlare's statistics privacy filter on the fed_stats results
+    stats = export_stats(tmp_path)
+    client = json.loads((stats / "app" / "config" / "config_fed_client.json").read_text())
+    document = {"algorithm": "stats", "study_name": "stats", "study": {"data": {"modalities": ["t1"]}}}
+    assert JobFacts.from_job(document, client, None).privacy_filter is True
+    client["task_result_filters"] = []
+    assert JobFacts.from_job(document, client, None).privacy_filter is False
+
+
+def test_a_site_with_a_policy_refuses_what_it_cannot_check():
+    unseen = _facts(server_seen=False)
+    assert "checks the server's configuration" in decide(SitePolicy(), unseen, job_version="1", site_version="1").reason
+    assert decide(None, unseen, job_version="1", site_version="1").accepted  # no policy: nothing to check
+    unreadable = _facts(unreadable="ValueError: bad rounds")
+    assert "cannot read the job's settings" in decide(None, unreadable, job_version="1", site_version="1").reason
 
 
 def test_the_audit_log_appends_one_owner_only_line_per_decision(tmp_path):
@@ -131,7 +182,12 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
     from fedseg.jobs.addons import Addons, ContributionWeights, PrivacyFilter, SiteGroups
     from fedseg.jobs.base import ALGORITHMS, Job, export
     from fedseg.jobs.stats import export_stats
-    from fedseg.provisioning.site_control import EXTRA_JOB_CLASSES, FEDSEG_JOB_CLASSES, class_allow_list
+    from fedseg.provisioning.site_control import (
+        EXTRA_JOB_CLASSES,
+        FEDSEG_JOB_CLASSES,
+        SITE_JOB_CLASSES,
+        class_allow_list,
+    )
 
     def paths(node):
         if isinstance(node, dict):
@@ -143,7 +199,7 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
             for value in node:
                 yield from paths(value)
 
-    variants = [Addons(wandb="offline", quantize="int8"), Addons(privacy=PrivacyFilter("svt")),
+    variants = [Addons(wandb="offline", quantize="int8"), Addons(quantize="fp16"), Addons(privacy=PrivacyFilter("svt")),
                 Addons(privacy=PrivacyFilter("percentile")), Addons(contribution=ContributionWeights()),
                 Addons(groups=SiteGroups())]
     folders, exported = [export_stats(tmp_path)], set()
@@ -161,6 +217,8 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
     others = {p for p in named if not p.startswith("fedseg.")}
     assert others - set(DEFAULT_CLASS_ALLOW_LIST) <= set(EXTRA_JOB_CLASSES)
     assert named <= set(class_allow_list())
+    site_named = {p for folder in folders for p in paths(json.loads((folder / "app" / "config" / "config_fed_client.json").read_text()))}
+    assert site_named == set(SITE_JOB_CLASSES)  # a hospital allows exactly what fedseg's site configs name
     assert not any(folder.joinpath("app", "custom").exists() for folder in folders)
     assert exported == set(ALGORITHMS)
 
@@ -168,7 +226,7 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
 def test_fedseg_kits_refuse_custom_code_to_every_role_and_enforce_the_allow_list(tmp_path):
     from fedseg.provisioning.consortium import parse_consortium
     from fedseg.provisioning.kits import provision
-    from fedseg.provisioning.site_control import class_allow_list, is_locked_down
+    from fedseg.provisioning.site_control import SITE_JOB_CLASSES, class_allow_list, is_locked_down
 
     from test_provisioning import _consortium_doc
 
@@ -181,7 +239,12 @@ def test_fedseg_kits_refuse_custom_code_to_every_role_and_enforce_the_allow_list
         # the project admin keeps every other right NVFlare's "any" gave it
         assert auth["permissions"]["project_admin"]["submit_job"] == "any"
         resources = json.loads((kit / "local" / "resources.json").read_text())
-        assert resources["class_allow_list"] == class_allow_list()
+        if kit == kits.server_kit:
+            assert resources["class_allow_list"] == class_allow_list()
+        else:  # a hospital: what fedseg's site configs name, and the kit's own components
+            own = {c["path"] for c in resources["components"]}
+            assert set(resources["class_allow_list"]) == set(SITE_JOB_CLASSES) | own
+            assert "nvflare.app_common.executors.psi.psi_executor.PSIExecutor" not in resources["class_allow_list"]
     # the server's storage survives the lock-down (both live in local/resources.json)
     server = json.loads((kits.server_kit / "local" / "resources.json").read_text())
     assert "storage" in json.dumps(server["snapshot_persistor"])
