@@ -284,6 +284,7 @@ class FlareSession:
         self.username = username or self.kit.name
         self.timeout = timeout
         self._s: Any = None
+        self._info: tuple[float, Any] | None = None
 
     def _session(self) -> Any:
         if self._s is None:
@@ -312,13 +313,18 @@ class FlareSession:
     def job_status(self, job_id: str) -> str:
         return str(self._call(lambda s: s.get_job_meta(job_id)).get("status", ""))
 
+    def _system_info(self) -> Any:
+        """``check_status server``, once per look (the jobs and the sites come from the same answer)."""
+        now = time.monotonic()
+        if self._info is None or now - self._info[0] > 1.0:
+            self._info = (now, self._call(lambda s: s.get_system_info()))
+        return self._info[1]
+
     def server_jobs(self) -> list[str]:
-        info = self._call(lambda s: s.get_system_info())
-        return [str(j.job_id) for j in info.job_info or []]
+        return [str(j.job_id) for j in self._system_info().job_info or []]
 
     def connected_sites(self) -> list[str]:
-        info = self._call(lambda s: s.get_system_info())
-        return sorted(str(c.name) for c in info.client_info or [])
+        return sorted(str(c.name) for c in self._system_info().client_info or [])
 
     def sites_with_job(self, job_id: str) -> list[str] | None:
         rows = self._call(lambda s: s.get_client_job_status())
