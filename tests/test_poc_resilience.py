@@ -15,7 +15,9 @@ One POC deployment (real server and site processes, mutual TLS, ``nvflare job su
 3. a job that needs all 3 sites per round, W&B on, with a truncated image in hospital-a's data: the
    site refuses its data at start-up, the study stops at once naming "hospital-a refused its data
    (DatasetCheckError)", and nothing on the server's side (its kit, job and snapshot storage, the
-   downloaded job, the W&B runs) holds a case id, a data path or a site's error message.
+   downloaded job, the W&B runs) holds a case id, a data path or a site's error message, although
+   hospital-a writes all of them into its ``error_log.txt``, the file NVFlare's site-log streaming
+   would send to the server (off in every kit).
 """
 
 from __future__ import annotations
@@ -72,6 +74,26 @@ def kill_site_processes(poc: PocDeployment, site: str) -> list[int]:
 
 def job_log(poc: PocDeployment, site: str, job_id: str):
     return lambda: poc.site_kit(site) / job_id / "log.txt"
+
+
+def send_every_log_record_to_the_error_log(kit: Path) -> None:
+    """From the next job on, the site writes every log record (its fedseg lines and tracebacks too) into
+    its job's ``error_log.txt``: the file NVFlare's site-log streaming sends to the server."""
+    local = kit / "local"
+    config = json.loads((local / "log_config.json.default").read_text())
+    config["handlers"]["errorFileHandler"]["level"] = "DEBUG"
+    (local / "log_config.json").write_text(json.dumps(config, indent=2))
+
+
+def server_storage(server_kit: Path) -> tuple[Path, Path]:
+    """The server's job storage and snapshot storage, as its kit's resources name them."""
+    local = server_kit / "local"
+    resources = json.loads(next(p for p in (local / "resources.json", local / "resources.json.default")
+                                if p.is_file()).read_text())
+    components = {c["id"]: c for c in resources["components"]}
+    jobs = components["job_manager"]["args"]["uri_root"]
+    snapshots = resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"]
+    return Path(jobs), Path(snapshots)
 
 
 def read_report(download: Path) -> tuple[list[dict], dict]:
@@ -190,6 +212,10 @@ def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_d
         first_case = json.loads((broken / "datalists" / "site-1.json").read_text())["training"][0]
         (broken / "data" / first_case["image"][0]).write_bytes(b"\x1f\x8b truncated")
         poc.install_site_config("hospital-a", broken / "datalists" / "site-1.json", cache_dir=tmp_path / "cache" / "a2")
+        # the plant: hospital-a logs everything at the level NVFlare's site-log streaming carries (its
+        # error_log.txt, stored on the server as ERRORLOG_<site> when streaming is on): the refusal's case
+        # id and data path are in that file, so this job leaks them if streaming is ever switched back on
+        send_every_log_record_to_the_error_log(poc.site_kit("hospital-a"))
         strict = tiny_job("strict", rounds=3, min_sites_per_round=3, addons=Addons(wandb="offline"))
         job_id = poc.submit(export(strict, jobs))
         status = poc.wait(job_id, timeout=ROUND_TIMEOUT + 120)
@@ -202,6 +228,8 @@ def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_d
         assert summary["reason"] in (third / "workspace" / "log.txt").read_text()
         site_log = (poc.site_kit("hospital-a") / job_id / "log.txt").read_text()
         assert "DatasetCheckError" in site_log and first_case["case_id"] in site_log  # the full story stays at the site
+        site_errors = (poc.site_kit("hospital-a") / job_id / "error_log.txt").read_text(errors="replace")
+        assert all(n in site_errors for n in (first_case["case_id"], str(broken), "could not start"))  # the plant worked
 
         # nothing identifying reached the server's side: no case id, data or datalist path, site config,
         # image file name or site error message in any file of its kit, its job and snapshot storage,
@@ -210,12 +238,16 @@ def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_d
                     for part in ("training", "validation") for c in json.loads(Path(dl).read_text())[part]}
         needles = {*case_ids, str(tmp_path / "synth"), str(broken), "fedseg_site.json", ".nii.gz",
                    "training fails in round", "could not start"}
-        server_side = [poc.prod_dir / "server", poc.workspace / "jobs-storage", poc.workspace / "snapshot-storage",
-                       tmp_path / "download"]
-        assert (poc.workspace / "jobs-storage" / job_id).is_dir() and list((third / "workspace").rglob("offline-run-*"))
-        leaked = [(str(f), n) for folder in server_side for f in folder.rglob("*") if f.is_file()
-                  for n in needles if n.encode() in f.read_bytes()]
-        assert not leaked, leaked[:10]
+        jobs_storage, snapshot_storage = server_storage(poc.prod_dir / "server")
+        server_side = [poc.prod_dir / "server", jobs_storage, snapshot_storage, tmp_path / "download"]
+        assert all(folder.is_dir() for folder in server_side), server_side  # a folder that is not there hides nothing
+        assert (jobs_storage / job_id).is_dir()
+        assert list((third / "workspace").rglob("offline-run-*"))
+    # scanned once the deployment has stopped: a site's log upload at the end of a job (NVFlare's
+    # SiteLogStreamer sends error_log.txt when the job completes at the site) may land after the job ended
+    leaked = [(str(f), n) for folder in server_side for f in folder.rglob("*") if f.is_file()
+              for n in needles if n.encode() in f.read_bytes()]
+    assert not leaked, leaked[:10]
     # nothing of the deployment is left running, and the user's own NVFlare setup was never touched
     assert poc.leftovers_killed == 0 and not poc.running_processes()
     assert _user_nvflare_config() == home_config
