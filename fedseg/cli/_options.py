@@ -143,7 +143,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         "epsilon, noise_var, gamma, tau, replace, epsilon_threshold, epsilon_query, epsilon_release)")
     addons.add_argument("--quantize", choices=["off", "fp16", "int8"], default="off",
                         help="the model exchange of every round, both directions: float32 (off), fp16 (half the "
-                        "bytes) or int8 (a quarter, each tensor mapped onto 0..255)")
+                        "bytes) or int8 (about a quarter: one int8 scale per channel, small tensors in float32, the sites "
+                        "send their update)")
     addons.add_argument("--grouped", action="store_true",
                         help="one global model per site group (each site declares its 'group' in its site config)")
     add_dataclass_options(addons, SiteGroups)
