@@ -189,16 +189,48 @@ class PocDeployment(LocalDeployment):
         return self.workspace
 
     def start(self, timeout: int = 240) -> None:
-        """``nvflare poc start``: server and sites, returns when every site has connected."""
+        """``nvflare poc start``: server and sites, returns when every site has connected.
+
+        ``--no-wait``, then this waits itself, through the admin API: ``nvflare poc start``'s own
+        readiness check allows each admin login 1 s (nvflare/tool/poc/poc_commands.py,
+        ``_wait_for_poc_system_ready``), which a loaded machine misses every time, so it reported a
+        running deployment as failed after ``timeout`` seconds.
+        """
         if not (self.prod_dir / "server" / "startup").is_dir():
             raise PocError(f"no POC kits in {self.prod_dir}: run prepare() first")
         with self.step("start", f"starting server and {len(self.sites)} sites on port {self.port}"):
             self._started = True  # from here on, __exit__ must stop whatever did start
+            deadline = time.monotonic() + timeout
             try:
-                self.nvflare_json("start", ["poc", "start", "--timeout", str(timeout)], timeout=timeout + 60,
-                                  new_session=True)
+                self.nvflare_json("start", ["poc", "start", "--no-wait"], timeout=timeout + 60, new_session=True)
             except DeploymentError as err:
                 raise PocError(f"{err}\n{self._console_tails()}") from None
+            missing = self.wait_for_sites(deadline)
+            if missing:
+                raise PocError(f"after {timeout} s the server lists no {', '.join(missing)}; see "
+                               f"{self.logs / 'start.log'}\n{self._console_tails()}")
+
+    def wait_for_sites(self, deadline: float, login_timeout: float = 20.0) -> list[str]:
+        """Poll the server (admin API, the admin kit) until every site is connected; the sites still missing."""
+        from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+        missing = list(self.sites)
+        while time.monotonic() < deadline:
+            session = None
+            try:
+                session = new_secure_session(ADMIN, str(self.admin_kit), timeout=login_timeout)
+                connected = {str(c.name) for c in session.get_system_info().client_info or []}
+                missing = [s for s in self.sites if s not in connected]
+                if not missing:
+                    return []
+            except Exception:  # the server is not up yet, or too busy to answer: try again
+                pass
+            finally:
+                if session is not None:
+                    with contextlib.suppress(Exception):
+                        session.close()
+            time.sleep(2)
+        return missing
 
     def stop(self, timeout: int = 180) -> int:
         """``nvflare poc stop``, then make sure no process of the deployment is left.
