@@ -213,8 +213,7 @@ class ResilientFedAvg(FedAvg):
         try:
             root = study_store.store_root(self.engine.get_workspace().get_root_dir())
             study = self.study_id or self.fl_ctx.get_job_id()
-            self._study_dir = str(root / study)
-            os.makedirs(self._study_dir, exist_ok=True)
+            self._study_dir = str(study_store.study_folder(root, study))  # a plain name, owner-only
         except Exception as err:  # the store is an addition: a job without it still runs
             self._study_dir, self._store_error = None, f"{type(err).__name__}: {err}"
             self.warning(f"durable study store unavailable ({self._store_error}); rounds live only in the job workspace")

@@ -559,3 +559,35 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
         assert "rounds done: 5/5" in status and "hospital-c" in status
     assert not poc.running_processes()
     print(f"fault matrix study: {time.monotonic() - started:.0f} s")
+
+
+def test_a_study_id_never_leads_out_of_the_store_and_rounds_are_owner_only(tmp_path):
+    import stat
+
+    from fedseg.run.study_store import save_round, study_folder
+
+    for bad in ("../escape", "/abs", "", "a/b", ".hidden", "a..b/.."):
+        with pytest.raises(ValueError, match="not a plain name"):
+            study_folder(tmp_path / "store", bad)
+    assert not (tmp_path / "escape").exists()
+    study = study_folder(tmp_path / "store", "brats-2026.v1")
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"weights")
+    final = save_round(study, 1, {"FL_global_model.pt": model}, {"round": 1})
+    assert stat.S_IMODE(study.stat().st_mode) == 0o700 and stat.S_IMODE(final.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in final.iterdir()} == {0o600}
+
+
+def test_a_new_total_of_rounds_reaches_the_sites_too(tmp_path):
+    """The sites size their schedule by the job's rounds and answer no training round past them."""
+    from conftest import tiny_job
+
+    from fedseg.jobs.base import export
+    from fedseg.run.study import _set_rounds
+
+    folder = export(tiny_job(name="fedavg", rounds=2), tmp_path)
+    _set_rounds(folder, 5)
+    server = json.loads((folder / "app" / "config" / "config_fed_server.json").read_text())
+    client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
+    assert next(w for w in server["workflows"] if w["id"] == "controller")["args"]["num_rounds"] == 5
+    assert client["executors"][0]["executor"]["args"]["job"]["study"]["federation"]["rounds"] == 5

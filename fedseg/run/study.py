@@ -628,12 +628,22 @@ class Supervisor:
 
 
 def _set_rounds(folder: Path, rounds: int) -> None:
+    """The study's total rounds, on the server and in what the sites are told: a site sizes its
+    learning-rate schedule by them and answers no training round past them (``SiteExecutor``). A
+    site that approves jobs must approve the changed job again (its fingerprint changed)."""
     for config in folder.glob("*/config/config_fed_server.json"):
         doc = json.loads(config.read_text())
         for wf in doc.get("workflows", []):
             if str(wf.get("path", "")).rsplit(".", 1)[-1] in WORKFLOWS:
                 args = wf.setdefault("args", {})
                 args["num_rounds"] = rounds - int(args.get("start_round", 0))
+        config.write_text(json.dumps(doc, indent=4))
+    for config in folder.glob("*/config/config_fed_client.json"):
+        doc = json.loads(config.read_text())
+        for item in doc.get("executors", []):
+            job = item.get("executor", {}).get("args", {}).get("job")
+            if isinstance(job, dict) and "study" in job:
+                job["study"].setdefault("federation", {})["rounds"] = rounds
         config.write_text(json.dumps(doc, indent=4))
 
 

@@ -145,6 +145,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+STUDY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def study_folder(root: Path, study_id: str) -> Path:
+    """``root/<study_id>``, created owner-only; ``ValueError`` for an id that is not one plain folder
+    name (the id comes from the job's settings: it must never lead out of the store)."""
+    if not STUDY_ID.fullmatch(study_id or "") or ".." in study_id:
+        raise ValueError(f"study id {study_id!r} is not a plain name (letters, digits, '.', '_' or '-')")
+    folder = Path(root) / study_id
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)  # global models of a study: the server account's only
+    return folder
+
+
 def save_round(study: Path, rnd: int, files: Mapping[str, str | os.PathLike], record: Mapping[str, Any],
                keep_models: int = KEEP_MODELS) -> Path:
     """Write round ``rnd`` (1-based) atomically: ``files`` (name -> source file, copied) and ``record``.
@@ -153,17 +167,20 @@ def save_round(study: Path, rnd: int, files: Mapping[str, str | os.PathLike], re
     the newest ``keep_models``).
     """
     study = Path(study)
-    study.mkdir(parents=True, exist_ok=True)
+    study.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = round_dir(study, rnd)
     tmp = study / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
+    tmp.chmod(0o700)
     for name, source in files.items():
         shutil.copyfile(source, tmp / name)
+        (tmp / name).chmod(0o600)
         _fsync_file(tmp / name)
     doc = {**dict(record), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (tmp / RECORD_FILE).write_text(json.dumps(doc, indent=1))
+    (tmp / RECORD_FILE).chmod(0o600)
     _fsync_file(tmp / RECORD_FILE)
     _fsync_dir(tmp)
     if final.exists():  # this round was completed before: the newer copy wins, the redo is noted
@@ -186,6 +203,8 @@ def save_round(study: Path, rnd: int, files: Mapping[str, str | os.PathLike], re
 
 
 __all__ = [
+    "STUDY_ID",
+    "study_folder",
     "KEEP_MODELS",
     "MODEL_FILE",
     "RECORD_FILE",
