@@ -62,6 +62,8 @@ from lightning_fabric.plugins.environments.cluster_environment import ClusterEnv
 DEVICES_KEY = "devices"
 #: how long a rank waits in a collective for the others before it fails (a rank that died)
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+#: how long rank 0 waits for the ranks it started to join the site's process group
+RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
 STOP, TRAIN, VALIDATE = "stop", "train", "validate"
 
 
@@ -155,8 +157,9 @@ def open_group(env: RankEnvironment) -> Any:
     """Join the site's process group; returns the group of rank 0 alone (``rank_zero_metrics``)."""
     import torch.distributed as dist
 
-    dist.init_process_group(backend(), init_method=f"tcp://{env.address}:{env.port}", rank=env.rank,
-                            world_size=env.world, timeout=COLLECTIVE_TIMEOUT)
+    # the ranks meet within RENDEZVOUS_TIMEOUT (a follower that died at start must not hold rank 0 for long)
+    store = dist.TCPStore(env.address, env.port, env.world, is_master=env.rank == 0, timeout=RENDEZVOUS_TIMEOUT)
+    dist.init_process_group(backend(), store=store, rank=env.rank, world_size=env.world, timeout=COLLECTIVE_TIMEOUT)
     return dist.new_group([0])  # every rank makes it, in the same order
 
 
@@ -255,6 +258,10 @@ class SiteRanks:
         self.resend_state = False
 
     def start(self) -> RankEnvironment:
+        if self.env is None:
+            from nvflare.client.api import get_context
+
+            keep_next_task(get_context().api)
         self.env = RankEnvironment(0, self.world, "127.0.0.1", free_port())
         document = json.dumps(job_document(self.runner.job), separators=(",", ":"))
         env = {**os.environ, "FEDSEG_SITE_CONFIG": str(self.runner.config.source)}
@@ -330,6 +337,34 @@ class SiteRanks:
                 p.wait()
 
 
+def keep_next_task(api: Any) -> None:
+    """Let NVFlare's in-process Client API keep a task that arrives while the Lightning callback is
+    still finishing the last one.
+
+    ``FLCallback`` sends a result (``send(clear_cache=False)``) and only then clears the received
+    model (``reset_state`` -> ``clear()``). The executor hands the next task over as soon as the
+    result is out (``QuickResultHandoff``: within ~0.1 s); with several ranks, ``reset_state`` waits
+    in a collective (Lightning counts the training batches over every rank) and the next task's
+    model arrives before the clear, which then drops it: rank 0 would wait for ever for a task it
+    was given. Here ``clear`` drops only the model that was answered; a newer one stays for the next
+    ``receive``.
+    """
+    send, clear = api.send, api.clear
+    answered: dict[str, Any] = {"model": None}
+
+    def send_and_note(model: Any, clear_cache: bool = True) -> None:
+        answered["model"] = api.fl_model
+        send(model, clear_cache)
+
+    def clear_answered() -> None:
+        if api.fl_model is not None and api.fl_model is not answered["model"]:
+            api.receive_called = False  # the next task is here: the runner's receive() takes it
+            return
+        clear()
+
+    api.send, api.clear = send_and_note, clear_answered
+
+
 def restore_state_of(trainer: Any) -> dict[str, Any] | None:
     from nvflare.app_opt.lightning.callbacks import RestoreState
 
@@ -397,6 +432,9 @@ class RoundStub:
 
 def follow(runner: Any) -> None:
     """A follower's loop: each command of rank 0 runs the same Trainer calls, until ``stop``."""
+    from fedseg.app.protocol import model_fingerprint
+    from fedseg.app.site_runner import progress
+
     while True:
         command = broadcast_command(None)
         task = command["task"]
@@ -409,7 +447,11 @@ def follow(runner: Any) -> None:
             for plugin in runner.plugins:
                 plugin.before_fit(runner, (stub.current_round or 0) + 1)
             runner.trainer.validate(runner.model, datamodule=runner.trainer_data, verbose=False)
+            steps = runner.trainer.global_step
             runner.trainer.fit(runner.model, datamodule=runner.trainer_data)
+            progress(f"[fedseg] round {(stub.current_round or 0) + 1}/{stub.total_rounds} {runner.site}: rank "
+                     f"{runner.trainer.global_rank} trained {runner.trainer.global_step - steps} steps on its shard; "
+                     f"model {model_fingerprint(runner.model.state_dict())}")
         elif task == VALIDATE:
             runner.evaluate()
 
@@ -431,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fedseg.app.site_runner import SiteJob, SiteRunner, progress
 
-    DataBus().set_data(CLIENT_API_KEY, follower_client_api())
+    DataBus().put_data(CLIENT_API_KEY, follower_client_api())
     env = RankEnvironment(args.rank, args.world, args.address, args.port)
     solo = open_group(env)
     runner = SiteRunner(SiteJob.from_document(json.loads(args.job_config)), args.site, job_id=args.job_id or None,

@@ -182,7 +182,7 @@ def plugins_for(job: SiteJob, config: Any) -> list[SitePlugin]:
 class SiteRunner:
     """One site's part of one job: set up once, then answer the server's tasks until the job ends."""
 
-    def __init__(self, job: SiteJob, site: str, job_id: str | None = None) -> None:
+    def __init__(self, job: SiteJob, site: str, job_id: str | None = None, ranks: Any = None) -> None:
         self.job = job
         self.site = site
         self.job_id = job_id
@@ -193,6 +193,12 @@ class SiteRunner:
         self.trainer: Any = None
         self.plugins: list[SitePlugin] = []
         self._schedule_noted = False
+        # several devices (fedseg.app.multi_device): a follower's rank, rank 0's followers, the data the
+        # patched Trainer uses (this rank's shard), the group of rank 0 alone
+        self.ranks: Any = ranks
+        self.site_ranks: Any = None
+        self.trainer_data: Any = None
+        self.solo_group: Any = None
 
     # -------------------------------------------------------------- setup
 
@@ -229,7 +235,26 @@ class SiteRunner:
         if group:  # grouped models: the server averages this site with the sites of its own group only
             self.model.__fl_meta__[GROUP_KEY] = group
             progress(f"[fedseg] {self.site}: site group {group}")
-        self.plugins = plugins_for(self.job, self.config)
+        env = self.ranks
+        if env is None:  # the NVFlare process, rank 0: its site config says how many devices it trains on
+            from fedseg.app.multi_device import SiteRanks, check_devices, site_devices
+
+            devices = site_devices(self.config.extra, self.config.source)
+            check_devices(devices, n_train, len(self.datalist.validation), self.config.source)
+            if devices > 1:
+                self.site_ranks = SiteRanks(self, devices)
+                env = self.site_ranks.start()
+                self.solo_group = self.site_ranks.solo
+                progress(f"[fedseg] {self.site}: training on {devices} devices (DDP; rank 0 here, ranks 1 to {devices - 1} "
+                         "log to rank-<r>.log in the job's folder)")
+        self.trainer_data = self.datamodule
+        if env is not None:
+            from fedseg.app.multi_device import ShardedData
+
+            self.trainer_data = ShardedData(self.datamodule, env.rank, env.world, site_seed(study.seed, self.site))
+        # a fault drill fails rank 0 alone: the other ranks are then left in the round (multi_device restarts them)
+        self.plugins = [p for p in plugins_for(self.job, self.config) if env is None or env.rank == 0
+                        or not isinstance(p, FaultDrillPlugin)]
         for plugin in self.plugins:
             plugin.setup(self)
         strict = all(p.strict_load for p in self.plugins)
@@ -237,21 +262,40 @@ class SiteRunner:
             Path.cwd() / "lightning",
             study.federation.local_epochs,
             callbacks=[c for p in self.plugins for c in p.callbacks()],
-            logger=flare.logger(),  # every self.log() streams to the server as a scalar
+            # every self.log() streams to the server as a scalar (from rank 0 only)
+            logger=flare.logger() if env is None or env.rank == 0 else False,
             progress=False,
             enable_checkpointing=False,
             num_sanity_val_steps=0,
+            ranks=env,
+            **({"use_distributed_sampler": False} if env is not None else {}),
         )
         flare.patch(self.trainer, load_state_dict_strict=strict)
+        if env is not None:
+            from nvflare.app_opt.lightning.api import FLCallback
+
+            for callback in self.trainer.callbacks:  # a plug-in's callback is made for rank 0
+                if isinstance(callback, FLCallback):
+                    callback.rank = self.trainer.global_rank
+        if self.site_ranks is not None:
+            self.site_ranks.wait_ready()
         progress(f"[fedseg] {self.site}: {n_train} training / {len(self.datalist.validation)} validation cases")
 
     # -------------------------------------------------------------- the task loop
 
     def run(self) -> None:
         """Answer the server's tasks until the job ends."""
+        try:
+            self._answer_tasks()
+        finally:
+            if self.site_ranks is not None:
+                self.site_ranks.close()
+
+    def _answer_tasks(self) -> None:
         import nvflare.client as flapi
         import nvflare.client.lightning as flare
 
+        ranks = self.site_ranks
         while flare.is_running():
             input_model = flare.receive()
             if input_model is None:
@@ -269,11 +313,19 @@ class SiteRunner:
                 if flapi.get_task_name() == PERSONALIZE_TASK:
                     self.personalize(input_model)
                 elif flapi.is_train():
+                    if ranks is not None:
+                        ranks.command("train", input_model)
                     self.train_round(input_model)
                 else:
+                    if ranks is not None:
+                        ranks.command("validate", input_model)
                     self.evaluate()
+                if ranks is not None:
+                    ranks.done()
             except Exception as err:  # noqa: BLE001 - any crash of this task is this site's failure for the round
                 self.fail(err, input_model, evaluate=flapi.is_evaluate())
+                if ranks is not None and ranks.busy:  # no rank may stay behind in the failed task
+                    ranks.restart()
 
     def expected_params(self) -> dict[str, Any]:
         """What a received model must hold: this site's model's keys that the job shares (every key,
@@ -310,8 +362,11 @@ class SiteRunner:
         if model is None:  # not a personalized method: the final global model is the site's model
             self.model.load_state_dict(dict(input_model.params), strict=True)
             model = self.model
+        from fedseg.app.multi_device import rank_zero_metrics
+
         trainer = make_trainer(Path.cwd() / "personal", 1, logger=False, progress=False, enable_checkpointing=False)
-        (metrics,) = trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        with rank_zero_metrics(model, self.solo_group):  # rank 0 alone (several devices)
+            (metrics,) = trainer.validate(model, datamodule=self.datamodule, verbose=False)
         scores = {k: float(v) for k, v in metrics.items()}
         flapi.send(FLModel(metrics=scores))  # scalars only, like a cross-site validation answer
         progress(f"[fedseg] {self.site}: personal model val_dice={scores.get('val_dice', float('nan')):.4f}")
@@ -324,7 +379,7 @@ class SiteRunner:
         """
         loggers, self.trainer.loggers = self.trainer.loggers, []
         try:
-            metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            metrics = self.trainer.validate(self.model, datamodule=self.trainer_data, verbose=False)
         finally:
             self.trainer.loggers = loggers
         val_dice = metrics[0].get("val_dice", float("nan")) if metrics else float("nan")
@@ -340,12 +395,16 @@ class SiteRunner:
         progress(f"[fedseg] {name} {self.site}: started (validating the global model, then training)")
         # which global model this round trained on, for the server's round report
         self.model.__fl_meta__ = {**self.model.__fl_meta__, RECEIVED_KEY: model_fingerprint(input_model.params or {})}
-        metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        metrics = self.trainer.validate(self.model, datamodule=self.trainer_data, verbose=False)
         val_dice = metrics[0].get("val_dice", float("nan")) if metrics else float("nan")
         self._continue_schedule(input_model, name)
         for plugin in self.plugins:
             plugin.before_fit(self, round_no)
-        self.trainer.fit(self.model, datamodule=self.datamodule)
+        steps = self.trainer.global_step
+        self.trainer.fit(self.model, datamodule=self.trainer_data)
+        if self.site_ranks is not None:  # what rank 0 sent is the DDP model every rank holds (multi_device.follow)
+            progress(f"[fedseg] {name} {self.site}: rank 0 trained {self.trainer.global_step - steps} steps on its "
+                     f"shard; model {model_fingerprint(self.model.state_dict())}")
         for plugin in self.plugins:
             plugin.after_round(self, input_model)
         loss = self.trainer.callback_metrics.get("train_loss")
@@ -430,6 +489,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         runner.setup()
     except Exception as err:  # noqa: BLE001 - any start-up failure is answered, not raised to NVFlare's log
+        if runner.site_ranks is not None:  # followers started for several devices end with the site
+            from fedseg.app.multi_device import close_group
+
+            runner.site_ranks.kill()
+            close_group()
         answer_refused(runner.site, err)
         return
     runner.run()

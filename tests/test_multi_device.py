@@ -178,3 +178,61 @@ def test_site_config_writes_the_sites_gpus_into_its_kit(tmp_path, capsys):
     assert load_site_config("hospital-a", kit / "startup" / "x.py").extra["devices"] == 1
     assert main(["provision", "site-config", str(kit), "--datalist", str(datalist), "--gpus", "-1"]) == 2
     assert "--gpus must be >= 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _rank_lines(text: str, rank: int) -> dict[int, tuple[int, str]]:
+    """round -> (steps, model fingerprint) of ``rank``'s 'trained ... on its shard' lines."""
+    import re
+
+    found = re.findall(rf"round (\d+)/\d+ site-1: rank {rank} trained (\d+) steps on its shard; model (\w+)", text)
+    return {int(r): (int(steps), fingerprint) for r, steps, fingerprint in found}
+
+
+def _followers_alive(folder: Path) -> list[int]:
+    """Follower processes still running from ``folder`` (their working directory)."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"fedseg.app.multi_device" in (proc / "cmdline").read_bytes() and \
+                    Path(proc / "cwd").resolve().is_relative_to(folder):
+                alive.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return alive
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedper"])
+def test_simulator_a_two_rank_site_next_to_a_one_rank_site(tmp_path, algorithm):
+    """site-1 trains on 2 CPU ranks (gloo), site-2 on one. Its rank 0 fails in round 1 (a fault drill
+    at rank 0 alone leaves rank 1 inside the round): the followers are restarted, and in round 2 both
+    ranks train half the site's cases each into the model rank 0 sends."""
+    from fedseg.run.simulate import simulate
+
+    synth = tiny_synth(tmp_path / "synth", sites=2, cases=8)
+    job = tiny_job(algorithm, rounds=2, batch_size=1, min_sites_per_round=1)
+    run = tmp_path / "run"
+    results = simulate(job, synth.datalists, run, site_settings={
+        "site-1": {"devices": 2, "fault_drill": {"raise_in_rounds": [1]}}})
+
+    site_log = (run / "nvflare" / algorithm / "site-1" / "log.txt").read_text()
+    (follower_log,) = [p.read_text() for p in run.rglob("rank-1.log")]
+    assert "site-1: training on 2 devices" in site_log
+    assert "round 1/2 site-1: FAILED (FaultDrillError" in site_log
+    assert follower_log.count("site-1: rank 1/2 ready") == 2  # started, then restarted after round 1
+    # round 2: each rank trained 3 of the site's 6 training cases (batch size 1, one epoch), and both
+    # hold the model rank 0 sent
+    rank0, rank1 = _rank_lines(site_log, 0), _rank_lines(follower_log, 1)
+    assert set(rank0) == {2} and rank0 == rank1 and rank0[2][0] == 3
+    # the server averaged site-1's update, weighted by the site's 6 cases, not a rank's 3
+    per_site = {(r["round"], r["site"]): r for r in results.rounds if r["site"] != "mean"}
+    assert (1, "site-1") in per_site and (0, "site-2") in per_site
+    metrics = [json.loads(line) for line in
+               (run / "nvflare" / algorithm / "server" / "simulate_job" / "metrics" / "site_metrics.jsonl").open()]
+    assert metrics
+    # cross-site evaluation (both ranks validate) scored site-1's model on site-1
+    assert "site-1" in next(iter(results.cross_site.values()))
+    assert not _followers_alive(run.resolve()), "a follower rank outlived the job"
