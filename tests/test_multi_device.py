@@ -41,6 +41,23 @@ def test_the_device_count_is_a_site_setting_checked_before_any_round():
             check_devices(2, 5, 1, "site.json")
 
 
+def test_a_site_asking_for_more_devices_than_it_has_stops_at_set_up(tmp_path, tiny, monkeypatch):
+    """Before the Trainer, NVFlare or any round: ``main`` answers every task with the error's class."""
+    from fedseg.app.multi_device import DeviceCountError, available_devices
+    from fedseg.app.site_config import ENV_VAR, write_site_config
+    from fedseg.app.site_runner import SiteJob, SiteRunner
+
+    synth = tiny_synth(tmp_path / "synth", sites=1, cases=4)
+    have, _ = available_devices()
+    config = write_site_config(tmp_path / "site-1.json", next(iter(synth.datalists.values())),
+                               cache_dir=tmp_path / "cache", devices=have + 1)
+    monkeypatch.setenv(ENV_VAR, str(config))
+    runner = SiteRunner(SiteJob.from_document(tiny_job("fedavg").site_document()), "site-1")
+    with pytest.raises(DeviceCountError, match=f"asks for {have + 1} devices"):
+        runner.setup()
+    assert runner.trainer is None and runner.site_ranks is None  # nothing started
+
+
 # ------------------------------------------------------------------------------ two ranks, no NVFlare
 
 RANK_SCRIPT = textwrap.dedent('''
@@ -230,9 +247,10 @@ def test_simulator_a_two_rank_site_next_to_a_one_rank_site(tmp_path, algorithm):
     # the server averaged site-1's update, weighted by the site's 6 cases, not a rank's 3
     per_site = {(r["round"], r["site"]): r for r in results.rounds if r["site"] != "mean"}
     assert (1, "site-1") in per_site and (0, "site-2") in per_site
-    metrics = [json.loads(line) for line in
-               (run / "nvflare" / algorithm / "server" / "simulate_job" / "metrics" / "site_metrics.jsonl").open()]
-    assert metrics
+    server = run / "nvflare" / algorithm / "server" / "simulate_job"
+    rounds = [json.loads(line) for line in (server / "metrics" / "participation.jsonl").read_text().splitlines()]
+    assert rounds[0]["failed"] == {"site-1": "FaultDrillError"}
+    assert rounds[1]["weights"] == {"site-1": 0.5, "site-2": 0.5}  # 6 cases each (a rank's 3 would give 1/3)
     # cross-site evaluation (both ranks validate) scored site-1's model on site-1
     assert "site-1" in next(iter(results.cross_site.values()))
     assert not _followers_alive(run.resolve()), "a follower rank outlived the job"
