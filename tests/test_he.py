@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import tiny_job
+from conftest import LEARNING, assert_learned, tiny_job
 from fedseg.jobs.base import Job
 from fedseg.run.poc import COMPLETED, PocDeployment, free_port, port_in_use, project_config
 
@@ -157,7 +157,7 @@ def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     datalists = dict(zip(SITES, (synth.datalists["site-1"], synth.datalists["site-2"])))
     n_train = {h: int(synth.site_stats[s]["n_train"]) for h, s in zip(SITES, ("site-1", "site-2"))}
-    job = tiny_he_job()
+    job = tiny_he_job(**LEARNING)  # learns in 2 rounds
     job_dir = export_he_job(job, tmp_path / "jobs")
 
     port = free_port()
@@ -220,6 +220,10 @@ def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(
         assert {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", *SITES} <= set(scores)
         assert all(0.0 <= m["val_dice"] <= 1.0 for m in scores.values())
         assert scores["SRV_FL_global_model.pt"]["val_loss"] != pytest.approx(initial[site]["val_loss"], abs=1e-6)
+    # and it learned: decrypted at the sites, the final global model scores well above the initial model
+    assert_learned({site: initial[site]["val_dice"] for site in SITES},
+                   {site: scores["SRV_FL_global_model.pt"]["val_dice"] for site, scores in cross.items()},
+                   "encrypted FedAvg's final global model")
 
     # The aggregation is the case-weighted FedAvg: with a site's key, the final global model is the
     # weighted mean of the sites' last local models (which they submitted, encrypted, for cross-site
