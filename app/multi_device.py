@@ -155,8 +155,11 @@ def free_port() -> int:
 
 def open_group(env: RankEnvironment) -> Any:
     """Join the site's process group; returns the group of rank 0 alone (``rank_zero_metrics``)."""
+    import torch
     import torch.distributed as dist
 
+    if backend() == "nccl":  # each rank on its own GPU before any collective (NCCL's objects live there)
+        torch.cuda.set_device(env.local_rank())
     # the ranks meet within RENDEZVOUS_TIMEOUT (a follower that died at start must not hold rank 0 for long)
     store = dist.TCPStore(env.address, env.port, env.world, is_master=env.rank == 0, timeout=RENDEZVOUS_TIMEOUT)
     dist.init_process_group(backend(), store=store, rank=env.rank, world_size=env.world, timeout=COLLECTIVE_TIMEOUT)
