@@ -254,3 +254,17 @@ def test_simulator_a_two_rank_site_next_to_a_one_rank_site(tmp_path, algorithm):
     # cross-site evaluation (both ranks validate) scored site-1's model on site-1
     assert "site-1" in next(iter(results.cross_site.values()))
     assert not _followers_alive(run.resolve()), "a follower rank outlived the job"
+
+
+def test_simulate_and_poc_say_how_many_devices_a_site_trains_on():
+    from fedseg.cli import UserError, build_parser
+    from fedseg.cli.simulate import site_group_settings
+
+    assert site_group_settings(["site-1=a"], ["site-1=2", "site-2=1"]) == {
+        "site-1": {"group": "a", "devices": 2}, "site-2": {"devices": 1}}
+    for bad in ("site-1", "site-1=0", "site-1=two", "=2"):
+        with pytest.raises(UserError, match="--site-devices takes SITE=N"):
+            site_group_settings([], [bad])
+    for command in (["simulate", "--out", "x"], ["poc", "--out", "x"]):
+        args = build_parser().parse_args([*command, "--site-devices", "site-1=2"])
+        assert args.site_devices == ["site-1=2"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fedseg.cli import UserError
 from fedseg.cli._options import add_job_options, add_study_options, add_verbose_option
+from fedseg.cli.simulate import add_site_devices_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     poc.add_argument("--timeout", type=int, default=1800, help="seconds the job may run (default 1800)")
     poc.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                      help="declare a site's group in its site config (repeatable; with --datalists)")
+    add_site_devices_option(poc)
     add_verbose_option(poc)
     add_study_options(poc, "demo", skip=("sites",))  # --sites names the hospitals here
     add_job_options(poc)
@@ -102,7 +104,7 @@ def run_poc_command(args: argparse.Namespace) -> int:
                               f"under {out / 'poc' / 'workspace'}; this process's: {log_file}")
             result = run_poc(job_dir, datalists, port=args.port or None, workspace=out / "poc", timeout=args.timeout,
                              download_to=out / "download", data_roots=data_roots,
-                             site_settings=site_group_settings(args.site_group),
+                             site_settings=site_group_settings(args.site_group, args.site_devices),
                              he=bool(job and job.algorithm == "fedavg-he"), log=console.print, console=console)
     except PocError as err:
         raise UserError(f"POC run failed: {err}\n(deployment folder, logs and kits: {out / 'poc'})") from None

@@ -32,6 +32,13 @@ def add_site_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
     parser.add_argument("--site-group", action="append", default=[], metavar="SITE=GROUP",
                         help="declare a site's group in its site config (repeatable; with --datalists)")
+    add_site_devices_option(parser)
+
+
+def add_site_devices_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--site-devices", action="append", default=[], metavar="SITE=N",
+                        help="a site trains on N devices (its site config's 'devices': Lightning DDP, one process "
+                        "per device; CPU processes without a GPU; repeatable)")
 
 
 def named_datalists(paths: list[Path]) -> dict[str, Path]:
@@ -81,14 +88,20 @@ def site_datalists(args: argparse.Namespace, study: Any, folder: Path | None = N
     return datalists
 
 
-def site_group_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
-    """``["site-1=a", ...]`` -> ``{"site-1": {"group": "a"}}`` (site config entries)."""
-    settings: dict[str, dict[str, str]] = {}
+def site_group_settings(pairs: list[str], devices: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """``["site-1=a", ...]`` and ``["site-1=2", ...]`` -> ``{"site-1": {"group": "a", "devices": 2}}``
+    (site config entries)."""
+    settings: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         site, sep, group = pair.partition("=")
         if not sep or not site or not group:
             raise UserError(f"--site-group takes SITE=GROUP, got {pair!r}")
-        settings[site] = {"group": group}
+        settings.setdefault(site, {})["group"] = group
+    for pair in devices:
+        site, sep, count = pair.partition("=")
+        if not sep or not site or not count.isdigit() or int(count) < 1:
+            raise UserError(f"--site-devices takes SITE=N with N >= 1, got {pair!r}")
+        settings.setdefault(site, {})["devices"] = int(count)
     return settings
 
 
@@ -141,7 +154,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     with quiet_console(log_file, verbose=args.verbose) as console:
         if not args.verbose:
             console.print(f"NVFlare's and Lightning's logs: {log_file}")
-        results = simulate(job, datalists, args.out, data_roots=roots, site_settings=site_group_settings(args.site_group),
+        results = simulate(job, datalists, args.out, data_roots=roots, site_settings=site_group_settings(args.site_group, args.site_devices),
                            head_stores=heads, console=console)
     print(format_table(results))
     print(f"results: {args.out.resolve()}/results.json, val_dice_per_round.png, checkpoints/")

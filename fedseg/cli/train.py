@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_verbose_option(train)
     add_study_options(train, "study", sections=("model", "data", "federation"),
-                      skip=("round_timeout", "min_sites_per_round", "poll_interval", "site_threads"))
+                      skip=("round_timeout", "min_sites_per_round", "poll_interval", "site_threads", "gpus_per_site"))
     train.set_defaults(func=run_train)
 
 
