@@ -40,6 +40,9 @@ class SiteExecutor(ClientAPIExecutor):
     version of fedseg that built the job. The remaining arguments are the Client API executor's.
     """
 
+    #: written into the exported job even when equal to the defaults: the job says how weights travel
+    _always_serialize_args = ("params_transfer_type", "params_exchange_format", "server_expected_format")
+
     def __init__(self, job: dict[str, Any], fedseg_version: str, params_transfer_type: str = "FULL",
                  params_exchange_format: str = "pytorch", server_expected_format: str = "pytorch") -> None:
         text = json.dumps(job, separators=(",", ":"), sort_keys=True)

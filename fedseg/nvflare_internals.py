@@ -61,7 +61,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "_get_job_id_tag", "_persistor_id", "_aggr_helper", "_aggr_metrics_helper", "_all_metrics", "_received_count",
     "_expected_count", "_params_type", "_site_metric_weights", "_maybe_cleanup_memory", "_get_aggregated_result",
     "_get_custom_file", "_aggregate_one_result", "_RESULT_POLL_INTERVAL", "_task_check_period", "_get_args",
-    "_ensure_client_apps_prepared", "_process_queue_tasks",
+    "_ensure_client_apps_prepared", "_process_queue_tasks", "_params_exchange_format", "_server_expected_format",
 )  # fmt: skip
 
 #: NVFlare's extension hooks fedseg overrides in subclasses (``class -> hook -> its parameters``);
@@ -357,3 +357,10 @@ def params_transfer_type(executor: Any) -> str:
     """A Client API executor's transfer type ("FULL" or "DIFF"), as ``send_weight_diffs`` sets it."""
     value = executor._params_transfer_type
     return getattr(value, "value", value)
+
+
+def exchange_formats(executor: Any) -> tuple[str, str]:
+    """A Client API executor's (params exchange format, server expected format): "pytorch" and
+    "pytorch" for plain jobs, "pytorch" and "numpy" for encrypted ones (the HE filters take NumPy)."""
+    formats = (executor._params_exchange_format, executor._server_expected_format)
+    return tuple(str(getattr(f, "value", f)) for f in formats)  # type: ignore[return-value]

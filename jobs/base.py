@@ -344,8 +344,10 @@ def use_installed_site_code(recipe: Any, job: Job) -> None:
     from fedseg.app.site_executor import SiteExecutor
 
     def site_executor(old: Any) -> SiteExecutor:
+        params_format, server_format = nvflare_internals.exchange_formats(old)
         return SiteExecutor(job=job.site_document(), fedseg_version=__version__,
-                            params_transfer_type=nvflare_internals.params_transfer_type(old))
+                            params_transfer_type=nvflare_internals.params_transfer_type(old),
+                            params_exchange_format=params_format, server_expected_format=server_format)
 
     if not nvflare_internals.replace_client_executors(recipe, site_executor, SITE_SCRIPT):
         raise RuntimeError(f"{job.algorithm}: the recipe has no Client API executor to run the site code with")
