@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-faults clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,15 @@ demo: $(STAMP)
 	$(VENV)/bin/fedseg demo --out $(OUT)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not faults" $(PYTEST_ARGS)
+
+# the study's fault matrix (one POC deployment, about 10 min; docs/study.md)
+test-faults: $(STAMP)
+	$(VENV)/bin/python -m pytest -m faults $(PYTEST_ARGS)
 
 # the fast tier for iteration: everything but the tests that start NVFlare (simulator, POC, kits)
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not e2e and not faults" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -104,13 +104,15 @@ class SegmentationModule(WholeVolumeSegmentation, pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self.loss(logits, batch["label"])
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(logits))
+        # sync_dist: a site on several devices logs its own loss, not rank 0's shard's (a no-op on one)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(logits),
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self.predict_logits(batch["image"])
         target = batch["label"]
-        self.log("val_loss", self.loss(logits, target), on_epoch=True, batch_size=len(logits))
+        self.log("val_loss", self.loss(logits, target), on_epoch=True, batch_size=len(logits), sync_dist=True)
         pred = torch.sigmoid(logits) > self.hparams.threshold
         self.val_metrics.update(pred, target > 0.5, spacing=batch.get("spacing"))
 
