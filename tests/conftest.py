@@ -118,3 +118,15 @@ def fedavg_run(tmp_path_factory):
     finally:
         os.environ.update(env)
     return job, synth, root / "run", results
+
+
+def component_paths(node):
+    """Every class path (``"path"``) named anywhere in a job config document."""
+    if isinstance(node, dict):
+        if isinstance(node.get("path"), str):
+            yield node["path"]
+        for value in node.values():
+            yield from component_paths(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from component_paths(value)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_learned, tiny_job
+from conftest import assert_learned, component_paths, tiny_job
 from fedseg.jobs.base import export
 from offline_validation import validate_state
 
@@ -46,17 +46,7 @@ def test_submitting_a_job_folder_imports_no_lightning():
 
     from fedseg.jobs.catalog import JOBS_DIR
 
-    def paths(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("path"), str):
-                yield node["path"]
-            for value in node.values():
-                yield from paths(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from paths(value)
-
-    named = sorted({p for config in JOBS_DIR.glob("*/app/config/*.json") for p in paths(json.loads(config.read_text()))})
+    named = sorted({p for config in JOBS_DIR.glob("*/app/config/*.json") for p in component_paths(json.loads(config.read_text()))})
     assert "fedseg.app.global_model.GlobalModel" in named
     script = (
         "import importlib, sys\n"

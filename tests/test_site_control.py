@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_job
+from conftest import component_paths, tiny_job
 from fedseg.app.site_policy import (
     JobFacts,
     PolicyError,
@@ -189,16 +189,6 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
         class_allow_list,
     )
 
-    def paths(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("path"), str):
-                yield node["path"]
-            for value in node.values():
-                yield from paths(value)
-        elif isinstance(node, list):
-            for value in node:
-                yield from paths(value)
-
     variants = [Addons(wandb="offline", quantize="int8"), Addons(quantize="fp16"), Addons(privacy=PrivacyFilter("svt")),
                 Addons(privacy=PrivacyFilter("percentile")), Addons(contribution=ContributionWeights()),
                 Addons(groups=SiteGroups())]
@@ -212,12 +202,12 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
                 continue
             folders.append(export(job, tmp_path))
             exported.add(algorithm)
-    named = {p for folder in folders for config in folder.rglob("*.json") for p in paths(json.loads(config.read_text()))}
+    named = {p for folder in folders for config in folder.rglob("*.json") for p in component_paths(json.loads(config.read_text()))}
     assert {p for p in named if p.startswith("fedseg.")} == set(FEDSEG_JOB_CLASSES)
     others = {p for p in named if not p.startswith("fedseg.")}
     assert others - set(DEFAULT_CLASS_ALLOW_LIST) <= set(EXTRA_JOB_CLASSES)
     assert named <= set(class_allow_list())
-    site_named = {p for folder in folders for p in paths(json.loads((folder / "app" / "config" / "config_fed_client.json").read_text()))}
+    site_named = {p for folder in folders for p in component_paths(json.loads((folder / "app" / "config" / "config_fed_client.json").read_text()))}
     assert site_named == set(SITE_JOB_CLASSES)  # a hospital allows exactly what fedseg's site configs name
     assert not any(folder.joinpath("app", "custom").exists() for folder in folders)
     assert exported == set(ALGORITHMS)
