@@ -38,6 +38,7 @@ validation cases and answers with those scores only; they go to ``metrics/person
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -102,6 +103,8 @@ class ResilientFedAvg(FedAvg):
         self._at_startup: set[str] = set()  # sites out of the whole job: start-up failure or refusal
         self._stages: dict[str, str] = {}  # those sites' stage: "startup" (config, data) or "policy"
         self._answered: list[str] = []
+        self._targets: list[str] = []  # the sites sent this round's model
+        self._val_dice: dict[str, float] = {}  # site -> its val_dice of this round's global model (a scalar it sends)
         self._history: list[dict[str, Any]] = []
         #: the study's folder in the server's durable store (None: off); see fedseg.run.study_store
         self.study_id = str(study_id)
@@ -296,7 +299,11 @@ class ResilientFedAvg(FedAvg):
             "start_round": self.start_round,
             "total_rounds": self.start_round + self.num_rounds,
             "rounds_done": max(done) if done else self.start_round,
-            "last_round": {k: last.get(k) for k in ("round", "answered", "failed", "missing", "disconnected")} if last else {},
+            "last_round": {k: last.get(k) for k in ("round", "answered", "failed", "missing", "disconnected", "val_dice")}
+            if last else {},
+            # the round in flight, for the study's live display (fedseg.run.study_progress)
+            "in_flight": {"round": int(getattr(self, "current_round", 0) or 0) + 1, "targets": list(self._targets),
+                          "answered": list(self._answered), "val_dice": dict(self._val_dice)},
             "study_dir": self._study_dir or "",
         })
 
@@ -329,9 +336,10 @@ class ResilientFedAvg(FedAvg):
 
     def _live_sites(self) -> list[str]:
         """The job's sites that NVFlare does not consider disconnected; reset this round's tallies."""
-        self._failed, self._answered, self._at_startup, self._stages = {}, [], set(), {}
+        self._failed, self._answered, self._at_startup, self._stages, self._val_dice = {}, [], set(), {}, {}
         sites = [client.name for client in self.engine.get_clients()]
-        return [s for s in sites if not self.get_client_disconnect_time(s)]
+        self._targets = [s for s in sites if not self.get_client_disconnect_time(s)]
+        return list(self._targets)
 
     # ------------------------------------------------------------------ results of one site
 
@@ -358,6 +366,9 @@ class ResilientFedAvg(FedAvg):
         accepted = nvflare_internals.aggregate_one_result(self, result)
         if accepted:
             self._answered.append(site)
+            dice = (result.metrics or {}).get("val_dice")
+            if isinstance(dice, (int, float)) and not isinstance(dice, bool) and math.isfinite(dice):
+                self._val_dice[site] = round(float(dice), 4)
         return accepted
 
     def _accept_train_result(
@@ -398,6 +409,7 @@ class ResilientFedAvg(FedAvg):
             "disconnected": [s for s in all_sites if s not in targets],
             "seconds": round(seconds, 2),
             "timeout": self.round_timeout,
+            "val_dice": {site: self._val_dice[site] for site in answered if site in self._val_dice},
         }
         left_out = len(targets) - len(answered)
         message = f"Round {record['round']}: {len(answered)}/{len(targets)} sites answered"

@@ -34,6 +34,13 @@ def test_fault_drill_is_read_from_the_site_config_and_checked():
         FaultDrill.from_site_config({"fault_drill": {"crash": [1]}}, "x.json")
     with pytest.raises(ValueError, match="needs 'raise_in_rounds' or 'hang_in_rounds'"):
         FaultDrill.from_site_config({"fault_drill": {"hang_seconds": 3}}, "x.json")
+    # seconds per round: slow in one round, hung for good in another
+    per_round = FaultDrill.from_site_config({"fault_drill": {"hang_in_rounds": [3, 5], "hang_seconds": {"3": 40, "5": 600}}})
+    assert per_round is not None and (per_round.seconds_in(3), per_round.seconds_in(5)) == (40, 600)
+    with pytest.raises(ValueError, match=r"names no seconds for hang round\(s\) \[5\]"):
+        FaultDrill.from_site_config({"fault_drill": {"hang_in_rounds": [3, 5], "hang_seconds": {"3": 40}}}, "x.json")
+    with pytest.raises(ValueError, match="x.json: fault_drill 'hang_seconds' must be a positive number"):
+        FaultDrill.from_site_config({"fault_drill": {"hang_in_rounds": [3], "hang_seconds": {"3": -1}}}, "x.json")
 
 
 def test_round_settings_are_checked_and_exported_into_the_server_workflow(tmp_path):

@@ -12,15 +12,19 @@ one 5-round FedAvg study driven by ``fedseg study run`` in its own process, with
    continues from round 2 in the server's durable store;
 3. hospital-b's processes killed in round 3 of that second segment and restarted by its kit's
    start loop: NVFlare keeps it out of the running job; once it is connected again the
-   supervisor ends the segment and the third one includes it;
-4. hospital-a frozen (SIGSTOP) in round 4 past the round timeout, then resumed (SIGCONT): it
-   misses round 4 and answers round 5 in the same job (no new segment: it still runs the job);
+   supervisor ends the segment and the next one includes it. hospital-c's drill makes it slow in
+   round 3 (45 s), so the round is still open, or round 4 is, when hospital-b is back: the
+   supervisor's rule (end a segment for a returning site while ``--rejoin-rounds-left`` rounds are
+   left) then always cuts, on a fast machine as on a slow one;
+4. hospital-a frozen (SIGSTOP) in round 4 of the segment with hospital-b back, past the round
+   timeout, then resumed (SIGCONT): it misses round 4 and answers round 5 in the same job;
 5. hospital-c vanishing for good in round 5 (every process of its kit killed, its start loop too):
-   the round ends at its timeout without it, and the study ends within two minutes of its last
-   round, not NVFlare's 15.
+   the round ends without it, and the study ends within two minutes of its last round, not
+   NVFlare's 15.
 
 It asserts the study reaches its 5 rounds, every round is recorded once (1..5, none redone, each
-by the segment that ran it), each site's missed rounds, and that the final model is round 5's.
+by the segment that ran it), each site's missed rounds, that the final model is round 5's, and
+that it scores within noise of an uninterrupted run of the same job and seed (the simulator).
 """
 
 from __future__ import annotations
@@ -383,6 +387,13 @@ def test_cli_status_screen_and_the_lead_kit_from_the_consortium_file(tmp_path, c
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 ROUND_TIMEOUT = 90  # above a tiny first round (the sites start the job) on 2 heavily loaded cores
 ROUNDS = 5
+#: hospital-c's training stops this long in round 3 (a slow site): hospital-b's restart and reconnection
+#: (about 20-40 s) fall inside round 3 or 4, where the supervisor ends the segment for it
+SLOW_ROUND = 45
+#: the mean val_dice of the fault run's final model and an uninterrupted run's may differ by this much:
+#: rounds that hospital-a, -b and -c missed change the averages, and POC and the simulator order the
+#: sites' answers differently (measured: see docs/study.md)
+SCORE_NOISE = 0.1
 
 
 def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
@@ -430,14 +441,15 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
 
     synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     job = conftest.tiny_job(name="study", features=8, roi=(24, 24, 24), min_clients=2, min_sites_per_round=2,
-                            round_timeout=ROUND_TIMEOUT, rounds=ROUNDS, cross_site_eval=False)
+                            round_timeout=ROUND_TIMEOUT, rounds=ROUNDS, cross_site_eval=False, **conftest.LEARNING)
     job_dir = export(job, tmp_path / "jobs")
     study_dir = tmp_path / "study"
     started = time.monotonic()
     with PocDeployment(tmp_path / "poc", SITES) as poc:
         poc.prepare()
         for site, datalist in zip(SITES, synth.datalists.values()):
-            extra = {"fault_drill": {"hang_in_rounds": [5], "hang_seconds": 600}} if site == "hospital-c" else {}
+            extra = ({"fault_drill": {"hang_in_rounds": [3, 5], "hang_seconds": {"3": SLOW_ROUND, "5": 600}}}
+                     if site == "hospital-c" else {})
             poc.install_site_config(site, datalist, cache_dir=tmp_path / "cache" / site, **extra)
         env = poc.env()
         # each kit's start.sh, as `nvflare poc start` runs them; readiness through the admin API with a
@@ -469,6 +481,14 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
             folder = study_folder()
             return study_store.completed_rounds(folder) if folder else []
 
+        def segment_log(kit: Path, after: int = 0) -> Path | None:
+            """The kit's log of the latest segment, once there are more than ``after`` segments."""
+            state = StudyState.load(study_dir)
+            return kit / state.segments[-1].job_id / "log.txt" if len(state.segments) > after else None
+
+        def in_log(path: Path | None, text: str) -> bool:
+            return bool(path and path.is_file() and text in path.read_text(errors="replace"))
+
         proc = lead()
         try:
             # 1. the lead's process dies after round 1 and is started again
@@ -479,13 +499,6 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
 
             # 2. every server process is killed in round 3, the server kit is started again 5 s later
             # (a loaded machine may need more than one segment for round 1: look at the latest segment)
-            def segment_log(kit: Path, after: int = 0) -> Path | None:
-                state = StudyState.load(study_dir)
-                return kit / state.segments[-1].job_id / "log.txt" if len(state.segments) > after else None
-
-            def in_log(path: Path | None, text: str) -> bool:
-                return bool(path and path.is_file() and text in path.read_text(errors="replace"))
-
             _wait(lambda: in_log(segment_log(poc.server_kit), "Round 3: sending"), 600, "round 3 started")
             crashed = len(StudyState.load(study_dir).segments)  # segments up to the server crash
             assert rounds_stored() == [1, 2]
@@ -496,16 +509,19 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
 
             # 3. hospital-b's processes are killed in round 3 of the segment after the crash; its start loop
             #    restarts it: NVFlare leaves it out of the running job, the supervisor ends the segment for it
+            #    (hospital-c's slow round 3 keeps round 3, or at the latest round 4, open until it is back)
             _wait(lambda: in_log(segment_log(poc.site_kit("hospital-b"), crashed),
                                  "[fedseg] round 3/5 hospital-b: started"), 600, "hospital-b in round 3 after the crash")
-            b_killed = len(StudyState.load(study_dir).segments)
+            b_killed = len(StudyState.load(study_dir).segments)  # hospital-b was killed in segment b_killed - 1
             b_kit = str(poc.site_kit("hospital-b"))
             _kill(pid for pid, cmd in processes_matching([b_kit]) if "sub_start.sh" not in cmd)
 
             # 4. hospital-a frozen (SIGSTOP) in round 4 of the segment with b back, past the round timeout, then
             #    resumed (SIGCONT): it misses round 4 and answers round 5 in the same job
             _wait(lambda: in_log(segment_log(poc.site_kit("hospital-a"), b_killed),
-                                 "[fedseg] round 4/5 hospital-a: started"), 600, "hospital-a in round 4, segment with b")
+                                 "[fedseg] round 4/5 hospital-a: started"), 600,
+                  "hospital-a in round 4 of a segment after hospital-b's restart (the supervisor ended the "
+                  "segment for it)")
             frozen = [pid for pid, cmd in processes_matching([str(poc.site_kit("hospital-a"))])
                       if "sub_start.sh" not in cmd]
             for pid in frozen:
@@ -535,18 +551,22 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
         assert "server restarted" in output and "connected again" in output
         folder = study_folder()
         records = study_store.records(folder)
-        # every round once, contiguous, none redone: rounds 1-2 from the first job, 3 from the second,
-        # 4-5 from the third (the round that was in flight when a segment ended is run again, not redone)
+        # every round once, contiguous, none redone (the round that was in flight when a segment ended is
+        # run again by the next one, not redone)
         assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)) and not study_store.redone(folder)
         jobs = [seg.job_id for seg in state.segments]
         ran = [jobs.index(r["job_id"]) for r in records]  # the segment of each round
-        assert ran[0] == ran[1] < ran[2] < ran[3] == ran[4], ran
-        assert ran[2] >= crashed and ran[3] >= b_killed, (ran, crashed, b_killed)
-        assert "hospital-b" not in records[2]["answered"] and "hospital-b" in records[3]["answered"]
+        b_segment = b_killed - 1
+        # rounds 1-2 before the crash, 3 after it (in hospital-b's segment, or the one after it if hospital-b
+        # was back before round 3 ended), 4-5 in the segment with hospital-b back
+        assert ran[0] == ran[1] < crashed <= ran[2] <= ran[3] == ran[4] and ran[3] > b_segment, (ran, crashed, b_killed)
+        assert ran[2] in (b_segment, ran[3]), ran
+        b_missed = [3] if ran[2] == b_segment else []
+        assert ("hospital-b" in records[2]["answered"]) == (not b_missed), records[2]
         assert records[3]["answered"] == ["hospital-b", "hospital-c"] and records[3]["missing"] == ["hospital-a"]
         assert records[4]["answered"] == ["hospital-a", "hospital-b"] and records[4]["missing"] == ["hospital-c"]
         assert {site: entry["missed"] for site, entry in state.sites.items()} == {
-            "hospital-a": [4], "hospital-b": [3], "hospital-c": [5]}
+            "hospital-a": [4], "hospital-b": b_missed, "hospital-c": [5]}
         # the vanished site delays the study's end by the outcome wait (60 s), not NVFlare's 900 s
         last_round_at = (folder / f"round-{ROUNDS:04d}" / "record.json").stat().st_mtime
         assert state.segments[-1].ended_at - last_round_at < 120, (state.segments[-1].ended_at, last_round_at)
@@ -559,7 +579,32 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
                                 capture_output=True, text=True, env=env, check=True).stdout
         assert "rounds done: 5/5" in status and "hospital-c" in status
     assert not poc.running_processes()
-    print(f"fault matrix study: {time.monotonic() - started:.0f} s")
+    faults_s = time.monotonic() - started
+
+    # the same job and seed, uninterrupted (the simulator): the study's final model scores within noise of it
+    from offline_validation import validate_checkpoint, validate_state
+
+    from fedseg.run.resume import find_resume_point
+    from fedseg.run.simulate import simulate
+
+    simulate(job, dict(zip(SITES, synth.datalists.values())), tmp_path / "uninterrupted")
+    reference = find_resume_point(tmp_path / "uninterrupted")
+    assert reference.rounds_done == ROUNDS
+    ours = [validate_checkpoint(final, job, d) for d in synth.datalists.values()]
+    theirs = [validate_checkpoint(reference.checkpoint, job, d) for d in synth.datalists.values()]
+    mean_ours, mean_theirs = sum(ours) / len(ours), sum(theirs) / len(theirs)
+    print(f"fault matrix study: {faults_s:.0f} s; val_dice after the faults {mean_ours:.3f} "
+          f"({', '.join(f'{v:.3f}' for v in ours)}), uninterrupted {mean_theirs:.3f} "
+          f"({', '.join(f'{v:.3f}' for v in theirs)})")
+    assert "val_dice of the global model: hospital-a 0." in output  # the live display's round lines
+    # the reference learned (an untrained network of the job scores far below it): the comparison can fail
+    from fedseg.lightning_modules.module import SegmentationModule
+
+    untrained = SegmentationModule(**job.study.module_args()).state_dict()
+    base = [validate_state(untrained, job, d) for d in synth.datalists.values()]
+    assert mean_theirs > sum(base) / len(base) + conftest.LEARNED_BY, (base, theirs)
+    assert abs(mean_ours - mean_theirs) <= SCORE_NOISE, (ours, theirs)
+    assert not poc.running_processes()
 
 
 def test_a_study_id_never_leads_out_of_the_store_and_rounds_are_owner_only(tmp_path):
@@ -592,3 +637,28 @@ def test_a_new_total_of_rounds_reaches_the_sites_too(tmp_path):
     client = json.loads((folder / "app" / "config" / "config_fed_client.json").read_text())
     assert next(w for w in server["workflows"] if w["id"] == "controller")["args"]["num_rounds"] == 5
     assert client["executors"][0]["executor"]["args"]["job"]["study"]["federation"]["rounds"] == 5
+
+
+def test_the_study_shows_the_runs_progress_display_from_the_servers_stats():
+    """The lead has no site log: the round lines come from the server's stats, as `fedseg poc` prints them."""
+    import io
+
+    from fedseg.run.console import Console
+    from fedseg.run.study_progress import StudyProgress
+
+    out = io.StringIO()
+    display = StudyProgress(Console(out, None), total_rounds=5, rounds_done=1)
+    flight = {"round": 2, "targets": ["a", "b", "c"], "answered": ["a"], "val_dice": {"a": 0.41}}
+    display.update({"total_rounds": 5, "current_round": 2, "last_round": {"round": 1, "answered": ["a", "b"]},
+                    "in_flight": flight})
+    assert out.getvalue() == ""  # round 1 was done before this lead process looked
+    assert {n: (e.state, e.val_dice) for n, e in display.state.sites.items()} == {
+        "a": ("done", 0.41), "b": ("training", None), "c": ("training", None)}
+    closed = {"round": 2, "answered": ["a", "c"], "missing": ["b"], "failed": {}, "disconnected": [],
+              "val_dice": {"a": 0.41, "c": 0.375}}
+    display.update({"total_rounds": 5, "current_round": 3, "last_round": closed,
+                    "in_flight": {"round": 3, "targets": ["a", "c"], "answered": []}})
+    display.update({"total_rounds": 5, "current_round": 3, "last_round": closed})  # the same round: one line
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("round 2/5  val_dice of the global model: a 0.410  b missing  c 0.375")
+    assert display.state.sites["a"].state == "training" and display.state.round == 3

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+#: NVFlare's admin-API log of ``fedseg study run``, in the study's folder
+ADMIN_LOG = "nvflare_admin.log"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "(a server restart) before it is ended and continued")
     run.add_argument("--server-down-limit", type=float, default=3600.0,
                      help="seconds the server may not answer before the study stops (run again to continue)")
+    run.add_argument("--verbose", action="store_true",
+                     help="stream NVFlare's admin-API log to the terminal instead of DIR/nvflare_admin.log")
     run.set_defaults(func=_run)
     status = sub.add_parser("status", help="rounds done, segments, each site's participation, the last error")
     status.add_argument("--dir", type=Path, required=True, help="the study's folder")
@@ -67,19 +73,33 @@ def _run(args: argparse.Namespace) -> int:
                 raise UserError(f"{args.dir} holds no study yet: give the job folder to start one")
             state = Supervisor.create(args.dir, args.job, rounds=args.rounds)
             print(f"[study] new study {state.study_id}: {state.total_rounds} rounds of {args.job} in {args.dir}")
-        session = FlareSession(_kit(args), args.username)
         policy = Policy(poll=args.poll, stall_limit=args.stall_limit, max_retries=args.max_retries,
                         rejoin_rounds_left=args.rejoin_rounds_left, server_down_limit=args.server_down_limit,
                         dead_grace=args.dead_grace)
-        supervisor = Supervisor(args.dir, session, policy=policy)
-        try:
-            state = supervisor.run()
-        finally:
-            session.close()
+        state = _follow(args, policy)
     except StudyError as err:
         raise UserError(str(err)) from None
     print(f"[study] {state.status}: {state.reason}")
     return 0 if state.status == "completed" else 1
+
+
+def _follow(args: argparse.Namespace, policy: Any) -> Any:
+    """Run the supervisor with the live display; NVFlare's admin-API chatter goes to a log file."""
+    from fedseg.run.console import quiet_console
+    from fedseg.run.study import FlareSession, StudyState, Supervisor
+    from fedseg.run.study_progress import StudyProgress
+
+    kit = _kit(args)
+    known = StudyState.load(args.dir)
+    with quiet_console(args.dir / ADMIN_LOG, verbose=args.verbose) as console:
+        session = FlareSession(kit, args.username)
+        display = StudyProgress(console, title=f"study {known.study_id}", total_rounds=known.total_rounds,
+                                rounds_done=known.rounds_done)
+        try:
+            with display:
+                return Supervisor(args.dir, session, policy=policy, log=console.print, display=display).run()
+        finally:
+            session.close()
 
 
 def _status(args: argparse.Namespace) -> int:

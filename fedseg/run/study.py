@@ -418,14 +418,15 @@ class Supervisor:
 
     def __init__(self, folder: Path, session: Session, *, policy: Policy = Policy(),
                  log: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, on_segment: Callable[[str], None] | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, display: Any = None) -> None:
         self.folder = Path(folder).resolve()
         self.session = session
         self.policy = policy
         self.print = log or (lambda line: print(line, flush=True))
         self.clock = clock
         self.sleep = sleep
-        self.on_segment = on_segment  # called with each segment's job id (progress displays)
+        #: the live view (``fedseg.run.study_progress.StudyProgress``: ``update(progress)``); None: a line per round
+        self.display = display
         self.state = StudyState.load(self.folder)
         self.memo = Memo()
         self._shown_round = 0
@@ -511,9 +512,8 @@ class Supervisor:
         st.segments.append(Segment(job_id=job_id, submitted_at=self.clock(), rounds_before=st.rounds_done))
         self.memo = Memo()
         what = "first segment" if len(st.segments) == 1 else f"segment {len(st.segments)}"
-        self.decision("submit", f"{what}: job {job_id}, continuing after round {st.rounds_done} of {st.total_rounds}")
-        if self.on_segment:
-            self.on_segment(job_id)
+        self.decision("submit", f"{what}: job {job_id}, continuing after the newest round in the server's store "
+                                 f"({st.rounds_done} of {st.total_rounds} done as far as the lead has seen)")
 
     def observe(self, seg: Segment) -> Observation:
         now = self.clock()
@@ -537,14 +537,16 @@ class Supervisor:
         obs = self.observe(seg)
         if obs.progress:
             self._show_progress(obs.progress)
+            before = self.state.rounds_done
             last = obs.progress.get("last_round") or {}
             if last.get("round"):
                 self.state.note_rounds([last])
             # rounds a dead segment completed show up as the next segment's start
             done = max(int(obs.progress.get("rounds_done") or 0), int(obs.progress.get("start_round") or 0))
-            if done > self.state.rounds_done:
-                self.state.rounds_done, self.state.retries = done, 0  # progress: the retries start again
-                self.state.save(self.folder)
+            self.state.rounds_done = max(self.state.rounds_done, done)
+            if self.state.rounds_done > before:
+                self.state.retries = 0  # progress: the retries start again
+                self.state.save(self.folder)  # a lead restarted now knows these rounds
         d = decide(self.state, seg, obs, self.memo, self.policy)
         if d.action == "wait":
             if d.reason and d.reason != getattr(self, "_last_wait", ""):
@@ -563,6 +565,9 @@ class Supervisor:
             self._end_segment(seg, obs.status or "FINISHED", d.reason)
 
     def _show_progress(self, progress: dict[str, Any]) -> None:
+        if self.display is not None:
+            self.display.update(progress)
+            return
         last = progress.get("last_round") or {}
         rnd = int(last.get("round") or 0)
         if rnd and rnd != self._shown_round:
