@@ -33,6 +33,10 @@ from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedA
 from pytorch_lightning import Callback
 
 from fedseg.app.protocol import CONTRIBUTION_KEY, LOSS_AFTER_KEY, NUM_STEPS_KEY, WEIGHTS_KEY
+from fedseg.config import ContributionWeights
+
+#: the add-on's defaults, written once in its options dataclass
+_DEFAULTS = ContributionWeights()
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ class SiteRound:
         return self.loss_before / self.loss_after
 
 
-def contribution_weights(sites: Mapping[str, SiteRound], alpha: float = 0.5, max_share: float = 0.5) -> dict[str, float]:
+def contribution_weights(sites: Mapping[str, SiteRound], alpha: float = _DEFAULTS.contribution_alpha,
+                         max_share: float = _DEFAULTS.max_site_share) -> dict[str, float]:
     """The normalized weight of each site (see the module docstring); they sum to 1."""
     if not sites:
         return {}
@@ -97,7 +102,7 @@ class ContributionWeightedAggregator(ModelAggregator):
     server holds one model per site in memory, unlike FedAvg's in-time sum.
     """
 
-    def __init__(self, alpha: float = 0.5, max_share: float = 0.5) -> None:
+    def __init__(self, alpha: float = _DEFAULTS.contribution_alpha, max_share: float = _DEFAULTS.max_site_share) -> None:
         super().__init__()
         self.alpha = alpha
         self.max_share = max_share

@@ -21,6 +21,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_opt.lightning.api import FLCallback
 
 from fedseg.app.global_model import personal_keys
+from fedseg.config import DEFAULT_HEAD_DEPTH
 from fedseg.lightning_modules.module import SegmentationModule
 
 
@@ -41,18 +42,20 @@ class SharedKeysFLCallback(FLCallback):
         super()._send_model(output_model)
 
 
-def shared_state(module: SegmentationModule, keep_norm_local: bool = False, head_depth: str = "decoder") -> dict[str, Any]:
+def shared_state(module: SegmentationModule, keep_norm_local: bool = False, head_depth: str = DEFAULT_HEAD_DEPTH) -> dict[str, Any]:
     """The module's state dict without its personal keys (what a FedPer site may send)."""
     personal = set(personal_keys(module, keep_norm_local, head_depth))
     return {k: v for k, v in module.state_dict().items() if k not in personal}
 
 
 def personalize(encoder_checkpoint: Path | str, head_file: Path | str, out: Path | str) -> Path:
-    """A site's personalized model: the global encoder checkpoint plus the site's stored head,
-    saved as a full ``SegmentationModule`` checkpoint (``fedseg evaluate`` / ``predict`` take it).
+    """A site's personal model: a global checkpoint of the job completed by the site's stored personal
+    part, saved as a full ``SegmentationModule`` checkpoint (``fedseg evaluate`` / ``predict`` take it).
 
-    Runs at the site: the head file is the site's own ``FedPerHeadStore`` file. Both files are read
-    without running code from them (``fedseg.lightning_modules.safe_load``).
+    Runs at the site; ``head_file`` is the site's own ``PersonalModelStore`` file of the study: a
+    FedPer or FedRep head completes the global encoder checkpoint; Ditto's and the fine-tuned model
+    are whole models, which take only their settings from the global checkpoint (every key is
+    theirs). Both files are read without running code from them (``fedseg.lightning_modules.safe_load``).
     """
     import torch
 

@@ -17,12 +17,12 @@ from typing import Any
 
 from torch import nn
 
-from fedseg.config import DataSettings, ModelSettings
+from fedseg.config import DEFAULT_HEAD_DEPTH, DataSettings, ModelSettings
 
 _MODEL, _DATA = ModelSettings(), DataSettings()
 
 
-def personal_keys(module: nn.Module, keep_norm_local: bool = False, head_depth: str = "decoder") -> list[str]:
+def personal_keys(module: nn.Module, keep_norm_local: bool = False, head_depth: str = DEFAULT_HEAD_DEPTH) -> list[str]:
     """State-dict keys of ``module`` (a ``SegmentationModule`` or ``GlobalModel``) that stay at the
     site: the head of ``head_depth``, and norm layers for FedBN; a key the network does not declare
     is an error (``networks.partition_keys``)."""
@@ -66,7 +66,7 @@ class SharedEncoder(GlobalModel):
     """A personalized job's server model: ``GlobalModel`` without the personal keys. A container
     for the shared weights, not a runnable network."""
 
-    def __init__(self, keep_norm_local: bool = False, personal_head: str = "decoder", **module_args: Any) -> None:
+    def __init__(self, keep_norm_local: bool = False, personal_head: str = DEFAULT_HEAD_DEPTH, **module_args: Any) -> None:
         super().__init__(**module_args)
         self.keep_norm_local = keep_norm_local
         self.personal_head = personal_head

@@ -1,8 +1,10 @@
 """The site side of the personalized methods: what each keeps at the site and how it trains it.
 
-Each is a ``fedseg.app.site_runner.SitePlugin``; ``plugin_for`` picks the job's. All of them keep
-their personal part in the site's store (``FedPerHeadStore``: atomic, owner-only, surviving
-restarts and later jobs of the same study) and never send it; at the end of the job
+Each is a ``fedseg.app.site_plugin.SitePlugin`` made with its algorithm's options dataclass; the
+algorithm's declaration names it (``fedseg.jobs.<name>``: ``Algorithm.site_plugin``) and the site
+runner makes it from the job's options. All of them keep their personal part in the site's store
+(``PersonalModelStore``: atomic, owner-only, surviving restarts and later jobs of the same study)
+and never send it; at the end of the job
 (``personalize`` task) each makes its personal model and the runner scores it on the site's own
 validation cases.
 
@@ -19,12 +21,19 @@ validation cases.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pytorch_lightning import Callback
 
-from fedseg.app.site_runner import SitePlugin, SiteRunner, progress
+from fedseg.app.site_plugin import SitePlugin, progress
+
+if TYPE_CHECKING:  # the options dataclasses are declared with their algorithms; the runner runs the plug-ins
+    from fedseg.app.site_runner import SiteRunner
+    from fedseg.jobs.ditto import DittoOptions
+    from fedseg.jobs.fedper import FedPerOptions
+    from fedseg.jobs.fedrep import FedRepOptions
+    from fedseg.jobs.finetune import FineTuneOptions
 
 
 class SharedKeysMismatch(RuntimeError):
@@ -33,29 +42,26 @@ class SharedKeysMismatch(RuntimeError):
 
 class FedPerPlugin(SitePlugin):
     """The personal head stays here: only shared keys are sent, the received encoder is loaded
-    without touching the head, and the head lives in the site's ``FedPerHeadStore``."""
+    without touching the head, and the head lives in the site's ``PersonalModelStore``."""
 
     strict_load = False
 
-    def __init__(self, keep_norm_local: bool = False, personal_head: str = "decoder") -> None:
-        self.keep_norm_local = keep_norm_local
-        self.personal_head = personal_head
+    def __init__(self, options: FedPerOptions) -> None:
+        self.keep_norm_local = options.keep_norm_local
+        self.personal_head = options.personal_head
         self.personal: list[str] = []
         self.shared: list[str] = []
         self.store: Any = None
 
     def setup(self, runner: SiteRunner) -> None:
         from fedseg.app.fedper import SharedKeysFLCallback, personal_keys
-        from fedseg.app.head_store import FedPerHeadStore
-        from fedseg.app.site_config import default_head_store
-
         self.personal = personal_keys(runner.model, self.keep_norm_local, self.personal_head)
         self.shared = [k for k in runner.model.state_dict() if k not in set(self.personal)]
         self._callback = SharedKeysFLCallback(self.shared, load_state_dict_strict=False)
-        self.store = FedPerHeadStore(runner.config.head_store or default_head_store(runner.site), runner.job.study_name)
+        self.store = _store(runner)
         record = self.store.load_into(runner.model, self.personal)
         progress(f"[fedseg] {runner.site}: personal head ({self.personal_head}, {len(self.personal)} tensors) " + (
-            f"reused from {self.store.path} (encoder round {record.encoder_round})" if record
+            f"reused from {self.store.path} (global round {record.global_round})" if record
             else "new (site new to the study)"))
 
     def callbacks(self) -> list[Any]:
@@ -74,7 +80,7 @@ class FedPerPlugin(SitePlugin):
                 f"{'...' if len(unexpected) > 3 else ''}): the job's network differs from the site's")
 
     def after_round(self, runner: SiteRunner, input_model: Any) -> None:
-        self.store.save(runner.model, self.personal, encoder_round=input_model.current_round, job_id=runner.job_id)
+        self.store.save(runner.model, self.personal, global_round=input_model.current_round, job_id=runner.job_id)
 
     def after_failure(self, runner: SiteRunner) -> None:
         self.store.load_into(runner.model, self.personal)  # drop the half-trained head of the failed round
@@ -116,9 +122,9 @@ class HeadThenEncoder(Callback):
 class FedRepPlugin(FedPerPlugin):
     """FedPer's split, trained head first (encoder frozen), then encoder (head frozen)."""
 
-    def __init__(self, keep_norm_local: bool = False, personal_head: str = "decoder", head_epochs: int = 1) -> None:
-        super().__init__(keep_norm_local, personal_head)
-        self.head_epochs = head_epochs
+    def __init__(self, options: FedRepOptions) -> None:
+        super().__init__(options)
+        self.head_epochs = options.head_epochs
 
     def callbacks(self) -> list[Any]:
         return [HeadThenEncoder(self.personal, self.head_epochs), *super().callbacks()]
@@ -139,6 +145,14 @@ class ProximalTerm(Callback):
                     parameter.grad.add_(parameter - self.reference[name].to(parameter.device), alpha=self.weight)
 
 
+def _store(runner: SiteRunner, kind: str = "") -> Any:
+    """This site's store of personal models for the job's study (``kind``: which personal model)."""
+    from fedseg.app.personal_store import PersonalModelStore
+    from fedseg.app.site_config import default_head_store
+
+    return PersonalModelStore(runner.config.head_store or default_head_store(runner.site), runner.job.study_name, kind=kind)
+
+
 def _local_trainer(runner: SiteRunner, folder: str, epochs: int, callbacks: list[Any]) -> Any:
     """An unpatched Trainer: what trains a personal model never talks to the server."""
     from fedseg.lightning_modules.training import make_trainer
@@ -150,11 +164,11 @@ def _local_trainer(runner: SiteRunner, folder: str, epochs: int, callbacks: list
 class DittoPlugin(SitePlugin):
     """A personal model beside the global one, pulled towards the global model of each round."""
 
-    def __init__(self, ditto_lambda: float, personal_epochs: int) -> None:
+    def __init__(self, options: DittoOptions) -> None:
         from nvflare.app_opt.lightning.callbacks import RestoreState
 
-        self.ditto_lambda = ditto_lambda
-        self.personal_epochs = personal_epochs
+        self.ditto_lambda = options.ditto_lambda
+        self.personal_epochs = options.personal_epochs
         self.model: Any = None
         self.store: Any = None
         self.keys: list[str] = []
@@ -163,8 +177,6 @@ class DittoPlugin(SitePlugin):
         self.optimizer_state = RestoreState()
 
     def setup(self, runner: SiteRunner) -> None:
-        from fedseg.app.head_store import FedPerHeadStore
-        from fedseg.app.site_config import default_head_store
         from fedseg.lightning_modules.module import SegmentationModule
 
         epochs = self.personal_epochs or runner.job.study.federation.local_epochs
@@ -172,8 +184,7 @@ class DittoPlugin(SitePlugin):
         args = {**runner.job.study.module_args(), "max_epochs": runner.job.study.federation.rounds * epochs}
         self.model = SegmentationModule(**args)
         self.keys = list(self.model.state_dict())
-        self.store = FedPerHeadStore(runner.config.head_store or default_head_store(runner.site),
-                                     runner.job.study_name, kind="ditto")
+        self.store = _store(runner, kind="ditto")
         record = self.store.load_into(self.model, self.keys)
         self.started = record is not None
         progress(f"[fedseg] {runner.site}: Ditto personal model " + (
@@ -189,7 +200,7 @@ class DittoPlugin(SitePlugin):
         trainer = _local_trainer(runner, "ditto", self.personal_epochs,
                                  [ProximalTerm(received, self.ditto_lambda), self.optimizer_state])
         trainer.fit(self.model, datamodule=runner.datamodule)
-        self.store.save(self.model, self.keys, encoder_round=input_model.current_round or 0, job_id=runner.job_id)
+        self.store.save(self.model, self.keys, global_round=input_model.current_round or 0, job_id=runner.job_id)
 
     def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:
         if not self.started:  # a site that joined at the very end: its personal model is the global one
@@ -200,13 +211,11 @@ class DittoPlugin(SitePlugin):
 class FineTunePlugin(SitePlugin):
     """FedAvg's final global model, trained further on this site's own cases; kept at the site."""
 
-    def __init__(self, finetune_epochs: int, finetune_lr_factor: float) -> None:
-        self.finetune_epochs = finetune_epochs
-        self.finetune_lr_factor = finetune_lr_factor
+    def __init__(self, options: FineTuneOptions) -> None:
+        self.finetune_epochs = options.finetune_epochs
+        self.finetune_lr_factor = options.finetune_lr_factor
 
     def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:
-        from fedseg.app.head_store import FedPerHeadStore
-        from fedseg.app.site_config import default_head_store
         from fedseg.lightning_modules.module import SegmentationModule
 
         study = runner.job.study
@@ -214,27 +223,12 @@ class FineTunePlugin(SitePlugin):
         model = SegmentationModule(**args)
         model.load_state_dict(dict(input_model.params), strict=True)
         _local_trainer(runner, "finetune", self.finetune_epochs, []).fit(model, datamodule=runner.datamodule)
-        store = FedPerHeadStore(runner.config.head_store or default_head_store(runner.site), runner.job.study_name,
-                                kind="finetune")
+        store = _store(runner, kind="finetune")
         keys = list(model.state_dict())
-        store.save(model, keys, encoder_round=input_model.current_round or 0, job_id=runner.job_id)
+        store.save(model, keys, global_round=input_model.current_round or 0, job_id=runner.job_id)
         progress(f"[fedseg] {runner.site}: fine-tuned the final global model for {self.finetune_epochs} epochs "
                  f"(kept at {store.path})")
         return model
 
 
-def plugin_for(job: Any) -> SitePlugin | None:
-    """The personalized method's plug-in of ``job`` (a ``SiteJob``), or None for the others."""
-    o = job.options
-    if job.algorithm == "fedper":
-        return FedPerPlugin(bool(o.get("keep_norm_local")), o.get("personal_head", "decoder"))
-    if job.algorithm == "fedrep":
-        return FedRepPlugin(bool(o.get("keep_norm_local")), o.get("personal_head", "decoder"), int(o["head_epochs"]))
-    if job.algorithm == "ditto":
-        return DittoPlugin(float(o["ditto_lambda"]), int(o.get("personal_epochs") or 0))
-    if job.algorithm == "finetune":
-        return FineTunePlugin(int(o["finetune_epochs"]), float(o["finetune_lr_factor"]))
-    return None
-
-
-__all__ = ["DittoPlugin", "FedPerPlugin", "FedRepPlugin", "FineTunePlugin", "SharedKeysMismatch", "plugin_for"]
+__all__ = ["DittoPlugin", "FedPerPlugin", "FedRepPlugin", "FineTunePlugin", "SharedKeysMismatch"]

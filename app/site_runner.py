@@ -22,8 +22,9 @@ config, a refused received model, a failure to send the model for cross-site eva
 server names it ("hospital-b refused its data (DatasetCheckError)") instead of failing the job;
 the full message and traceback stay in the site's own log.
 
-What an algorithm adds at the site is a ``SitePlugin`` (the personalized methods' in
-``fedseg.app.personalization``; ``ContributionPlugin``; ``FaultDrillPlugin``); ``plugins_for``
+What an algorithm adds at the site is a ``SitePlugin`` (``fedseg.app.site_plugin``): the one its
+declaration names (``fedseg.jobs.base.Algorithm.site_plugin``; the personalized methods' are in
+``fedseg.app.personalization``), ``ContributionPlugin`` and ``FaultDrillPlugin``; ``plugins_for``
 picks them. A personalized job ends with the ``personalize`` task: the site makes its personal
 model from the final global model and answers with its scores on the site's own validation cases. The site's data is
 found through site-local configuration (``fedseg.app.site_config``), never through the job.
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.app.protocol import PERSONALIZE_TASK
+from fedseg.app.site_plugin import SitePlugin, progress
 from fedseg.config import StudyConfig
 
 
@@ -71,14 +73,6 @@ class SiteJob:
         return cls.from_document(json.loads(args.job_config))
 
 
-def progress(line: str) -> None:
-    """One line to the site log (NVFlare redirects ``print``) and to the process console."""
-    print(line)
-    if sys.__stdout__ is not None and sys.stdout is not sys.__stdout__:
-        sys.__stdout__.write(line + "\n")
-        sys.__stdout__.flush()
-
-
 def site_seed(seed: int, site: str) -> int:
     """The seed of one site: the job's seed plus an offset fixed by the site's name, so that sites do
     not draw the same crops in lockstep, and a site draws the same ones in every run of the job."""
@@ -96,40 +90,6 @@ def site_group(extra: dict[str, Any], source: object) -> str:
 
 
 # ------------------------------------------------------------------------------ plug-ins
-
-
-class SitePlugin:
-    """What an algorithm or a site setting adds to the site's rounds; every hook is optional."""
-
-    #: load the received global model strictly (every key) or keep local keys it lacks
-    strict_load: bool = True
-
-    def setup(self, runner: SiteRunner) -> None:
-        """Once, after the model and data exist and before the Trainer is made."""
-
-    def callbacks(self) -> list[Any]:
-        """Lightning callbacks for the site's Trainer (placed before NVFlare's own)."""
-        return []
-
-    def check_received(self, runner: SiteRunner, input_model: Any) -> None:
-        """Before a train or validate task uses the model the server sent; raise to fail the task."""
-
-    def before_fit(self, runner: SiteRunner, round_no: int) -> None:
-        """Before the round's training (1-based round number)."""
-
-    def after_round(self, runner: SiteRunner, input_model: Any) -> None:
-        """After a round's update was sent."""
-
-    def after_failure(self, runner: SiteRunner) -> None:
-        """After a failed round was reported: drop what the failed round half-changed."""
-
-    def shareable(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The part of the site's model that may leave it (cross-site ``submit_model``)."""
-        return state
-
-    def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:
-        """The site's personal model made from the final global model (``personalize`` task), or None."""
-        return None
 
 
 class ContributionPlugin(SitePlugin):
@@ -168,11 +128,12 @@ def plugins_for(job: SiteJob, config: Any) -> list[SitePlugin]:
     drill = FaultDrill.from_site_config(config.extra, config.source)
     if drill is not None:
         plugins.append(FaultDrillPlugin(drill))
-    from fedseg.app.personalization import plugin_for
+    # the algorithm's own, as its declaration names it (fedseg.jobs.<name>: Algorithm.site_plugin)
+    from fedseg.jobs.base import algorithm
 
-    personal = plugin_for(job)
-    if personal is not None:
-        plugins.append(personal)
+    own = algorithm(job.algorithm).make_site_plugin(job.options)
+    if own is not None:
+        plugins.append(own)
     return plugins
 
 
@@ -358,6 +319,8 @@ class SiteRunner:
 
         from fedseg.lightning_modules.training import make_trainer
 
+        # one line whatever the algorithm: the progress display (fedseg.run.progress) reads it
+        progress(f"[fedseg] {self.site}: personal model: made from the final global model")
         model = next((m for p in self.plugins if (m := p.personal_model(self, input_model)) is not None), None)
         if model is None:  # not a personalized method: the final global model is the site's model
             self.model.load_state_dict(dict(input_model.params), strict=True)

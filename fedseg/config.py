@@ -31,6 +31,12 @@ MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 NETWORK_NAMES: tuple[str, ...] = ("unet", "resunet", "attention_unet", "segresnet", "unetplusplus")
 NORMS: tuple[str, ...] = ("instance", "batch")
 NORMALIZATIONS: tuple[str, ...] = ("zscore", "minmax")
+#: how much of the decoder a personalized site keeps as its personal head, shallowest first: the
+#: output layer; it and the decoder level nearest it; the whole decoder
+#: (``fedseg.lightning_modules.networks.partition_keys``)
+HEAD_DEPTHS: tuple[str, ...] = ("output", "last", "decoder")
+#: the personal head when none is chosen (FedPer's and FedRep's ``personal_head``, the network split)
+DEFAULT_HEAD_DEPTH: str = "decoder"
 
 
 def setting(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002 - the CLI's word
@@ -219,3 +225,31 @@ def profile(name: str) -> StudyConfig:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}") from None
+
+# ------------------------------------------------------------------------------ beyond the study settings
+# (not sections of a StudyConfig: options of an add-on and of a command, with their defaults written once)
+
+
+@dataclass(frozen=True)
+class ContributionWeights:
+    """The contribution-weights add-on: each site weighs by its cases and by how much its update
+    lowered its own validation loss (``fedseg.app.contribution``; the job's add-on in ``fedseg.jobs.addons``)."""
+
+    contribution_alpha: float = setting(0.5, "contribution: weight of the case share (1 = FedAvg)")
+    max_site_share: float = setting(0.5, "contribution: most any site may weigh in a round")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.contribution_alpha <= 1.0 or not 0.0 < self.max_site_share <= 1.0:
+            raise ValueError("contribution_alpha must be in [0, 1] and max_site_share in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """What ``fedseg compare`` runs when it is told no methods (``fedseg.experiments.compare``)."""
+
+    methods: tuple[str, ...] = setting(("centralized", "local", "fedavg", "fedper"),
+                                       "the methods to compare (listed in this command's description)",
+                                       nargs="+", metavar="METHOD")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))

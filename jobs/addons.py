@@ -1,9 +1,10 @@
 """The options every algorithm may add to its job, each in one place: privacy filter, contribution
-weights, site groups, W&B tracking and resume.
+weights, site groups, W&B tracking, resume and quantized exchange.
 
-An ``Addons`` value lists the ones a job uses. Each add-on checks its own arguments when it is made;
-``Addons.check`` refuses an add-on the job's algorithm does not declare (``Algorithm.addons``) and
-the few combinations that cannot work; ``fedseg.jobs.base.build_recipe`` applies them. The round's
+An ``Addons`` value lists the ones a job uses. Each add-on checks its own arguments when it is made,
+``Addons`` refuses the few combinations that cannot work, ``fedseg.jobs.base.Job`` refuses an add-on
+the job's algorithm does not declare (``Algorithm.addons``), and ``fedseg.jobs.base.build_recipe``
+applies them. The round's
 timeout and minimum of sites are study settings (``FederationSettings``), applied here too.
 
 - ``PrivacyFilter``: NVFlare's ``PercentilePrivacy`` or ``SVTPrivacy`` (torch-ready subclasses in
@@ -13,11 +14,12 @@ timeout and minimum of sites are study settings (``FederationSettings``), applie
   so a privacy job scores only the global models in its final evaluation (no site's local model
   leaves it, ``fedseg.jobs.base``). The epsilon SVT reports covers one filter call.
 - ``ContributionWeights``: the server weighs a site by its cases and by how much its update lowered
-  its own validation loss (``fedseg.app.contribution``, FedCostWAvg-style, capped share).
+  its own validation loss (``fedseg.app.contribution``, FedCostWAvg-style, capped share); its
+  options dataclass is ``fedseg.config.ContributionWeights``, where its defaults are written.
 - ``SiteGroups``: one global model per site group declared in each site's own config
   (``fedseg.app.grouped_fedavg``), optionally sharing the encoder across groups.
 - ``wandb``: "offline" / "online" W&B runs on the server, one per site (``fedseg.app.wandb_receiver``).
-- ``resume_from``: continue a study from its last global checkpoint (``fedseg.run.resume``).
+- ``resume_from``: continue a study from its last global checkpoint (``fedseg.jobs.resume``).
 - ``quantize``: "fp16" or "int8" model exchange in both directions (``fedseg.app.quantization``);
   under int8 the sites send weight differences (not with site groups).
 
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedseg.config import setting
+from fedseg.config import ContributionWeights, setting
 
 WANDB_MODES = ("off", "offline", "online")
 QUANTIZATIONS = ("off", "fp16", "int8")
@@ -174,21 +176,11 @@ def _check_svt_budget(args: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ contribution and groups
 
 
-@dataclass(frozen=True)
-class ContributionWeights:
-    """Weigh each site by its cases and by how much its update lowered its own validation loss."""
+def contribution_aggregator(weights: ContributionWeights) -> Any:
+    """The server's aggregator of the contribution-weights add-on (``fedseg.app.contribution``)."""
+    from fedseg.app.contribution import ContributionWeightedAggregator
 
-    contribution_alpha: float = setting(0.5, "contribution: weight of the case share (1 = FedAvg)")
-    max_site_share: float = setting(0.5, "contribution: most any site may weigh in a round")
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.contribution_alpha <= 1.0 or not 0.0 < self.max_site_share <= 1.0:
-            raise ValueError("contribution_alpha must be in [0, 1] and max_site_share in (0, 1]")
-
-    def aggregator(self) -> Any:
-        from fedseg.app.contribution import ContributionWeightedAggregator
-
-        return ContributionWeightedAggregator(self.contribution_alpha, self.max_site_share)
+    return ContributionWeightedAggregator(weights.contribution_alpha, weights.max_site_share)
 
 
 @dataclass(frozen=True)
@@ -227,7 +219,7 @@ class Addons:
                              "weights or resume_from")
 
     def names(self) -> list[str]:
-        """The add-ons in use: "privacy", "contribution", "groups", "wandb", "resume"."""
+        """The add-ons in use: "privacy", "contribution", "groups", "wandb", "resume", "quantize"."""
         used = {"privacy": self.privacy, "contribution": self.contribution, "groups": self.groups,
                 "wandb": self.wandb != "off", "resume": self.resume_from, "quantize": self.quantize != "off"}
         return [name for name, on in used.items() if on]

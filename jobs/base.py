@@ -1,12 +1,16 @@
 """What every fedseg job shares: the job description (``Job``), the algorithm interface
-(``Algorithm``) and the assembly of an NVFlare recipe (``build_recipe``).
+(``Algorithm``), the table of algorithms (``ALGORITHM_MODULES``) and the assembly of an NVFlare
+recipe (``build_recipe``).
 
 A ``Job`` is an algorithm with its own options, the study settings (``fedseg.config.StudyConfig``)
-and the add-ons (``fedseg.jobs.addons``). Each algorithm lives in its own module, as NVFlare keeps
-its recipes (``fedavg.py``, ``fedprox.py``, ``fedopt.py``, ``fedper.py``, ``fedavg_he.py``), and
-checks only its own options. ``build_recipe(job)`` gives the recipe that runs unchanged in the
-simulator, in POC mode and on real sites (only the environment differs); ``export`` writes the
-job folder that ``nvflare job submit -j`` takes.
+and the add-ons (``fedseg.jobs.addons``). Each algorithm is declared once, by its ``Algorithm``
+subclass in its own module ``jobs/<name>.py`` (as NVFlare keeps its recipes): its name, a one-line
+description, its options, whether it is personal, its site plug-in, its server model and recipe.
+``algorithms()`` reads them from the modules ``ALGORITHM_MODULES`` names, and everything else that
+lists algorithms (the CLI's help and choices, ``fedseg compare``'s methods, the checked-in job
+folders, the site's plug-in, a site's default policy) is derived from it. ``build_recipe(job)``
+gives the recipe that runs unchanged in the simulator, in POC mode and on real sites (only the
+environment differs); ``export`` writes the job folder that ``nvflare job submit -j`` takes.
 
 What every recipe gets here:
 
@@ -25,40 +29,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fedseg.config import StudyConfig
-from fedseg.jobs.addons import Addons
+from fedseg.config import StudyConfig, profile
+from fedseg.jobs.addons import Addons, contribution_aggregator
 
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
 SITE_SCRIPT = "site_entry.py"
-#: every task whose results a site returns with weights
-WEIGHT_TASKS = ("train", "submit_model")
 #: every task whose results a site returns ("personalize": the personalized methods' final step)
 RESULT_TASKS = ("train", "validate", "submit_model", "personalize")
-#: algorithm name -> "module:class"; each module is one algorithm's recipe
-ALGORITHMS: dict[str, str] = {
-    "fedavg": "fedseg.jobs.fedavg:FedAvg",
-    "fedprox": "fedseg.jobs.fedprox:FedProx",
-    "fedopt": "fedseg.jobs.fedopt:FedOpt",
-    "fedper": "fedseg.jobs.fedper:FedPer",
-    "fedrep": "fedseg.jobs.fedrep:FedRep",
-    "ditto": "fedseg.jobs.ditto:Ditto",
-    "finetune": "fedseg.jobs.finetune:FineTune",
-    "fedavg-he": "fedseg.jobs.fedavg_he:FedAvgHE",
-}
+#: the table of algorithms: the modules ``jobs/<module>.py``, each declaring one ``Algorithm`` subclass
+#: as its ``ALGORITHM``, in the order help texts and comparisons list them. A new algorithm is a new
+#: module and its name here (docs/design.md, "How to add an algorithm").
+ALGORITHM_MODULES: tuple[str, ...] = ("fedavg", "fedprox", "fedopt", "fedper", "fedrep", "ditto", "finetune", "fedavg_he")
 
 
 class Algorithm:
-    """One federated algorithm: its options, the add-ons it supports, its server model and recipe."""
+    """One federated algorithm, declared once: what it is, its options, add-ons, site plug-in, server
+    model and recipe."""
 
     name: ClassVar[str]
+    #: one line for the help texts and the docs: what the algorithm does
+    description: ClassVar[str]
     #: the dataclass of this algorithm's own options (``setting`` fields: they become CLI options)
     options: ClassVar[type | None] = None
     #: the add-ons (``Addons.names()``) this algorithm's server workflow supports
@@ -68,9 +67,42 @@ class Algorithm:
     personal: ClassVar[bool] = False
     #: weights travel in plain tensors (False: encrypted, and no other filter may touch them)
     plain_weights: ClassVar[bool] = True
+    #: runs in NVFlare's simulator (``fedseg simulate``, ``fedseg compare``); False: POC and real sites only
+    simulator: ClassVar[bool] = True
+    #: what the algorithm adds at each site: ``"module:Class"`` of a ``fedseg.app.site_plugin.SitePlugin``
+    #: made with the job's options (a path, so that this module never imports the site's torch code);
+    #: "" for none
+    site_plugin: ClassVar[str] = ""
+    #: variants ``fedseg compare`` also runs: method name -> the options it changes
+    compare_variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def default_options(self) -> Any:
         return self.options() if self.options else None
+
+    def parse_options(self, doc: Mapping[str, Any] | None) -> Any:
+        """The options dataclass from a job's untyped options (the site document's ``options``):
+        fields left out take their defaults, an unknown one is an error (``ValueError``)."""
+        if self.options is None:
+            if doc:
+                raise ValueError(f"{self.name} takes no options, got {sorted(doc)}")
+            return None
+        known = {f.name for f in dataclasses.fields(self.options)}
+        unknown = sorted(set(doc or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown {self.name} options {unknown}; known: {', '.join(sorted(known))}")
+        return self.options(**(doc or {}))
+
+    def make_site_plugin(self, options_doc: Mapping[str, Any] | None) -> Any:
+        """The site plug-in of this algorithm with the job's options (None if it adds none)."""
+        if not self.site_plugin:
+            return None
+        module, _, cls = self.site_plugin.partition(":")
+        return getattr(importlib.import_module(module), cls)(self.parse_options(options_doc))
+
+    def study_job(self) -> Job | None:
+        """The checked-in job of this algorithm (``jobs/<name>/``, ``fedseg.jobs.catalog``): the
+        ``study`` profile's settings; None for an algorithm that needs special kits (HE)."""
+        return Job(algorithm=self.name, study=profile("study"), name=self.name) if self.plain_weights else None
 
     def check(self, job: Job) -> None:
         """Refuse options of this algorithm that cannot work together (its own options only)."""
@@ -102,12 +134,42 @@ class Algorithm:
                                       validation_timeout=validation_timeout)
 
 
+@functools.cache
+def algorithms() -> dict[str, Algorithm]:
+    """Every algorithm by name, in the table's order (``ALGORITHM_MODULES``)."""
+    found: dict[str, Algorithm] = {}
+    for module in ALGORITHM_MODULES:
+        cls = importlib.import_module(f"fedseg.jobs.{module}").ALGORITHM
+        if cls.name in found:
+            raise RuntimeError(f"two algorithms are called {cls.name!r}")
+        found[cls.name] = cls()
+    return found
+
+
+def __getattr__(name: str) -> Any:
+    """``ALGORITHMS``: the algorithms by name (read on first use: the modules import this one)."""
+    if name == "ALGORITHMS":
+        return algorithms()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def personal_algorithms() -> tuple[str, ...]:
+    """The names of the algorithms whose sites end with a personal model."""
+    return tuple(name for name, algo in algorithms().items() if algo.personal)
+
+
+def describe_algorithms(names: Iterable[str] | None = None) -> str:
+    """``name (description); ...`` of every algorithm: the help texts' list."""
+    table = algorithms()
+    return "; ".join(f"{name}: {table[name].description}" for name in (names or table))
+
+
 def algorithm(name: str) -> Algorithm:
     """The algorithm called ``name`` (``ValueError`` naming the known ones)."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
-    module, _, cls = ALGORITHMS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    table = algorithms()
+    if name not in table:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(table)}")
+    return table[name]
 
 
 @dataclass(frozen=True)
@@ -122,7 +184,7 @@ class Job:
     options: Any = None
     addons: Addons = field(default_factory=Addons)
     cross_site_eval: bool = True
-    #: the study this job belongs to: names a FedPer site's head store (default: the job's name)
+    #: the study this job belongs to: names a personalized site's store of personal models (default: the job's name)
     study_name: str = ""
 
     def __post_init__(self) -> None:
@@ -215,8 +277,7 @@ class Job:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Job:
-        algo = algorithm(doc["algorithm"])
-        options = algo.options(**doc.get("options", {})) if algo.options else None
+        options = algorithm(doc["algorithm"]).parse_options(doc.get("options"))
         return cls(algorithm=doc["algorithm"], study=StudyConfig.from_json(doc["study"]), name=doc.get("name", ""),
                    min_clients=doc.get("min_clients", 2), options=options,
                    addons=Addons.from_json(doc.get("addons", {})), cross_site_eval=doc.get("cross_site_eval", True),
@@ -274,7 +335,7 @@ def build_recipe(job: Job) -> Any:
         round_args["start_round"], common["initial_ckpt"] = resume_start(job)
         common["num_rounds"] = fed.rounds - round_args["start_round"]
     if job.addons.contribution is not None:
-        common["aggregator"] = job.addons.contribution.aggregator()
+        common["aggregator"] = contribution_aggregator(job.addons.contribution)
     if job.addons.groups is not None:
         round_args.update(grouped=True, shared_keys=_encoder_keys(job) if job.addons.groups.share_encoder else [])
     with in_app_dir():  # adding filters re-assembles the client app, which reads the script too
@@ -379,7 +440,7 @@ def resume_start(job: Job) -> tuple[int, str]:
     code refuse it. So the checkpoint must be where the server can read it: on the machine of the
     simulator and of POC mode, in the server's storage for a real study (``fedseg study``).
     """
-    from fedseg.run.resume import find_resume_point
+    from fedseg.jobs.resume import find_resume_point
 
     point = find_resume_point(Path(job.addons.resume_from))
     rounds = job.study.federation.rounds

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedseg.config import profile
-from fedseg.jobs.base import Job, export
+from fedseg.jobs.base import Job, algorithms, export
 
 JOBS_DIR = Path(__file__).resolve().parent
 
-#: the checked-in jobs: every plaintext algorithm with the study profile's settings (FedRep splits a
-#: round's epochs between head and encoder: 25 rounds of 2 epochs, the same 50 epochs per case)
-STUDY_JOBS: dict[str, Job] = {
-    **{name: Job(algorithm=name, study=profile("study"), name=name)
-       for name in ("fedavg", "fedprox", "fedopt", "fedper", "ditto", "finetune")},
-    "fedrep": Job(algorithm="fedrep", study=profile("study").override(rounds=25, local_epochs=2), name="fedrep"),
-}
+#: the checked-in jobs: each algorithm's own (``Algorithm.study_job``: the study profile's settings;
+#: none for HE, whose job needs HE kits)
+STUDY_JOBS: dict[str, Job] = {name: job for name, algo in algorithms().items() if (job := algo.study_job()) is not None}
 
 
 def export_all(out_dir: Path = JOBS_DIR) -> list[Path]:

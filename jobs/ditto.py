@@ -32,11 +32,16 @@ class Ditto(Algorithm):
     """Fair and robust federated learning through personalization (Li et al. 2021)."""
 
     name = "ditto"
+    description = "a personal model per site beside the global one, pulled towards it"
     options = DittoOptions
     personal = True
+    site_plugin = "fedseg.app.personalization:DittoPlugin"
     addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
         from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
 
         return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
+
+
+ALGORITHM = Ditto

@@ -16,8 +16,12 @@ class FedAvg(Algorithm):
     """Federated averaging (McMahan et al. 2017), weighted by each site's training cases."""
 
     name = "fedavg"
+    description = "federated averaging, weighted by each site's training cases"
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
         from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
 
         return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
+
+
+ALGORITHM = FedAvg

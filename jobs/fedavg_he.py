@@ -22,8 +22,11 @@ class FedAvgHE(Algorithm):
     """FedAvg whose server only ever holds CKKS ciphertexts of the sites' weights."""
 
     name = "fedavg-he"
+    description = "CKKS-encrypted aggregation; POC and real sites only"
     addons = frozenset({"wandb"})
     plain_weights = False
+    # NVFlare's HE recipe needs kits made with its HEBuilder
+    simulator = False
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
         """Sites are weighed by their training cases: ``HEModelEncryptor`` multiplies the weights by the
@@ -64,3 +67,6 @@ class FedAvgHE(Algorithm):
         fed_job.to_server(HECrossSiteEval(model_locator_id=locator_id, submit_model_timeout=submit_model_timeout,
                                           validation_timeout=validation_timeout))
         nvflare_internals.mark_cross_site_evaluation_added(recipe)
+
+
+ALGORITHM = FedAvgHE

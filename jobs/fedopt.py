@@ -37,6 +37,7 @@ class FedOpt(Algorithm):
     """Adaptive federated optimization (Reddi et al. 2021): a server optimizer on the averaged update."""
 
     name = "fedopt"
+    description = "a server optimizer, SGD with momentum or Adam, on the averaged update"
     options = FedOptOptions
     # FedOpt's own update replaces the aggregate: no contribution weights or per-group models
     addons = frozenset({"privacy", "wandb", "resume", "quantize"})
@@ -73,7 +74,7 @@ def _optimizer_state(job: Job, start_round: int) -> Path | None:
     if not start_round:
         return None
     from fedseg.app.resilient_fedopt import OPTIMIZER_STATE_FILE, read_optimizer_state
-    from fedseg.run.resume import find_resume_point
+    from fedseg.jobs.resume import find_resume_point
 
     checkpoint = find_resume_point(Path(job.addons.resume_from)).checkpoint
     state_file = checkpoint.parent / OPTIMIZER_STATE_FILE
@@ -85,3 +86,6 @@ def _optimizer_state(job: Job, start_round: int) -> Path | None:
         raise ValueError(f"{state_file} is from round {saved_round + 1}, the checkpoint {checkpoint} from round "
                          f"{start_round}: they must belong together")
     return state_file
+
+
+ALGORITHM = FedOpt

@@ -4,7 +4,7 @@ A FedAvg recipe over the shared keys only: the server model is ``SharedEncoder``
 each site keeps its head in a site-local store and sends only shared keys (``fedseg.app.fedper``),
 and a site-side ``ExcludeVars`` output filter strips the personal keys again on every result a site
 returns. The server's ``PayloadKeyAudit`` records the names of every payload it receives.
-``personal_head`` is how much of the decoder stays at the site (``networks.HEAD_DEPTHS``: the
+``personal_head`` is how much of the decoder stays at the site (``fedseg.config.HEAD_DEPTHS``: the
 output layer, the last decoder level and the output layer, or the whole decoder);
 ``keep_norm_local`` keeps the normalization layers local too (FedBN). The job ends with each site
 scoring its personal model (the final encoder with its own head) on its own validation cases.
@@ -15,16 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedseg.config import setting
+from fedseg.config import DEFAULT_HEAD_DEPTH, HEAD_DEPTHS, setting
 from fedseg.jobs.base import RESULT_TASKS, Algorithm, Job
-
-#: how much of the decoder stays at the site (``fedseg.lightning_modules.networks.HEAD_DEPTHS``)
-HEAD_DEPTHS = ("output", "last", "decoder")
 
 
 @dataclass(frozen=True)
 class FedPerOptions:
-    personal_head: str = setting("decoder", "fedper/fedrep: the personal head: the output layer, the last decoder "
+    personal_head: str = setting(DEFAULT_HEAD_DEPTH, "fedper/fedrep: the personal head: the output layer, the last decoder "
                                  "level and the output layer, or the whole decoder", choices=HEAD_DEPTHS)
     keep_norm_local: bool = setting(False, "fedper/fedrep: keep normalization layers local too (FedBN)")
 
@@ -37,8 +34,12 @@ class FedPer(Algorithm):
     """Federated learning with personalization layers (Arivazhagan et al. 2019)."""
 
     name = "fedper"
+    description = "each site keeps a personal head (the decoder by default), the encoder is averaged"
     options = FedPerOptions
     personal = True
+    site_plugin = "fedseg.app.personalization:FedPerPlugin"
+    #: smaller personal heads
+    compare_variants = {"fedper-output": {"personal_head": "output"}, "fedper-last": {"personal_head": "last"}}
     # the server averages the encoder only: per-group full models make no sense here
     addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})
 
@@ -72,3 +73,6 @@ class FedPer(Algorithm):
         for task in RESULT_TASKS:
             recipe.add_client_output_filter(ExcludeVars(self.personal_keys(job)), tasks=[task])
             recipe.add_server_input_filter(PayloadKeyAudit(), tasks=[task])
+
+
+ALGORITHM = FedPer

@@ -26,6 +26,7 @@ class FedProx(Algorithm):
     """FedAvg with a proximal term that keeps each site's update near the global model (Li et al. 2020)."""
 
     name = "fedprox"
+    description = "FedAvg with a proximal term at each site"
     options = FedProxOptions
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
@@ -33,3 +34,6 @@ class FedProx(Algorithm):
 
         return ResilientFedProxRecipe(key_metric="val_dice", key_metric_mode="max", fedprox_mu=job.options.fedprox_mu,
                                       **round_args, **common)
+
+
+ALGORITHM = FedProx

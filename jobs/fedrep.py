@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedseg.config import setting
+from fedseg.config import profile, setting
 from fedseg.jobs.base import Job
 from fedseg.jobs.fedper import FedPer, FedPerOptions
 
@@ -32,10 +32,21 @@ class FedRep(FedPer):
     """Exploiting shared representations (Collins et al. 2021): head first, then the shared encoder."""
 
     name = "fedrep"
+    description = "FedPer's split, each round training the head first, then the encoder"
     options = FedRepOptions
+    site_plugin = "fedseg.app.personalization:FedRepPlugin"
+    compare_variants = {}
+
+    def study_job(self) -> Job:
+        """A round's epochs are split between head and encoder: 25 rounds of 2 epochs, the study's 50
+        epochs per case."""
+        return Job(algorithm=self.name, study=profile("study").override(rounds=25, local_epochs=2), name=self.name)
 
     def check(self, job: Job) -> None:
         epochs = job.study.federation.local_epochs
         if job.options.head_epochs >= epochs:
             raise ValueError(f"fedrep: head_epochs ({job.options.head_epochs}) must be fewer than the round's "
                              f"local_epochs ({epochs}): the encoder trains in the epochs left")
+
+
+ALGORITHM = FedRep

@@ -28,6 +28,11 @@ class FineTune(FedAvg):
     """FedAvg followed by local fine-tuning of the final global model at each site."""
 
     name = "finetune"
+    description = "FedAvg, then each site fine-tunes the final global model on its own cases"
     options = FineTuneOptions
     personal = True
+    site_plugin = "fedseg.app.personalization:FineTunePlugin"
     addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})
+
+
+ALGORITHM = FineTune

@@ -90,6 +90,9 @@ from monai.networks.nets.attentionunet import AttentionLayer
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase  # base of every BatchNorm*d / InstanceNorm*d
 
+# ``head_depth`` values, shallowest head first, and the default: written once, in the configuration
+from fedseg.config import DEFAULT_HEAD_DEPTH, HEAD_DEPTHS
+
 from fedseg.config import MODALITIES, NETWORK_NAMES as _CONFIG_NETWORK_NAMES, NORMS, ModelSettings
 from fedseg.lightning_modules.labels import REGIONS
 
@@ -457,9 +460,6 @@ class KeyPartition:
     norm: list[str] = field(default_factory=list)
 
 
-#: ``head_depth`` values, shallowest head first: the output layer only; it and the decoder level
-#: nearest the output; every decoder level (the whole expanding path).
-HEAD_DEPTHS: tuple[str, ...] = ("output", "last", "decoder")
 
 _ENCODER = -1  # the "level" of encoder keys in :func:`_key_levels`
 
@@ -529,7 +529,7 @@ def partition_keys(
     network: nn.Module,
     keys: Iterable[str] | None = None,
     prefix: str = "",
-    head_depth: str = "decoder",
+    head_depth: str = DEFAULT_HEAD_DEPTH,
 ) -> KeyPartition:
     """Split state_dict keys of ``network`` into encoder / head, and pick out the norm keys.
 
@@ -572,7 +572,7 @@ def encoder_keys(
     network: nn.Module,
     keys: Iterable[str] | None = None,
     prefix: str = "",
-    head_depth: str = "decoder",
+    head_depth: str = DEFAULT_HEAD_DEPTH,
 ) -> list[str]:
     """The shared (FedPer) keys: contracting path, bottleneck, and decoder levels deeper than
     ``head_depth``. See :func:`partition_keys`."""
@@ -583,7 +583,7 @@ def head_keys(
     network: nn.Module,
     keys: Iterable[str] | None = None,
     prefix: str = "",
-    head_depth: str = "decoder",
+    head_depth: str = DEFAULT_HEAD_DEPTH,
 ) -> list[str]:
     """The personal (FedPer) keys: the output layer and the decoder levels up to ``head_depth``.
     See :func:`partition_keys`."""
@@ -594,7 +594,7 @@ def norm_keys(
     network: nn.Module,
     keys: Iterable[str] | None = None,
     prefix: str = "",
-    head_depth: str = "decoder",
+    head_depth: str = DEFAULT_HEAD_DEPTH,
 ) -> list[str]:
     """The normalisation layers' keys (kept local by FedBN); the same at every ``head_depth``,
     which is accepted for a uniform signature. See :func:`partition_keys`."""

@@ -9,7 +9,7 @@ import torch
 
 from fedseg.app.fedper import personalize, shared_state
 from fedseg.app.global_model import SharedEncoder, personal_keys
-from fedseg.app.head_store import FedPerHeadStore
+from fedseg.app.personal_store import PersonalModelStore
 from conftest import tiny_job
 from fedseg.lightning_modules.module import SegmentationModule
 from fedseg.lightning_modules.networks import partition_keys
@@ -32,21 +32,21 @@ def test_server_model_holds_exactly_the_shared_keys():
 def test_head_store_round_trip_is_atomic_and_refuses_another_network(tmp_path):
     module = SegmentationModule(**TINY)
     keys = personal_keys(module)
-    store = FedPerHeadStore(tmp_path / "heads", "study-1")
+    store = PersonalModelStore(tmp_path / "heads", "study-1")
     assert store.record() is None and store.load_into(module, keys) is None  # new site: fresh head
-    store.save(module, keys, encoder_round=3, job_id="job-a")
+    store.save(module, keys, global_round=3, job_id="job-a")
     assert [p.name for p in (tmp_path / "heads").iterdir()] == ["study-1.pt"]  # no temporary left
     other = SegmentationModule(**TINY)
     conv = next(k for k in keys if module.state_dict()[k].ndim > 1)  # randomly initialized
     assert not torch.equal(other.state_dict()[conv], module.state_dict()[conv])
     record = store.load_into(other, keys)
-    assert record.encoder_round == 3 and record.job_id == "job-a"
+    assert record.global_round == 3 and record.job_id == "job-a"
     assert all(torch.equal(other.state_dict()[k], module.state_dict()[k]) for k in keys)
     wider = SegmentationModule(**{**TINY, "features": 8})
     with pytest.raises(ValueError, match="shapes differ"):
         store.load_into(wider, personal_keys(wider))
     with pytest.raises(ValueError, match="study name"):
-        FedPerHeadStore(tmp_path, "../escape")
+        PersonalModelStore(tmp_path, "../escape")
 
 
 def test_fedper_job_filters_head_keys_on_the_site_side(tmp_path):
@@ -132,9 +132,9 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     final = results.cross_site["SRV_FL_global_model.pt"]
     assert set(final) == {"site-1", "site-2"}
 
-    stores = {s: FedPerHeadStore(heads / s, "fedper") for s in ("site-1", "site-2")}
+    stores = {s: PersonalModelStore(heads / s, "fedper") for s in ("site-1", "site-2")}
     first = {s: st.record() for s, st in stores.items()}
-    assert all(r.encoder_round == 1 and set(r.keys) == EXPECTED_HEAD for r in first.values())
+    assert all(r.global_round == 1 and set(r.keys) == EXPECTED_HEAD for r in first.values())
     assert "personal head (decoder, 12 tensors) new" in _site_log(run1, "site-1")
     # the personal scores: each site's final encoder with its own head, as cross-site evaluation scored it
     final_on_own_site = results.cross_site["SRV_FL_global_model.pt"]
@@ -156,7 +156,7 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     assert "personal head (decoder, 12 tensors) reused" in _site_log(run2, "site-2", "fedrep")
     second = stores["site-2"].record()
     # saved again by the new job (the simulator names every job "simulate_job"), at its round 0
-    assert second.saved_at > first["site-2"].saved_at and second.encoder_round == 0
+    assert second.saved_at > first["site-2"].saved_at and second.global_round == 0
     payloads = _audited(run2 / "nvflare" / "fedrep" / "server" / "simulate_job")
     assert [p["task"] for p in payloads].count("train") == 2 and all(p["keys"] for p in payloads if p["task"] == "train")
     assert not any(EXPECTED_HEAD & set(p["keys"]) for p in payloads)

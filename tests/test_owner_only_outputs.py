@@ -81,14 +81,14 @@ def test_predictions_and_evaluation_tables_are_owner_only(trained, tmp_path, per
 def test_a_personalized_checkpoint_is_owner_only(tmp_path, permissive_umask):
     from fedseg.app.fedper import shared_state
     from fedseg.app.global_model import personal_keys
-    from fedseg.app.head_store import FedPerHeadStore
+    from fedseg.app.personal_store import PersonalModelStore
     from fedseg.lightning_modules.module import SegmentationModule
 
     tiny = dict(network="unet", in_channels=4, features=4, roi_size=(16, 16, 16), hd95=False)
     module = SegmentationModule(**tiny)
     encoder = tmp_path / "encoder.ckpt"
     torch.save({"state_dict": shared_state(module), "hyper_parameters": dict(module.hparams)}, encoder)
-    head = FedPerHeadStore(tmp_path / "heads", "study").save(module, personal_keys(module), encoder_round=1)
+    head = PersonalModelStore(tmp_path / "heads", "study").save(module, personal_keys(module), global_round=1)
     out = tmp_path / "models" / "site-1"
     assert main(["personalize", str(encoder), str(head), "--out", str(out / "personal.ckpt")]) == 0
     assert_owner_only(out)

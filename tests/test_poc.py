@@ -59,9 +59,9 @@ def test_cli_refuses_mismatched_datalists_and_bad_site_names(tmp_path, capsys):
 
     one = tmp_path / "a.json"
     one.write_text("{}")
-    assert main(["poc", "--out", str(tmp_path / "run"), "--sites", *SITES, "--datalists", str(one)]) == 2
+    assert main(["poc", "--out", str(tmp_path / "run"), "--site-names", *SITES, "--datalists", str(one)]) == 2
     assert "one file per site: 2 sites, 1 files" in capsys.readouterr().err
-    assert main(["poc", "--out", str(tmp_path / "run"), "--sites", "server"]) == 2
+    assert main(["poc", "--out", str(tmp_path / "run"), "--site-names", "server"]) == 2
     assert "bad site name 'server'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 

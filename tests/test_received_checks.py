@@ -107,8 +107,9 @@ def test_a_personalized_site_expects_exactly_its_shared_keys(state, tmp_path):
     """FedPer's plug-in shares the encoder only: what the site expects is that part, whatever the server sends."""
     from fedseg.app.global_model import personal_keys
     from fedseg.app.personalization import FedPerPlugin
+    from fedseg.jobs.fedper import FedPerOptions
 
-    plugin = FedPerPlugin()
+    plugin = FedPerPlugin(FedPerOptions())
     runner = runner_with([plugin], tmp_path)
     plugin.personal = personal_keys(runner.model)  # what FedPerPlugin.setup finds, without a site config
     shared = {k: v for k, v in state.items() if k not in set(plugin.personal)}

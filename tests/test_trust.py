@@ -33,7 +33,7 @@ def _malicious(tmp_path: Path, name: str, wrap) -> tuple[Path, Path]:
 def test_every_loader_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path):
     """Each loader that reads a file another party wrote: the refusal names the file, and the code never ran."""
     from fedseg.app.fedper import personalize
-    from fedseg.app.head_store import FedPerHeadStore
+    from fedseg.app.personal_store import PersonalModelStore
     from fedseg.app.resilient_fedopt import read_optimizer_state
     from fedseg.lightning_modules.inference import InferenceError, load_model
     from fedseg.lightning_modules.module import SegmentationModule
@@ -49,7 +49,7 @@ def test_every_loader_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path)
         "global model -> Lightning checkpoint (fedseg.run.results)":
             (lambda p: global_checkpoint(p, {}, tmp_path / "out.ckpt"), UnsafeCheckpointError),
         "resume point (fedseg.run.resume)": (lambda p: find_resume_point(p), ResumeError),
-        "FedPer head store": (lambda p: FedPerHeadStore(p.parent, p.stem).record(), UnsafeCheckpointError),
+        "personal model store": (lambda p: PersonalModelStore(p.parent, p.stem).record(), UnsafeCheckpointError),
         "personalize: the encoder": (lambda p: personalize(p, p, tmp_path / "x.ckpt"), UnsafeCheckpointError),
         "personalize: the head": (lambda p: personalize(good_encoder, p, tmp_path / "y.ckpt"), UnsafeCheckpointError),
         "FedOpt optimizer state": (lambda p: read_optimizer_state(p), UnsafeCheckpointError),
@@ -87,14 +87,14 @@ def _tenseal() -> bool:
 
 def test_head_store_and_preprocessed_cache_are_owner_only(tmp_path, tiny):
     from conftest import tiny_synth
-    from fedseg.app.head_store import FedPerHeadStore
+    from fedseg.app.personal_store import PersonalModelStore
     from fedseg.lightning_modules.data.datalist import read_datalist
     from fedseg.lightning_modules.module import SegmentationModule
     from fedseg.lightning_modules.training import build_datamodule
 
     module = SegmentationModule(features=4, roi_size=(16, 16, 16), hd95=False)
-    store = FedPerHeadStore(tmp_path / "heads" / "site-1", "study")
-    store.save(module, ["network.net.model.2.conv.weight"], encoder_round=0)
+    store = PersonalModelStore(tmp_path / "heads" / "site-1", "study")
+    store.save(module, ["network.net.model.2.conv.weight"], global_round=0)
     for folder in (tmp_path / "heads", tmp_path / "heads" / "site-1"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600

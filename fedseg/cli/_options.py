@@ -18,6 +18,8 @@ from typing import Any
 from fedseg.config import PROFILES, SECTIONS, StudyConfig, profile
 
 _MISSING = None  # argparse default of a generated option: "not given, take the profile's"
+#: ``--job`` when none is given
+DEFAULT_ALGORITHM = "fedavg"
 
 
 def option_name(field_name: str) -> str:
@@ -112,19 +114,15 @@ def _field_type(f: dataclasses.Field) -> type:
 def add_job_options(parser: argparse.ArgumentParser) -> None:
     """``--job`` (the algorithm), each algorithm's own options, and the add-ons (``fedseg.jobs.addons``)."""
     from fedseg.jobs.addons import PRIVACY_FILTERS, WANDB_MODES, ContributionWeights, SiteGroups
-    from fedseg.jobs.base import ALGORITHMS, algorithm
+    from fedseg.jobs.base import algorithms, describe_algorithms
 
     group = parser.add_argument_group("federated job")
-    group.add_argument("--job", choices=list(ALGORITHMS), default="fedavg",
-                       help="fedavg; fedprox (site proximal term); fedopt (server optimizer); personalized: fedper "
-                       "(personal head), fedrep (head first, then encoder), ditto (personal model pulled to the "
-                       "global one), finetune (FedAvg, then each site fine-tunes); fedavg-he (CKKS-encrypted "
-                       "aggregation; POC and real sites only) (default: fedavg)")
+    group.add_argument("--job", choices=list(algorithms()), default=DEFAULT_ALGORITHM,
+                       help=f"the algorithm: {describe_algorithms()} (default: {DEFAULT_ALGORITHM})")
     seen: set[str] = set()
-    for name in ALGORITHMS:
-        options = algorithm(name).options
-        if options is not None:
-            add_dataclass_options(group, options, seen=seen)
+    for algo in algorithms().values():
+        if algo.options is not None:
+            add_dataclass_options(group, algo.options, seen=seen)
     addons = parser.add_argument_group("job add-ons")
     addons.add_argument("--wandb", choices=list(WANDB_MODES), default="off",
                         help="Weights & Biases tracking on the server, one run per site (sites need no credentials): "
@@ -152,14 +150,10 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
 
 def algorithm_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``{algorithm: its options}`` for every algorithm with options, from the generated flags."""
-    from fedseg.jobs.base import ALGORITHMS, algorithm
+    from fedseg.jobs.base import algorithms
 
-    found = {}
-    for name in ALGORITHMS:
-        cls = algorithm(name).options
-        if cls is not None:
-            found[name] = dataclass_from_args(args, cls)
-    return found
+    return {name: dataclass_from_args(args, algo.options) for name, algo in algorithms().items()
+            if algo.options is not None}
 
 
 def job_from_args(args: argparse.Namespace, study: StudyConfig, *, min_clients: int, name: str | None = None) -> Any:

@@ -6,11 +6,14 @@ import argparse
 from pathlib import Path
 
 from fedseg.cli import UserError
-from fedseg.cli._options import add_dataclass_options, add_study_options, add_verbose_option
+from fedseg.cli._options import add_dataclass_options, add_study_options, add_verbose_option, dataclass_from_args
+from fedseg.config import ComparisonSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    # the methods are checked by fedseg.experiments.compare (importing it here would load torch for `fedseg --help`)
+    # the methods' names and help come from fedseg.experiments.methods (no torch, so `fedseg --help` stays fast)
+    from fedseg.experiments.methods import methods_help
+
     cmp = subparsers.add_parser(
         "compare",
         help="compare centralized, local-only and federated training on the same sites (same budget)",
@@ -18,16 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "seen ROUNDS x LOCAL_EPOCHS times), scores each method's final model on each site's own "
         "validation cases, and writes OUT/comparison.json|csv|png and OUT/verdict.txt (one run folder "
         "per method: OUT/<method>/). Sites: the profile's synthetic sites in OUT/synth by default. "
-        "Running the same command again skips the methods already done.",
+        "Running the same command again skips the methods already done. " + methods_help(),
     )
     cmp.add_argument("--out", type=Path, required=True, help="comparison folder")
     cmp.add_argument("--datalists", type=Path, nargs="+", default=None, help="one datalist per site (site-N.json -> site-N)")
     cmp.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
-    cmp.add_argument("--methods", nargs="+", default=["centralized", "local", "fedavg", "fedper"], metavar="METHOD",
-                     help="any of centralized, centralized-steps (as many optimizer steps as one site), local, fedavg, "
-                     "fedprox, fedopt, fedper (fedper-output, fedper-last: "
-                     "smaller personal heads), fedrep, ditto, finetune, contribution, fedavg-svt, fedavg-percentile, "
-                     "fedavg-fp16, fedavg-int8 (quantized exchange), grouped, grouped-shared (default: %(default)s)")
+    add_dataclass_options(cmp, ComparisonSettings)
     cmp.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                      help="run the whole comparison once per seed (OUT/seed-<s>/, instead of --seed) and "
                      "summarize mean ± sd over seeds and each method's difference to fedavg paired by seed "
@@ -42,9 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _algorithm_option_classes() -> list[type]:
-    from fedseg.jobs.base import ALGORITHMS, algorithm
+    from fedseg.jobs.base import algorithms
 
-    return [cls for name in ALGORITHMS if (cls := algorithm(name).options) is not None]
+    return [algo.options for algo in algorithms().values() if algo.options is not None]
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -57,6 +56,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from fedseg.run.console import quiet_console
 
     study = study_or_error(args)
+    methods = dataclass_from_args(args, ComparisonSettings).methods
     datalists = site_datalists(args, study)
     log_file = args.out / "logs" / "compare.log"
     try:
@@ -67,10 +67,10 @@ def run_compare(args: argparse.Namespace) -> int:
             if args.seeds:
                 from fedseg.experiments.seed_sweep import sweep_seeds
 
-                sweep = sweep_seeds(datalists, args.out, settings, args.seeds, methods=args.methods,
+                sweep = sweep_seeds(datalists, args.out, settings, args.seeds, methods=methods,
                                     data_root=args.data_root, progress=console.print, console=console)
             else:
-                results = compare(datalists, args.out, settings, methods=args.methods, data_root=args.data_root,
+                results = compare(datalists, args.out, settings, methods=methods, data_root=args.data_root,
                                   progress=console.print, console=console)
     except DatasetCheckError as err:
         raise UserError(f"the training data fails the dataset check:\n{err}") from None

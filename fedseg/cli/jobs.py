@@ -21,11 +21,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(FL_global_model.pt, or a job downloaded with `nvflare job download`), with the rounds it holds "
         "counted. Submit it with `nvflare job submit -j`.",
     )
-    resume.add_argument("name", help="the study job: fedavg, fedprox, fedopt, fedper, fedrep, ditto or finetune")
+    resume.add_argument("name", help="the study job: " + ", ".join(_study_job_names()))
     resume.add_argument("--from", dest="source", type=Path, required=True, help="checkpoint or downloaded job")
     resume.add_argument("--out", type=Path, required=True, help="folder for the job folder")
     resume.add_argument("--rounds", type=int, default=None, help="the study's total rounds (default: the job's)")
     resume.set_defaults(func=_resume)
+
+
+def _study_job_names() -> list[str]:
+    """The checked-in study jobs (``fedseg.jobs.catalog``): each algorithm's ``study_job``."""
+    from fedseg.jobs.base import algorithms
+
+    return [name for name, algo in algorithms().items() if algo.study_job() is not None]
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -24,10 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(OUT/synth).",
     )
     poc.add_argument("--out", type=Path, default=Path("runs/poc"), help="run folder (default runs/poc)")
-    poc.add_argument("--sites", nargs="+", default=["hospital-a", "hospital-b"], metavar="NAME",
-                     help="site names (default hospital-a hospital-b)")
+    poc.add_argument("--site-names", nargs="+", default=["hospital-a", "hospital-b"], metavar="NAME",
+                     help="the sites' names (default hospital-a hospital-b); as many synthetic sites are made")
+    # every other command's --sites is a number of synthetic sites: here it would be a list of names
+    poc.add_argument("--sites", dest="sites_given", nargs="+", default=None, help=argparse.SUPPRESS)
     poc.add_argument("--port", type=int, default=0, help="server port (FL and admin); default: a free port")
-    poc.add_argument("--datalists", type=Path, nargs="+", default=None, help="one datalist per site, in the order of --sites")
+    poc.add_argument("--datalists", type=Path, nargs="+", default=None, help="one datalist per site, in the order of --site-names")
     poc.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
     poc.add_argument("--job-dir", type=Path, default=None, help="submit this exported job folder instead of exporting --job")
     poc.add_argument("--timeout", type=int, default=1800, help="seconds the job may run (default 1800)")
@@ -35,25 +37,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="declare a site's group in its site config (repeatable; with --datalists)")
     add_site_devices_option(poc)
     add_verbose_option(poc)
-    add_study_options(poc, "demo", skip=("sites",))  # --sites names the hospitals here
+    add_study_options(poc, "demo", skip=("sites",))  # --site-names names the hospitals, and so counts them
     add_job_options(poc)
     poc.set_defaults(func=run_poc_command)
 
 
 def _site_datalists(args: argparse.Namespace, study) -> dict[str, Path]:
-    """``site -> datalist``: the given files in --sites order, or one synthetic site per name."""
+    """``site -> datalist``: the given files in --site-names order, or one synthetic site per name."""
     if args.datalists:
-        if len(args.datalists) != len(args.sites):
-            raise UserError(f"--datalists takes one file per site: {len(args.sites)} sites, {len(args.datalists)} files")
+        if len(args.datalists) != len(args.site_names):
+            raise UserError(f"--datalists takes one file per site: {len(args.site_names)} sites, {len(args.datalists)} files")
         missing = [str(p) for p in args.datalists if not p.is_file()]
         if missing:
             raise UserError(f"datalist(s) not found: {', '.join(missing)}")
-        return dict(zip(args.sites, args.datalists))
+        return dict(zip(args.site_names, args.datalists))
     from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate
 
     s = study.synth
     try:
-        cfg = SynthConfig(n_sites=len(args.sites), cases_per_site=s.cases, shape=(s.size,) * 3,
+        cfg = SynthConfig(n_sites=len(args.site_names), cases_per_site=s.cases, shape=(s.size,) * 3,
                           heterogeneity=s.heterogeneity, groups=s.synth_groups, seed=s.synth_seed)
         result = generate(cfg, args.out / "synth")
     except SynthError as err:
@@ -61,16 +63,19 @@ def _site_datalists(args: argparse.Namespace, study) -> dict[str, Path]:
     print(result.summary())
     # Synthetic sites are site-1, site-2, ... in profile order; the k-th named hospital gets the k-th.
     if s.synth_groups > 1:  # what each hospital would write in its own site config
-        args.site_group = [f"{h}={p.group}" for h, p in zip(args.sites, result.profiles)] + args.site_group
-    return dict(zip(args.sites, (result.datalists[p.name] for p in result.profiles)))
+        args.site_group = [f"{h}={p.group}" for h, p in zip(args.site_names, result.profiles)] + args.site_group
+    return dict(zip(args.site_names, (result.datalists[p.name] for p in result.profiles)))
 
 
 def run_poc_command(args: argparse.Namespace) -> int:
     from fedseg.cli.simulate import build_job, site_group_settings, study_or_error
     from fedseg.run.poc import PocError, check_site_names, run_poc
 
+    if args.sites_given is not None:
+        raise UserError("fedseg poc names its sites with --site-names (--sites is a number of synthetic sites in the "
+                        f"other commands): --site-names {' '.join(args.sites_given)}")
     try:
-        sites = check_site_names(args.sites)
+        sites = check_site_names(args.site_names)
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.port and not 0 < args.port < 65536:
@@ -105,7 +110,7 @@ def run_poc_command(args: argparse.Namespace) -> int:
             result = run_poc(job_dir, datalists, port=args.port or None, workspace=out / "poc", timeout=args.timeout,
                              download_to=out / "download", data_roots=data_roots,
                              site_settings=site_group_settings(args.site_group, args.site_devices),
-                             he=bool(job and job.algorithm == "fedavg-he"), log=console.print, console=console)
+                             he=bool(job and not job.spec.plain_weights), log=console.print, console=console)
     except PocError as err:
         raise UserError(f"POC run failed: {err}\n(deployment folder, logs and kits: {out / 'poc'})") from None
     (out / "poc.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -136,8 +141,9 @@ def _collect(server_dir: Path, out: Path, job, result) -> None:
             server_dir,
             out,
             job=job_info,
-            # fedavg-he: the server's models are ciphertext; fedseg.app.he.decrypt_global_model with a site kit reads them
-            hyper_parameters=job.checkpoint_hparams() if job and job.algorithm != "fedavg-he" else None,
+            # encrypted weights (HE): the server's models are ciphertext; fedseg.app.he.decrypt_global_model with a
+            # site kit reads them
+            hyper_parameters=job.checkpoint_hparams() if job and job.spec.plain_weights else None,
             encoder_only=bool(job and job.personal_keys()),
         )
     except ResultsError as err:

@@ -137,9 +137,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedseg.run.results import format_table
     from fedseg.run.simulate import simulate
 
-    if args.job == "fedavg-he":
-        raise UserError("fedavg-he runs in POC and on real sites only: NVFlare's HE recipe refuses the simulator "
-                        "(it needs HE startup kits). Try: fedseg poc --job fedavg-he")
+    from fedseg.jobs.base import algorithm
+
+    if not algorithm(args.job).simulator:
+        raise UserError(f"{args.job} runs in POC and on real sites only: {algorithm(args.job).description}. "
+                        f"Try: fedseg poc --job {args.job}")
     study = study_or_error(args)
     datalists = site_datalists(args, study)
     job = build_job(args, study, min_clients=len(datalists))
@@ -168,7 +170,7 @@ def _earlier_heads(job: Any, out: Path) -> Path | None:
     """
     if not job.addons.resume_from:
         return None
-    from fedseg.run.resume import find_resume_point
+    from fedseg.jobs.resume import find_resume_point
 
     checkpoint = find_resume_point(Path(job.addons.resume_from)).checkpoint
     for folder in checkpoint.parents:

@@ -7,10 +7,12 @@ passes through the network the same number of times, ``rounds x local_epochs``:
 - centralized-steps: the same for ``R x E / K`` epochs (K sites): as many optimizer steps as one
   federated site takes, the fair reference for "does the federated path lose anything";
 - local: each site alone, for ``R x E`` epochs (one model per site);
-- fedavg / fedprox / fedopt: ``R`` rounds of ``E`` local epochs in NVFlare's simulator;
-- the personalized methods fedper (and fedper-output, fedper-last: smaller personal heads), fedrep,
-  ditto and finetune: the same rounds, each site ending with its own personal model (Ditto trains a
-  second model per site and fine-tuning adds ``finetune_epochs``: their site compute is larger);
+- every algorithm that runs in the simulator (``fedseg.jobs.base.algorithms()``: fedavg, fedprox,
+  fedopt, ...) and the variants it declares (``Algorithm.compare_variants``, e.g. fedper-output and
+  fedper-last, FedPer with smaller personal heads): ``R`` rounds of ``E`` local epochs in NVFlare's
+  simulator; a personalized one (``Algorithm.personal``: fedper, fedrep, ditto, finetune) ends with
+  each site's own personal model (Ditto trains a second model per site and fine-tuning adds
+  ``finetune_epochs``: their site compute is larger);
 - contribution, fedavg-svt, fedavg-percentile, grouped, grouped-shared: FedAvg with
   contribution-weighted aggregation, with an SVT or percentile privacy filter at the sites, or with
   one model per site group (the group each datalist's ``meta.group`` names, as the synthetic
@@ -59,37 +61,17 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.config import StudyConfig
+from fedseg.experiments.methods import (  # noqa: F401 - the methods' names, read from here by callers
+    CENTRALIZED_STEPS,
+    DEFAULT_METHODS,
+    FL_METHOD_JOBS,
+    FL_METHODS,
+    METHODS,
+    PERSONALIZED,
+)
 from fedseg.lightning_modules.data.datalist import json_safe, read_datalist, write_json_atomic
 from fedseg.lightning_modules.labels import REGIONS
 
-#: every federated method: the algorithm and add-ons (``fedseg.jobs``) that make it. Spelled out as plain values so that
-#: importing this module (``fedseg --help``) stays light (tests/test_compare.py builds each job).
-#: HE (``fedavg-he``) is not here: NVFlare's HE recipe cannot run in the simulator (POC only).
-FL_METHOD_JOBS: dict[str, dict[str, Any]] = {
-    "fedavg": {"algorithm": "fedavg"},
-    "fedprox": {"algorithm": "fedprox"},
-    "fedopt": {"algorithm": "fedopt"},
-    "fedper": {"algorithm": "fedper"},
-    "fedper-output": {"algorithm": "fedper", "options": {"personal_head": "output"}},
-    "fedper-last": {"algorithm": "fedper", "options": {"personal_head": "last"}},
-    "fedrep": {"algorithm": "fedrep"},
-    "ditto": {"algorithm": "ditto"},
-    "finetune": {"algorithm": "finetune"},
-    "contribution": {"algorithm": "fedavg", "addons": {"contribution": {}}},
-    "fedavg-svt": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "svt"}}},
-    "fedavg-percentile": {"algorithm": "fedavg", "addons": {"privacy": {"kind": "percentile"}}},
-    "fedavg-fp16": {"algorithm": "fedavg", "addons": {"quantize": "fp16"}},
-    "fedavg-int8": {"algorithm": "fedavg", "addons": {"quantize": "int8"}},
-    "grouped": {"algorithm": "fedavg", "addons": {"groups": {}}},
-    "grouped-shared": {"algorithm": "fedavg", "addons": {"groups": {"share_encoder": True}}},
-}
-FL_METHODS: tuple[str, ...] = tuple(FL_METHOD_JOBS)
-#: centralized training with as many optimizer steps as each federated site takes: budget / sites epochs
-CENTRALIZED_STEPS = "centralized-steps"
-#: the methods scored by each site's personal model
-PERSONALIZED: tuple[str, ...] = ("fedper", "fedper-output", "fedper-last", "fedrep", "ditto", "finetune")
-METHODS: tuple[str, ...] = ("centralized", CENTRALIZED_STEPS, "local", *FL_METHODS)
-DEFAULT_METHODS: tuple[str, ...] = ("centralized", "local", "fedavg", "fedper")
 #: regions of the tables: the three scoring regions, then their per-case mean (``val_dice``)
 TABLE_REGIONS: tuple[str, ...] = (*REGIONS, "mean")
 SCORE_METRICS: tuple[str, ...] = ("dice", "iou", "hd95")
@@ -152,9 +134,7 @@ class CompareSettings:
     def job(self, method: str, n_sites: int) -> Any:
         """The ``Job`` of a federated method (``FL_METHOD_JOBS``): ``rounds`` rounds of ``local_epochs`` epochs."""
         from fedseg.jobs.addons import Addons
-        from fedseg.jobs.base import Job
-
-        from fedseg.jobs.base import algorithm
+        from fedseg.jobs.base import Job, algorithm
 
         spec = FL_METHOD_JOBS[method]
         name = spec["algorithm"]
@@ -559,14 +539,6 @@ def plot_comparison(results: ComparisonResults, out: Path) -> Path:
     ax.legend(ncols=min(len(methods), 5), loc="upper center", fontsize=8)
     fig.savefig(out, dpi=110)
     return out
-
-
-def _better(diff: float, a: str, b: str) -> str:
-    if math.isnan(diff):
-        return "no score"
-    if abs(diff) < 5e-5:
-        return "tie"
-    return f"{a} better" if diff > 0 else f"{b} better"
 
 
 def _nanmean(values: Sequence[float]) -> float:

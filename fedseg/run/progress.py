@@ -21,7 +21,9 @@ from pathlib import Path
 LogSource = Callable[[], dict[str, Path]]
 
 _SITE_ROUND = re.compile(r"\[fedseg\] round (\d+)/(\d+) (\S+): (.*)$")
-_SITE_EVENT = re.compile(r"\[fedseg\] (\S+): (could not start|cross-site validation|personal model|fine-tuned)(.*)$")
+#: what a site says besides its rounds; "personal model" starts the last task of every personalized
+#: algorithm (``SiteRunner.personalize``), whatever the algorithm makes there
+_SITE_EVENT = re.compile(r"\[fedseg\] (\S+): (could not start|cross-site validation|personal model)(.*)$")
 _SERVER_ROUND = re.compile(r"Round (\d+): (\d+)/(\d+) sites answered(?:; (.*))?$")
 _VAL_DICE = re.compile(r"val_dice=([0-9.]+|nan)")
 #: seconds a closed round's line waits for a site's own line of it
