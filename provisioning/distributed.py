@@ -416,7 +416,7 @@ def run_nvflare(args: Sequence[str], *, cwd: Path, log: Path, what: str, timeout
 
     ``KitsError`` with NVFlare's own message and hint on failure; its output is appended to ``log``.
     """
-    from fedseg.run.deployment import last_json_object, nvflare_executable
+    from fedseg.provisioning.nvflare_cli import last_json_object, nvflare_executable
 
     cmd = [nvflare_executable(), "--format", "json", *args]
     with tempfile.TemporaryDirectory(prefix="fedseg-nvflare-home-") as home:

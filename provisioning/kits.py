@@ -234,7 +234,7 @@ def run_nvflare_provision(project_yml: Path, workspace: Path, project: str, add_
     from it, and NVFlare's CLI keeps its own settings in ``~/.nvflare``. Output goes to
     ``workspace/provision.log``.
     """
-    from fedseg.run.deployment import last_json_object, nvflare_executable
+    from fedseg.provisioning.nvflare_cli import last_json_object, nvflare_executable
 
     workspace = Path(workspace).resolve()
     owner_only_dir(workspace)

@@ -263,7 +263,7 @@ def test_a_kit_assembled_from_the_hospitals_own_key_connects_and_runs_a_job(tmp_
     from conftest import tiny_job, tiny_synth
 
     from fedseg.jobs.base import export
-    from fedseg.provisioning.deployment import LocalKitDeployment
+    from fedseg.run.kit_deployment import LocalKitDeployment
     from fedseg.provisioning.distributed import prepare, root_ca_fingerprint
     from fedseg.provisioning.kits import set_server_storage
     from fedseg.run.poc import COMPLETED, free_port

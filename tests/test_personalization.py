@@ -101,3 +101,20 @@ def test_personalized_options_are_checked():
         from fedseg.jobs.addons import Addons, SiteGroups
 
         tiny_job("ditto", addons=Addons(groups=SiteGroups()))
+
+
+def test_the_personal_model_store_reads_files_written_before_global_round_was_named(tmp_path):
+    """A store file from before the rename (its record says ``encoder_round``) is still read, and a new
+    save writes ``global_round``: the store holds Ditto's and fine-tuned whole models too, not only heads."""
+    from fedseg.app.personal_store import PersonalModelStore
+
+    module = SegmentationModule(**TINY)
+    keys = list(module.state_dict())
+    store = PersonalModelStore(tmp_path / "store", "study", kind="ditto")
+    store.save(module, keys, global_round=4, job_id="job-1")
+    saved = torch.load(store.path, weights_only=True)
+    assert saved["record"]["global_round"] == 4 and "encoder_round" not in saved["record"]
+    saved["record"]["encoder_round"] = saved["record"].pop("global_round")  # as an earlier fedseg wrote it
+    torch.save(saved, store.path)
+    record = store.load_into(SegmentationModule(**TINY), keys)
+    assert (record.global_round, record.job_id) == (4, "job-1") and store.record().global_round == 4

@@ -63,6 +63,9 @@ def test_cli_refuses_mismatched_datalists_and_bad_site_names(tmp_path, capsys):
     assert "one file per site: 2 sites, 1 files" in capsys.readouterr().err
     assert main(["poc", "--out", str(tmp_path / "run"), "--site-names", "server"]) == 2
     assert "bad site name 'server'" in capsys.readouterr().err
+    # --sites is a number of synthetic sites in every other command: poc points to --site-names
+    assert main(["poc", "--out", str(tmp_path / "run"), "--sites", *SITES]) == 2
+    assert f"--site-names {' '.join(SITES)}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 

@@ -314,11 +314,15 @@ def test_site_config_cli_points_a_hospital_kit_at_its_data(tmp_path, capsys):
     kit = kits.hospital_kit("hospital-a")
     datalist = _write(tmp_path / "site.json", "{}")
     assert main(["provision", "site-config", str(kit), "--datalist", str(datalist), "--data-root", str(tmp_path),
-                 "--head-store", str(tmp_path / "heads")]) == 0
+                 "--personal-store", str(tmp_path / "heads")]) == 0
     # A site runs its job's script from <kit>/<job id>/app_<site>/custom/ with the kit as working directory.
     config = load_site_config("hospital-a", kit / "job-1" / "app_hospital-a" / "custom" / "site_entry.py")
     assert config.source == kit / "local" / "fedseg_site.json"
     assert config.datalist == datalist.resolve() and config.head_store == (tmp_path / "heads").resolve()
+    # --head-store, the option's earlier name, still sets it
+    assert main(["provision", "site-config", str(kit), "--datalist", str(datalist), "--head-store",
+                 str(tmp_path / "store")]) == 0
+    assert load_site_config("hospital-a", kit / "local" / "x.py").head_store == (tmp_path / "store").resolve()
     assert main(["provision", "site-config", str(kits.lead_kit), "--datalist", str(datalist)]) == 2
     assert "not a hospital's startup kit" in capsys.readouterr().err
 
@@ -406,7 +410,7 @@ def _wait_port_free(port: int, seconds: float = 15.0) -> bool:
 def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a_hospital_joins_later(tmp_path):
     from fedseg.run.poc import COMPLETED, free_port
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
-    from fedseg.provisioning.deployment import LocalKitDeployment
+    from fedseg.run.kit_deployment import LocalKitDeployment
 
     before = _user_nvflare_config()
     started = time.perf_counter()

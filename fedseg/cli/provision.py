@@ -64,7 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     site.add_argument("--datalist", type=Path, required=True, help="this site's datalist (.json)")
     site.add_argument("--data-root", type=Path, default=None, help="folder the datalist's paths are under")
     site.add_argument("--cache-dir", type=Path, default=None, help="where preprocessed cases may be cached")
-    site.add_argument("--head-store", type=Path, default=None, help="where the personalized jobs (fedper, fedrep, ditto, finetune) keep this site's personal models")
+    # --head-store: its earlier name (it holds whole personal models too, not only FedPer's heads)
+    site.add_argument("--personal-store", "--head-store", dest="head_store", type=Path, default=None, metavar="FOLDER",
+                      help="where the personalized jobs (" + ", ".join(_personal_algorithms()) + ") keep this site's "
+                      "personal models (the site config's head_store; --head-store is its earlier name)")
     site.add_argument("--gpus", type=int, default=None,
                       help="GPUs this site trains on (0: CPU only): NVFlare's resource manager in KIT/local/resources.json "
                       "holds a job until that many are free, and fedseg_site.json's 'devices' is set to it (at least 1)")
@@ -248,6 +251,12 @@ def _add_hospital(args: argparse.Namespace) -> int:
     print(f"hospital {args.name}: kit {kit} (same root CA as the other kits; see its SITE_GUIDE.md)")
     print("No other kit changed. Submit jobs as before; once the site is connected it takes part in new jobs.")
     return 0
+
+
+def _personal_algorithms() -> tuple[str, ...]:
+    from fedseg.jobs.base import personal_algorithms
+
+    return personal_algorithms()
 
 
 def _site_config(args: argparse.Namespace) -> int:

@@ -6,12 +6,11 @@ CLI rewrites ``~/.nvflare/config.conf``), each site's ``fedseg_site.json``, ``nv
 wait / download`` with an admin kit, the CLI's output in ``logs/<step>.log``, and an exit that
 always ends every process of the deployment (found by its folder in their command lines). Two
 kinds build on it: ``fedseg.run.poc.PocDeployment`` (kits from ``nvflare poc prepare``) and
-``fedseg.provisioning.deployment.LocalKitDeployment`` (kits from ``fedseg provision``).
+``fedseg.run.kit_deployment.LocalKitDeployment`` (kits from ``fedseg provision``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -25,6 +24,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+# the nvflare CLI of this environment, shared with provisioning, which sits below the runners
+from fedseg.provisioning.nvflare_cli import DeploymentError, last_json_object, nvflare_executable
+
 ADMIN = "admin@nvidia.com"
 COMPLETED = "FINISHED:COMPLETED"
 SITE_CONFIG_FILE = "fedseg_site.json"  # what fedseg.app.site_config looks for in <kit>/local/
@@ -34,10 +36,6 @@ SITE_CONFIG_FILE = "fedseg_site.json"  # what fedseg.app.site_config looks for i
 #: starts; a site that is still there reports its outcome within seconds of the job's end.
 CLIENT_OUTCOME_WAIT_ENV = "NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT"
 CLIENT_OUTCOME_WAIT_S = 60
-
-
-class DeploymentError(RuntimeError):
-    """A deployment step failed; the message names the step, the command and where its output is."""
 
 
 def free_port(host: str = "") -> int:
@@ -63,29 +61,6 @@ def port_in_use(port: int, host: str = "") -> bool:
         except OSError:
             return True
     return False
-
-
-def nvflare_executable() -> str:
-    """The ``nvflare`` CLI of this Python environment (the one fedseg is installed in)."""
-    beside = Path(sys.executable).parent / "nvflare"
-    found = str(beside) if beside.is_file() else shutil.which("nvflare")
-    if not found:
-        raise DeploymentError("the `nvflare` command is not installed in this environment (pip install nvflare)")
-    return found
-
-
-def last_json_object(text: str) -> dict[str, Any] | None:
-    """The last line of ``text`` that is a JSON object (the CLI's result in ``--format json``)."""
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(doc, dict):
-                return doc
-    return None
 
 
 def processes_matching(needles: Sequence[str]) -> list[tuple[int, str]]:

@@ -10,6 +10,8 @@ Used to try a consortium end to end before its kits are shipped, and by the test
 whose kits come from ``fedseg.provisioning.kits.provision``: submit, wait, download, site configs,
 the isolated ``HOME`` (``nvflare`` rewrites ``~/.nvflare/config.conf``) and the cleanup are shared. On exit, also after an error, every process whose command line names a
 started kit's consortium folder is ended (the kits' start loops first, so none restarts).
+
+It is a runner (``fedseg.run``), above provisioning, which only makes the kits.
 """
 
 from __future__ import annotations
