@@ -146,13 +146,6 @@ def algorithms() -> dict[str, Algorithm]:
     return found
 
 
-def __getattr__(name: str) -> Any:
-    """``ALGORITHMS``: the algorithms by name (read on first use: the modules import this one)."""
-    if name == "ALGORITHMS":
-        return algorithms()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def personal_algorithms() -> tuple[str, ...]:
     """The names of the algorithms whose sites end with a personal model."""
     return tuple(name for name, algo in algorithms().items() if algo.personal)

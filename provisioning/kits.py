@@ -482,7 +482,7 @@ Jobs never contain paths: each site reads `KIT/local/{site_config}`. Write it wi
 
 ```bash
 fedseg provision site-config KIT --datalist /data/brats/site.json --data-root /data/brats \\
-    --cache-dir /scratch/fedseg-cache --head-store /var/lib/fedseg/heads
+    --cache-dir /scratch/fedseg-cache --personal-store /var/lib/fedseg/heads
 ```
 
 or by hand (`KIT/local/{site_config}`):

@@ -132,9 +132,10 @@ def default_site_policy() -> Any:
     approval needed; the site's admin tightens it in ``local/fedseg_site.json``."""
     from fedseg.app.site_policy import SitePolicy
     from fedseg.config import MODALITIES, NETWORK_NAMES
-    from fedseg.jobs.base import ALGORITHMS
+    from fedseg.jobs.base import algorithms
+    from fedseg.jobs.stats import NAME as STATISTICS_JOB
 
-    return SitePolicy(algorithms=(*ALGORITHMS, "stats"), networks=NETWORK_NAMES, max_rounds=200, max_local_epochs=10,
+    return SitePolicy(algorithms=(*algorithms(), STATISTICS_JOB), networks=NETWORK_NAMES, max_rounds=200, max_local_epochs=10,
                       modalities=MODALITIES, require_privacy_filter=False, allow_wandb=False, require_approval=False)
 
 

@@ -180,7 +180,7 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
     from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
     from fedseg.jobs.addons import Addons, ContributionWeights, PrivacyFilter, SiteGroups
-    from fedseg.jobs.base import ALGORITHMS, Job, export
+    from fedseg.jobs.base import Job, algorithms, export
     from fedseg.jobs.stats import export_stats
     from fedseg.provisioning.site_control import (
         EXTRA_JOB_CLASSES,
@@ -193,7 +193,7 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
                 Addons(privacy=PrivacyFilter("percentile")), Addons(contribution=ContributionWeights()),
                 Addons(groups=SiteGroups())]
     folders, exported = [export_stats(tmp_path)], set()
-    for algorithm in ALGORITHMS:
+    for algorithm in algorithms():
         for i, addons in enumerate([Addons(), *variants]):
             try:
                 job = tiny_job(algorithm=algorithm, addons=addons, name=f"{algorithm}_{i}".replace("-", "_"),
@@ -210,7 +210,7 @@ def test_the_allow_list_is_exactly_the_classes_fedseg_jobs_name(tmp_path):
     site_named = {p for folder in folders for p in component_paths(json.loads((folder / "app" / "config" / "config_fed_client.json").read_text()))}
     assert site_named == set(SITE_JOB_CLASSES)  # a hospital allows exactly what fedseg's site configs name
     assert not any(folder.joinpath("app", "custom").exists() for folder in folders)
-    assert exported == set(ALGORITHMS)
+    assert exported == set(algorithms())
 
 
 def test_fedseg_kits_refuse_custom_code_to_every_role_and_enforce_the_allow_list(tmp_path):

@@ -648,7 +648,7 @@ def test_the_study_shows_the_runs_progress_display_from_the_servers_stats():
 
     out = io.StringIO()
     display = StudyProgress(Console(out, None), total_rounds=5, rounds_done=1)
-    flight = {"round": 2, "targets": ["a", "b", "c"], "answered": ["a"], "val_dice": {"a": 0.41}}
+    flight = {"round": 2, "targets": ["c", "b", "a"], "answered": ["a"], "val_dice": {"a": 0.41}}
     display.update({"total_rounds": 5, "current_round": 2, "last_round": {"round": 1, "answered": ["a", "b"]},
                     "in_flight": flight})
     assert out.getvalue() == ""  # round 1 was done before this lead process looked
@@ -662,3 +662,10 @@ def test_the_study_shows_the_runs_progress_display_from_the_servers_stats():
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("round 2/5  val_dice of the global model: a 0.410  b missing  c 0.375")
     assert display.state.sites["a"].state == "training" and display.state.round == 3
+    assert display.eta() is None  # one round seen closing: no pace yet
+    for number in (3, 4):
+        display.update({"total_rounds": 5, "last_round": {"round": number, "answered": ["a", "b", "c"]}})
+    assert "round 4/5" in out.getvalue()
+    # the pace of the rounds seen, times the rounds left of the study (not of the rounds this process saw)
+    display.state.finished = [(2, {}, 5.0), (3, {}, 10.0), (4, {}, 20.0)]
+    assert display.eta() == 20.0

@@ -570,7 +570,7 @@ class Supervisor:
             return
         last = progress.get("last_round") or {}
         rnd = int(last.get("round") or 0)
-        if rnd and rnd != self._shown_round:
+        if rnd > self._shown_round:
             self._shown_round = rnd
             parts = [f"answered {', '.join(last.get('answered') or []) or 'none'}"]
             for key in ("missing", "disconnected"):
@@ -608,6 +608,8 @@ class Supervisor:
             self.decision("note", f"job {seg.job_id} cannot be downloaded (its server job process is gone); the "
                                   "next segment continues after the last round in the server's store")
         st.note_rounds(records)
+        for rec in records:  # rounds that closed between the last look and the segment's end
+            self._show_progress({"total_rounds": st.total_rounds, "last_round": rec})
         seg.rounds_after = st.rounds_done
         summary = read_summary(Path(seg.download)) if seg.download else {}
         if summary.get("reason"):

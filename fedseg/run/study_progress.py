@@ -55,8 +55,15 @@ class StudyProgress(FederatedProgress):
 
     def _site(self, name: str) -> SiteState:
         if name not in self.site_names:
-            self.site_names.append(name)
+            self.site_names[:] = sorted([*self.site_names, name])
         return self.state.site(name)
+
+    def eta(self) -> float | None:
+        """The median pace of the rounds this process saw close (after the first) times the rounds left."""
+        if len(self.state.finished) < 2 or not self.state.total_rounds:
+            return None
+        steady = sorted(s for _, _, s in self.state.finished[1:])
+        return steady[len(steady) // 2] * max(self.state.total_rounds - self._closed, 0)
 
     def _close_round(self, record: dict[str, Any]) -> None:
         number = int(record["round"])
