@@ -1,7 +1,7 @@
 """Loading a checkpoint without running code from it.
 
 A pickle can run any code when loaded, and fedseg reads files that another party wrote: global
-models the server sent, checkpoints a study lead shares, a FedPer head store on a shared disk.
+models the server sent, checkpoints a study lead shares, a personal model store on a shared disk.
 Every such file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
 plain containers only (plus the few classes a caller names, e.g. TenSEAL ciphertexts). A file that
 holds anything else is refused with ``UnsafeCheckpointError`` naming it, before any of its code runs.

@@ -1,4 +1,4 @@
-"""FedPer: encoder-only server, heads that never leave their site, a head store that outlives jobs."""
+"""FedPer: encoder-only server, heads that never leave their site, a personal model store that outlives jobs."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_server_model_holds_exactly_the_shared_keys():
     assert set(shared_state(module)) == set(module.state_dict()) - head
 
 
-def test_head_store_round_trip_is_atomic_and_refuses_another_network(tmp_path):
+def test_personal_model_store_round_trip_is_atomic_and_refuses_another_network(tmp_path):
     module = SegmentationModule(**TINY)
     keys = personal_keys(module)
     store = PersonalModelStore(tmp_path / "heads", "study-1")
@@ -106,7 +106,7 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     assert head_keys == EXPECTED_HEAD  # the code's split is the layout written out above
     heads = tmp_path / "heads"  # site-local, outside every job's run folder
     run1 = tmp_path / "run1"
-    results = simulate(job, synth.datalists, run1, head_stores=heads)
+    results = simulate(job, synth.datalists, run1, personal_stores=heads)
 
     server = run1 / "nvflare" / "fedper" / "server" / "simulate_job"
     payloads = _audited(server)
@@ -152,7 +152,7 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     run2 = tmp_path / "run2"
     fedrep = tiny_job("fedrep", name="fedrep", study_name="fedper", rounds=1, local_epochs=2, features=8,
                       roi=(32, 32, 32), cross_site_eval=False)
-    simulate(fedrep, synth.datalists, run2, head_stores=heads)
+    simulate(fedrep, synth.datalists, run2, personal_stores=heads)
     assert "personal head (decoder, 12 tensors) reused" in _site_log(run2, "site-2", "fedrep")
     second = stores["site-2"].record()
     # saved again by the new job (the simulator names every job "simulate_job"), at its round 0

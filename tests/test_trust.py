@@ -85,7 +85,7 @@ def _tenseal() -> bool:
     return True
 
 
-def test_head_store_and_preprocessed_cache_are_owner_only(tmp_path, tiny):
+def test_personal_model_store_and_preprocessed_cache_are_owner_only(tmp_path, tiny):
     from conftest import tiny_synth
     from fedseg.app.personal_store import PersonalModelStore
     from fedseg.lightning_modules.data.datalist import read_datalist

@@ -157,7 +157,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         if not args.verbose:
             console.print(f"NVFlare's and Lightning's logs: {log_file}")
         results = simulate(job, datalists, args.out, data_roots=roots, site_settings=site_group_settings(args.site_group, args.site_devices),
-                           head_stores=heads, console=console)
+                           personal_stores=heads, console=console)
     print(format_table(results))
     print(f"results: {args.out.resolve()}/results.json, val_dice_per_round.png, checkpoints/")
     return 0

@@ -37,15 +37,16 @@ def simulate(
     *,
     data_roots: dict[str, Path] | None = None,
     threads: int | None = None,
-    head_stores: Path | None = None,
+    personal_stores: Path | None = None,
     site_settings: dict[str, dict[str, Any]] | None = None,
     console: Any = None,
     round_lines: bool = True,
 ) -> FederatedResults:
     """Run ``job`` in the simulator with one site per datalist; returns the collected results.
 
-    ``head_stores``: folder of the sites' FedPer head stores (``<folder>/<site>/``), default
-    ``RUN/heads``; pass the same folder to a later job of the study to reuse the heads.
+    ``personal_stores``: folder of the sites' personal model stores (``<folder>/<site>/``: FedPer's and
+    FedRep's heads, Ditto's and the fine-tuned models), default ``RUN/heads``; pass the same folder
+    to a later job of the study to go on with them.
     ``site_settings``: more entries of a site's own config (e.g. ``{"site-2": {"fault_drill": ...}}``).
     ``console``: where to show the run's progress (``fedseg.run.console.Console``; None: nothing),
     with one line per finished round unless ``round_lines`` is False.
@@ -58,7 +59,7 @@ def simulate(
     configs = run_dir / "site_configs"
     for site, datalist in site_datalists.items():
         root = (data_roots or {}).get(site)
-        heads = Path(head_stores or run_dir / "heads").resolve() / site
+        heads = Path(personal_stores or run_dir / "heads").resolve() / site
         extra = (site_settings or {}).get(site, {})
         write_site_config(configs / f"{site}.json", datalist, root, cache_dir=run_dir / "cache" / site, head_store=heads, **extra)
 
