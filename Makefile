@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not faults" $(PYTEST_ARGS)
 
-# the study's fault matrix (one POC deployment, about 10 min; docs/study.md)
+# the study's fault matrix (one POC deployment, about 8 min; docs/study.md); CI runs it after `make test`
 test-faults: $(STAMP)
 	$(VENV)/bin/python -m pytest -m faults $(PYTEST_ARGS)
 

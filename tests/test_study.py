@@ -430,7 +430,7 @@ def _connected(session) -> set[str]:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.faults  # not in `make test` (CI): it failed once on a quiet machine, see docs/study.md
+@pytest.mark.faults  # `make test-faults`: CI runs it after `make test` (.ci/run), outside its 15-minute budget
 @pytest.mark.timeout(2400)
 def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_path):
     import conftest
