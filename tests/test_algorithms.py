@@ -174,3 +174,44 @@ def plugin_for(job):
 '''
     hits = name_dispatch(source, set(algorithms()))
     assert len(hits) == 4 and all(any(f"line {n}:" in h for h in hits) for n in (3, 5, 8))
+
+
+# ------------------------------------------------------------------------------ defaults written once
+
+
+def written_defaults(source: str, value: object) -> list[str]:
+    """Where ``source`` writes ``value`` as a default: a parameter's default, ``x.get(key, value)``,
+    a ``setting(value, ...)`` field."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            for default in [*args.defaults, *(d for d in args.kw_defaults if d is not None)]:
+                if isinstance(default, ast.Constant) and default.value == value:
+                    found.append(f"line {default.lineno}: {node.name}(... = {default.value!r})")
+        elif isinstance(node, ast.Call) and node.args:
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            position = {"get": 1, "setdefault": 1, "setting": 0}.get(name)
+            if position is not None and len(node.args) > position and isinstance(node.args[position], ast.Constant) \
+                    and node.args[position].value == value:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_personal_heads_default_is_written_once_in_the_configuration():
+    from fedseg.config import DEFAULT_HEAD_DEPTH
+    from fedseg.jobs.fedper import FedPerOptions
+
+    assert FedPerOptions().personal_head == DEFAULT_HEAD_DEPTH
+    found = {}
+    for folder in FOLDERS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path != REPO / "fedseg" / "config.py" and (hits := written_defaults(path.read_text(), DEFAULT_HEAD_DEPTH)):
+                found[_module_name(path)] = hits
+    assert not found, f"the personal head's default written again (use fedseg.config.DEFAULT_HEAD_DEPTH): {found}"
+    # the scan sees each way of writing it again
+    again = ('def plugin(personal_head: str = "decoder"): pass\n'
+             'def make(*, head_depth="decoder"): pass\n'
+             'head = options.get("personal_head", "decoder")\n'
+             'personal_head: str = setting("decoder", "the head")\n')
+    assert len(written_defaults(again, DEFAULT_HEAD_DEPTH)) == 4
