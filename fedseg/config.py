@@ -117,21 +117,58 @@ class FederationSettings:
             raise ValueError("round_timeout, min_sites_per_round, site_threads and gpus_per_site must be >= 0")
 
 
+#: tumour models of the synthetic generator: "varied" (the default: shapes, sizes, positions and thin
+#: rims varied enough that a small site cannot learn them from a few cases) or "classic" (the first
+#: generator's compact tumours, kept so that earlier results can be reproduced)
+SYNTH_TUMOURS: tuple[str, ...] = ("varied", "classic")
+
+
 @dataclass(frozen=True)
 class SynthSettings:
-    """The built-in synthetic hospitals a command makes when it is given no datalists."""
+    """The built-in synthetic hospitals a command makes when it is given no datalists.
+
+    The one place of the synthetic data's defaults: ``fedseg data synth`` and the generator's
+    ``SynthConfig`` take theirs from here. By default the sites are a consortium's: a large, a
+    medium and a small hospital (``site_cases`` 24, 8 and 4 cases), each with its own held-out
+    test cases (``test_cases``) that no datalist trains or validates on.
+    """
 
     sites: int = setting(3, "number of synthetic sites")
-    cases: int = setting(8, "synthetic cases per site")
+    cases: int = setting(0, "synthetic cases per site, the same at every site (0: --site-cases)")
+    site_cases: tuple[int, ...] = setting(
+        (24, 8, 4), "synthetic cases of each site when --cases is 0, repeated over the sites in turn "
+        "(24 8 4: a large, a medium and a small hospital)", nargs="+")
+    test_cases: int = setting(16, "held-out test cases per synthetic site (datalists/SITE.test.json), "
+                                  "never in a training or validation datalist")
+    synth_val_fraction: float = setting(0.25, "share of each synthetic site's cases that validate")
     size: int = setting(48, "synthetic volume size (voxels a side)")
     heterogeneity: float = setting(1.0, "how differently the synthetic sites scan and annotate (0: IID)")
     synth_groups: int = setting(1, "synthetic sites in 1 or 2 imaging-protocol groups", choices=(1, 2))
+    synth_tumours: str = setting("varied", "synthetic tumour model: varied (hard to learn from a few cases) "
+                                           "or classic (the first generator's)", choices=SYNTH_TUMOURS)
     synth_seed: int = setting(0, "seed of the synthetic sites' cases (data), apart from the training seed")
 
     def __post_init__(self) -> None:
-        _positive(self, "sites", "cases")
+        counts = (int(self.site_cases),) if isinstance(self.site_cases, int) else tuple(int(c) for c in self.site_cases)
+        object.__setattr__(self, "site_cases", counts)
+        _positive(self, "sites")
+        if self.cases < 0 or self.test_cases < 0:
+            raise ValueError(f"cases and test_cases must be >= 0, got {self.cases}, {self.test_cases}")
+        if self.cases == 0 and (not counts or min(counts) < 1):
+            raise ValueError(f"site_cases needs at least one count, each >= 1 (or set cases), got {list(counts)}")
+        if not 0.0 <= self.synth_val_fraction < 1.0:
+            raise ValueError(f"synth_val_fraction must be in [0, 1), got {self.synth_val_fraction}")
         if self.size < 16 or self.heterogeneity < 0:
             raise ValueError(f"synthetic size must be >= 16 and heterogeneity >= 0, got {self.size}, {self.heterogeneity}")
+        _choice(self, "synth_tumours", SYNTH_TUMOURS)
+
+    def cases_at_sites(self, n_sites: int | None = None) -> tuple[int, ...]:
+        """Cases of each of ``n_sites`` sites (default ``sites``): ``cases`` at every site, or
+        ``site_cases`` repeated in turn."""
+        n = self.sites if n_sites is None else n_sites
+        if self.cases > 0:
+            return (self.cases,) * n
+        return tuple(self.site_cases[k % len(self.site_cases)] for k in range(n))
 
 
 SECTIONS: dict[str, type] = {
@@ -215,7 +252,8 @@ PROFILES: dict[str, StudyConfig] = {
     "study": StudyConfig(),
     "demo": StudyConfig().override(features=8, lr=3e-3, roi=(48, 48, 48), rounds=20, local_epochs=2, site_threads=1),
     "tiny": StudyConfig().override(features=4, lr=3e-3, hd95=False, roi=(16, 16, 16), rounds=2, local_epochs=1,
-                                   round_timeout=240, poll_interval=0.5, site_threads=1, sites=2, cases=4, size=24),
+                                   round_timeout=240, poll_interval=0.5, site_threads=1, sites=2, cases=4, size=24,
+                                   test_cases=2),
 }
 
 
@@ -225,6 +263,7 @@ def profile(name: str) -> StudyConfig:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}") from None
+
 
 # ------------------------------------------------------------------------------ beyond the study settings
 # (not sections of a StudyConfig: options of an add-on and of a command, with their defaults written once)

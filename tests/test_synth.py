@@ -1,4 +1,5 @@
-"""The synthetic multi-site generator: layout, determinism, MRI-like contrast, site differences."""
+"""The synthetic multi-site generator: layout, determinism, MRI-like contrast, site differences, the
+consortium's site sizes, held-out test cases and the tumour models."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fedseg.cli import main
+from fedseg.config import SynthSettings, profile
 from fedseg.lightning_modules.data.datalist import MODALITIES, read_datalist
 from fedseg.lightning_modules.data.synth import (
     SynthConfig,
     SynthError,
+    _Grid,
     generate,
     load_synth_config,
     site_profiles,
+    synthesize_case,
 )
 from fedseg.lightning_modules.labels import to_internal
+from fedseg.lightning_modules.test_sets import check_held_out, read_test_set
 
-CFG = SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24), spacing=(1.5, 1.5, 2.0), seed=3)
+CFG = SynthConfig(n_sites=3, cases_per_site=3, test_cases=2, shape=(24, 24, 24), spacing=(1.5, 1.5, 2.0), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +116,15 @@ def test_refuses_foreign_folder_and_regenerates_over_own_output(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
     out = tmp_path / "out"
-    generate(SynthConfig(n_sites=3, cases_per_site=2, shape=(16, 16, 16)), out)
-    generate(SynthConfig(n_sites=2, cases_per_site=2, shape=(16, 16, 16)), out)
-    assert sorted(p.name for p in (out / "datalists").iterdir()) == ["all.json", "site-1.json", "site-2.json"]
+    generate(SynthConfig(n_sites=3, cases_per_site=2, test_cases=1, shape=(16, 16, 16)), out)
+    generate(SynthConfig(n_sites=2, cases_per_site=2, test_cases=1, shape=(16, 16, 16)), out)
+    assert sorted(p.name for p in (out / "datalists").iterdir()) == [
+        "all.json", "site-1.json", "site-1.test.json", "site-2.json", "site-2.test.json"
+    ]
     assert sorted(p.name for p in (out / "data").iterdir()) == [
         "site1_case001", "site1_case002", "site2_case001", "site2_case002"
     ]
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["site1_test001", "site2_test001"]
 
 
 def test_contrast_is_mri_like_and_needs_several_modalities(synth):
@@ -199,8 +208,142 @@ def test_profiles_scale_with_heterogeneity_and_extend_to_many_sites():
         (dict(shape=(8, 8, 8)), "at least 16 voxels"),
         (dict(spacing=(1.0, 0.0, 1.0)), "spacing"),
         (dict(heterogeneity=-1), "heterogeneity"),
+        (dict(site_cases=(24, 0, 4)), "at least 1 case per site"),
+        (dict(site_cases=()), "at least 1 site and 1 case"),
+        (dict(test_cases=-1), "test_cases"),
+        (dict(tumours="spiky"), "unknown tumours 'spiky'; known: varied, classic"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(SynthError, match=message):
         SynthConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# One source of defaults; the consortium
+
+
+def test_generator_and_command_take_their_defaults_from_synth_settings():
+    settings = SynthSettings()
+    assert SynthConfig.from_settings(settings) == SynthConfig()
+    cfg = SynthConfig()
+    assert (cfg.n_sites, cfg.site_cases, cfg.test_cases) == (settings.sites, settings.site_cases, settings.test_cases)
+    assert cfg.shape == (settings.size,) * 3 and cfg.tumours == settings.synth_tumours == "varied"
+    assert cfg.site_cases == (24, 8, 4)  # the consortium: a large, a medium and a small hospital
+    tiny = profile("tiny").synth  # the test suite's sites stay small and uniform
+    assert SynthConfig.from_settings(tiny).site_cases == (4, 4) and tiny.test_cases == 2
+    assert SynthConfig.from_settings(tiny, n_sites=3).site_cases == (4, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, counts",
+    [
+        (dict(), (24, 8, 4)),
+        (dict(n_sites=5), (24, 8, 4, 24, 8)),  # repeated in turn
+        (dict(n_sites=2, site_cases=(5, 3, 1)), (5, 3)),
+        (dict(n_sites=2, cases_per_site=3), (3, 3)),  # a uniform count wins over site_cases
+        (dict(n_sites=3, site_cases=6), (6, 6, 6)),
+    ],
+)
+def test_cases_of_each_site(kwargs, counts):
+    assert SynthConfig(**kwargs).site_cases == counts
+    settings = {"sites": kwargs.get("n_sites", 3), "cases": kwargs.get("cases_per_site", 0)}
+    if "site_cases" in kwargs:
+        settings["site_cases"] = kwargs["site_cases"]
+    assert SynthSettings(**settings).cases_at_sites() == counts
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    """A small consortium through the command line: sites of 5, 3 and 2 cases, 3 test cases each."""
+    out = tmp_path_factory.mktemp("consortium") / "out"
+    argv = ["data", "synth", "--out", str(out), "--site-cases", "5", "3", "2", "--test-cases", "3", "--size", "16",
+            "--seed", "5"]
+    assert main(argv) == 0
+    return out
+
+
+def test_consortium_sites_have_their_sizes_and_their_own_test_cases(consortium):
+    document = json.loads((consortium / "synth.json").read_text())
+    assert document["config"]["site_cases"] == [5, 3, 2] and document["config"]["test_cases"] == 3
+    for k, n in enumerate((5, 3, 2), start=1):
+        site = f"site-{k}"
+        dl = read_datalist(consortium / "datalists" / f"{site}.json")
+        assert len(dl.cases) == n and len(dl.training) >= 1 and len(dl.validation) == 1
+        tests = read_test_set(consortium / "datalists" / f"{site}.test.json")
+        assert tests.site == site and tests.meta["role"] == "test"
+        assert [c.case_id for c in tests.cases] == [f"site{k}_test{i:03d}" for i in (1, 2, 3)]
+        assert tests.data_root == (consortium / "test").resolve()
+        assert all(p.is_file() for c in tests.cases for p in c.paths(tests.data_root))
+        assert tests.meta["profile"] == dl.meta["profile"]  # the same scanner and rater as the site's cases
+        assert document["test_datalists"][site] == f"datalists/{site}.test.json"
+        assert document["test_cases"][site] == [c.case_id for c in tests.cases]
+    # a test datalist has nothing to train or validate on: handed to training by mistake, it is empty
+    empty = read_datalist(consortium / "datalists" / "site-1.test.json")
+    assert empty.training == [] and empty.validation == []
+
+
+def test_a_test_case_is_in_no_training_or_validation_datalist(consortium):
+    lists = sorted((consortium / "datalists").glob("*.json"))
+    training_lists = [p for p in lists if not p.name.endswith(".test.json")]
+    assert len(training_lists) == 4  # site-1..3 and all.json
+    trained_on = set()
+    for path in training_lists:
+        dl = read_datalist(path)
+        trained_on |= {c.case_id for c in dl.cases} | {str((dl.data_root / c.label).resolve()) for c in dl.cases}
+    for path in (p for p in lists if p.name.endswith(".test.json")):
+        tests = read_test_set(path)
+        assert not {c.case_id for c in tests.cases} & trained_on
+        assert not {str((tests.data_root / c.label).resolve()) for c in tests.cases} & trained_on
+        check_held_out(tests, training_lists)  # the library's check agrees
+    assert not set((consortium / "institutions.csv").read_text().split()) & {
+        f"site{k}_test{i:03d},site-{k}" for k in (1, 2, 3) for i in (1, 2, 3)}
+
+
+def test_test_cases_do_not_change_when_a_site_gets_more_cases(tmp_path):
+    small = generate(SynthConfig(n_sites=1, site_cases=(2,), test_cases=2, shape=(16,) * 3, seed=9), tmp_path / "s")
+    large = generate(SynthConfig(n_sites=1, site_cases=(4,), test_cases=2, shape=(16,) * 3, seed=9), tmp_path / "l")
+    assert _files(small.out / "test") == _files(large.out / "test")
+    for c in ("site1_case001", "site1_case002"):  # the small site's cases are the large site's first ones
+        assert _files(small.data_root / c) == _files(large.data_root / c)
+    train_label = _load(large.data_root / "site1_case001/site1_case001_seg.nii.gz")
+    test_label = _load(large.out / "test/site1_test001/site1_test001_seg.nii.gz")
+    assert not np.array_equal(train_label, test_label)
+
+
+def test_classic_tumours_reproduce_the_first_generator(tmp_path):
+    """Label voxel counts (NCR, oedema, enhancing) of the first generator's cases at CFG's settings."""
+    out = generate(SynthConfig(**{**CFG.__dict__, "tumours": "classic", "test_cases": 0}), tmp_path / "classic")
+    for case, counts in (("site1_case001", [7, 31, 26]), ("site3_case002", [7, 112, 24])):
+        label = _load(out.data_root / case / f"{case}_seg.nii.gz")
+        assert [int((label == v).sum()) for v in (1, 2, 4)] == counts
+
+
+def test_varied_tumours_vary_more_and_have_thinner_structures():
+    """Over 24 cases at 32^3: tumour sizes spread wider, positions at least as wide, necrosis a smaller part
+    of the core (the enhancing part thicker or the necrosis patchy)."""
+    grid, reference = _Grid((32, 32, 32)), site_profiles(SynthConfig(n_sites=1))[0]
+    stats = {}
+    for model in ("classic", "varied"):
+        volumes, centres, ncr_share = [], [], []
+        for i in range(24):
+            _, label = synthesize_case(grid, reference, np.random.default_rng([1, 0, i]), model)
+            whole, core = label > 0, np.isin(label, (1, 3))
+            volumes.append(whole.sum())
+            centres.append(np.argwhere(whole).mean(axis=0))
+            ncr_share.append((label == 1).sum() / core.sum())
+        stats[model] = (np.std(np.log(volumes)), np.linalg.norm(np.std(centres, axis=0)), np.median(ncr_share))
+    (size_c, pos_c, ncr_c), (size_v, pos_v, ncr_v) = stats["classic"], stats["varied"]
+    assert size_v > 1.3 * size_c and pos_v > pos_c and ncr_v < 0.5 * ncr_c, stats
+
+
+def test_a_version_1_synth_json_loads_as_what_it_was_made_with(synth, tmp_path):
+    document = json.loads(synth.config_path.read_text())
+    document["version"] = 1
+    for key in ("site_cases", "test_cases", "tumours"):
+        document["config"].pop(key)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "synth.json").write_text(json.dumps(document))
+    cfg = load_synth_config(old)
+    assert (cfg.site_cases, cfg.test_cases, cfg.tumours) == ((3, 3, 3), 0, "classic")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 from fedseg.cli import UserError, three_ints
+from fedseg.config import SynthSettings
+
+_SYNTH = SynthSettings()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,15 +21,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "synth",
         help="generate a synthetic multi-site dataset (BraTS 2021 layout + per-site datalists)",
         description="Writes OUT/data/<case>/... (BraTS 2021 layout), OUT/datalists/site-N.json and "
-        "all.json, OUT/institutions.csv and OUT/synth.json. Sites differ in scanner and annotation style.",
+        "all.json, each site's held-out test cases in OUT/test/ listed in OUT/datalists/site-N.test.json, "
+        "OUT/institutions.csv and OUT/synth.json. Sites differ in scanner, annotation style and size "
+        "(by default a large, a medium and a small hospital: --site-cases 24 8 4).",
     )
     synth.add_argument("--out", type=Path, required=True, help="output folder (empty, or an earlier synth output)")
-    synth.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    synth.add_argument("--cases", type=int, default=8, help="cases per site (default 8)")
-    synth.add_argument("--size", type=int, nargs="+", default=[48], help="volume size in voxels: one or three numbers (default 48)")
-    synth.add_argument("--val-fraction", type=float, default=0.25)
-    synth.add_argument("--heterogeneity", type=float, default=1.0, help="0 = identical sites, 1 = built-in profiles")
-    synth.add_argument("--seed", type=int, default=0)
+    # defaults and help from SynthSettings, the one place of the synthetic data's defaults
+    _setting_option(synth, "--sites", "sites", int)
+    _setting_option(synth, "--cases", "cases", int)
+    _setting_option(synth, "--site-cases", "site_cases", int, nargs="+")
+    _setting_option(synth, "--test-cases", "test_cases", int)
+    synth.add_argument("--size", type=int, nargs="+", default=[_SYNTH.size],
+                       help=f"volume size in voxels: one or three numbers (default {_SYNTH.size})")
+    _setting_option(synth, "--val-fraction", "synth_val_fraction", float)
+    _setting_option(synth, "--heterogeneity", "heterogeneity", float)
+    _setting_option(synth, "--groups", "synth_groups", int)
+    _setting_option(synth, "--tumours", "synth_tumours", str)
+    _setting_option(synth, "--seed", "synth_seed", int)
     synth.set_defaults(func=_synth)
 
     split = sub.add_parser(
@@ -61,21 +74,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_check)
 
 
+def _setting_option(parser: argparse.ArgumentParser, flag: str, name: str, kind: type, **kwargs: Any) -> None:
+    """``flag`` for the ``SynthSettings`` field ``name``: its default, help and choices."""
+    f = next(f for f in fields(SynthSettings) if f.name == name)
+    default = getattr(_SYNTH, name)
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    parser.add_argument(flag, type=kind, default=default, dest=name, choices=f.metadata.get("choices"),
+                        help=f"{f.metadata['help']} (default: {shown})", **kwargs)
+
+
 def _synth(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generate
 
     size = three_ints(args.size, "--size")
     try:
-        cfg = SynthConfig(
-            n_sites=args.sites,
-            cases_per_site=args.cases,
-            val_fraction=args.val_fraction,
-            shape=tuple(size),
-            seed=args.seed,
-            heterogeneity=args.heterogeneity,
-        )
+        settings = SynthSettings(**{f.name: getattr(args, f.name) for f in fields(SynthSettings) if f.name != "size"})
+        cfg = replace(SynthConfig.from_settings(settings), shape=tuple(size))
         result = generate(cfg, args.out)
-    except SynthError as err:
+    except (SynthError, ValueError) as err:
         raise UserError(str(err)) from None
     print(result.summary())
     return 0

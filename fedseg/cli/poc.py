@@ -55,8 +55,7 @@ def _site_datalists(args: argparse.Namespace, study) -> dict[str, Path]:
 
     s = study.synth
     try:
-        cfg = SynthConfig(n_sites=len(args.site_names), cases_per_site=s.cases, shape=(s.size,) * 3,
-                          heterogeneity=s.heterogeneity, groups=s.synth_groups, seed=s.synth_seed)
+        cfg = SynthConfig.from_settings(s, n_sites=len(args.site_names))
         result = generate(cfg, args.out / "synth")
     except SynthError as err:
         raise UserError(str(err)) from None

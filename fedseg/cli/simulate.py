@@ -68,8 +68,7 @@ def site_datalists(args: argparse.Namespace, study: Any, folder: Path | None = N
     s = study.synth
     folder = folder or args.out / "synth"
     try:
-        config = SynthConfig(n_sites=s.sites, cases_per_site=s.cases, shape=(s.size,) * 3,
-                             heterogeneity=s.heterogeneity, groups=s.synth_groups, seed=s.synth_seed)
+        config = SynthConfig.from_settings(s)
     except SynthError as err:
         raise UserError(str(err)) from None
     if is_synth_output(folder) and (folder / "datalists" / "all.json").exists():

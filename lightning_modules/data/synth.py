@@ -18,10 +18,16 @@ personalized segmentation head has a real, systematic difference to learn.
 
 Output (BraTS 2021 layout and label values 1/2/4, so synthetic and real data take one path)::
 
-    out/data/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz
+    out/data/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz     training and validation cases
+    out/test/<case>/...                                      held-out test cases (site<k>_test<i>)
     out/datalists/site-<k>.json, out/datalists/all.json
+    out/datalists/site-<k>.test.json  # a site's test cases ("test" list; no training/validation)
     out/institutions.csv            # case_id,institution  (re-split with mode "institution")
-    out/synth.json                  # config, site profiles, case ids
+    out/synth.json                  # config, site profiles, case ids, test case ids, datalists
+
+By default the sites are a consortium's (``SynthSettings.site_cases``: 24, 8 and 4 cases) and the
+tumours "varied": sizes, shapes, positions, thin rims and patchy necrosis varied enough that a site
+with 4 cases learns them much worse than one with 24 (the calibration is in docs/data.md).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from fedseg.config import SynthSettings
 from fedseg.lightning_modules.data.datalist import (
     MODALITIES,
     Case,
@@ -49,11 +56,16 @@ from fedseg.lightning_modules.data.datalist import (
 )
 from fedseg.lightning_modules.data.splits import train_val_split
 from fedseg.lightning_modules.labels import ED, ET, NCR, from_internal
+from fedseg.lightning_modules.test_sets import test_datalist_path, write_test_datalist
 
 log = logging.getLogger(__name__)
 
 GENERATOR = "fedseg.synth"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-site case counts, test cases, tumour models
+#: what a version-1 synth.json (without these settings) was made with
+_VERSION_1 = {"test_cases": 0, "tumours": "classic"}
+#: the test cases' random stream (a prime tag, as the others'): [seed, _TEST_STREAM, site, case]
+_TEST_STREAM = 15485863
 CONVENTION = "brats2021"
 
 
@@ -61,32 +73,53 @@ class SynthError(ValueError):
     """Bad generator settings, or an output folder that must not be written into."""
 
 
+_DEFAULTS = SynthSettings()  # the one place of the synthetic data's defaults (fedseg.config)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
-    """Settings of the synthetic multi-site dataset.
+    """Settings of the synthetic multi-site dataset; every default comes from ``SynthSettings``.
 
-    The defaults (3 sites x 8 cases of 48^3 voxels at 1 mm) make a federated demo that trains in
-    minutes on 2 CPU cores. 1 mm spacing matches BraTS, so a 1 mm resampling step is a no-op.
+    The defaults are a consortium of 3 sites with 24, 8 and 4 cases (``site_cases``, repeated in
+    turn when there are more sites) of 48^3 voxels at 1 mm, and 16 held-out test cases per site.
+    ``cases_per_site`` > 0 gives every site that many cases instead. ``site_cases`` is stored
+    resolved, one count per site. 1 mm spacing matches BraTS, so a 1 mm resampling step is a no-op.
     ``heterogeneity`` scales every site's departure from the reference site: 0 gives identical
     scanners and annotation styles (IID sites), 1 the built-in profiles, >1 exaggerates them.
+    ``tumours`` "varied" draws tumours hard to learn from a few cases; "classic" the first
+    generator's compact ones (see ``_TUMOUR_MODELS``).
     """
 
-    n_sites: int = 3
-    cases_per_site: int = 8
-    val_fraction: float = 0.25
-    shape: tuple[int, int, int] = (48, 48, 48)
+    n_sites: int = _DEFAULTS.sites
+    cases_per_site: int = _DEFAULTS.cases
+    site_cases: tuple[int, ...] = _DEFAULTS.site_cases
+    test_cases: int = _DEFAULTS.test_cases
+    val_fraction: float = _DEFAULTS.synth_val_fraction
+    shape: tuple[int, int, int] = (_DEFAULTS.size,) * 3
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    seed: int = 0
-    heterogeneity: float = 1.0
+    seed: int = _DEFAULTS.synth_seed
+    heterogeneity: float = _DEFAULTS.heterogeneity
     #: site groups with different imaging protocols: 1 (all sites alike) or 2 (the second half of
     #: the sites image with protocol "b": other tissue contrasts per sequence, see PROTOCOL_CONTRAST)
-    groups: int = 1
+    groups: int = _DEFAULTS.synth_groups
+    tumours: str = _DEFAULTS.synth_tumours
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
-        if self.n_sites < 1 or self.cases_per_site < 1:
-            raise SynthError(f"need at least 1 site and 1 case per site, got {self.n_sites} x {self.cases_per_site}")
+        counts = (self.site_cases,) if isinstance(self.site_cases, int) else tuple(self.site_cases)
+        if self.n_sites < 1 or self.cases_per_site < 0 or (self.cases_per_site == 0 and not counts):
+            raise SynthError(f"need at least 1 site and 1 case per site, got {self.n_sites} sites, "
+                             f"cases_per_site {self.cases_per_site}, site_cases {list(counts)}")
+        if self.cases_per_site > 0:
+            counts = (self.cases_per_site,) * self.n_sites
+        else:  # repeated in turn over the sites: (24, 8, 4) at 5 sites is 24, 8, 4, 24, 8
+            counts = tuple(int(counts[k % len(counts)]) for k in range(self.n_sites))
+        if min(counts) < 1:
+            raise SynthError(f"need at least 1 case per site, got site_cases {list(counts)}")
+        object.__setattr__(self, "site_cases", counts)
+        if self.test_cases < 0:
+            raise SynthError(f"test_cases must be >= 0, got {self.test_cases}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise SynthError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if len(self.shape) != 3 or min(self.shape) < 16:
@@ -97,6 +130,30 @@ class SynthConfig:
             raise SynthError(f"heterogeneity must be >= 0, got {self.heterogeneity}")
         if self.groups not in (1, 2) or self.groups > self.n_sites:
             raise SynthError(f"groups must be 1 or 2 (and at most the number of sites), got {self.groups}")
+        if self.tumours not in _TUMOUR_MODELS:
+            raise SynthError(f"unknown tumours {self.tumours!r}; known: {', '.join(_TUMOUR_MODELS)}")
+
+    @classmethod
+    def from_settings(cls, settings: SynthSettings, **changes: Any) -> SynthConfig:
+        """The generator config of a study's ``SynthSettings`` (``changes``: fields replaced, e.g.
+        ``n_sites``); a cubic volume of ``settings.size`` voxels at 1 mm."""
+        fields_ = dict(
+            n_sites=settings.sites, cases_per_site=settings.cases, site_cases=settings.site_cases,
+            test_cases=settings.test_cases, val_fraction=settings.synth_val_fraction,
+            shape=(settings.size,) * 3, seed=settings.synth_seed, heterogeneity=settings.heterogeneity,
+            groups=settings.synth_groups, tumours=settings.synth_tumours,
+        )
+        return cls(**{**fields_, **changes})
+
+    @property
+    def total_cases(self) -> int:
+        """Training and validation cases over all sites (test cases not counted)."""
+        return sum(self.site_cases)
+
+    def describe_cases(self) -> str:
+        """``"3 cases"`` when every site has as many, else ``"24/8/4 cases"``."""
+        counts = self.site_cases
+        return f"{counts[0]} cases" if len(set(counts)) == 1 else f"{'/'.join(map(str, counts))} cases"
 
 
 @dataclass(frozen=True)
@@ -155,12 +212,40 @@ PROTOCOL_CONTRAST: dict[str, dict[str, tuple[float, ...]]] = {
     },
 }
 
-# Tumour shape: blob width range ([-1, 1] units), oedema spread (width factor of the wide copy),
-# field thresholds as fractions of the field maximum, and the rim thickness.
-_TUMOUR_SIZE = (0.11, 0.26)
-_OEDEMA_SPREAD = (1.4, 1.9)
+@dataclass(frozen=True)
+class TumourModel:
+    """How varied the tumours are: sizes and spreads in [-1, 1] units of the volume.
+
+    The core is ``field > core_level * max`` of a sum of Gaussian blobs; the enhancing rim is a
+    shell of the core ``rim_fraction`` of its depth thick (at least a voxel), varied along the
+    outline by ``rim_variation``; the necrotic centre is the core deeper than the rim, kept only
+    where a smooth random field exceeds a random quantile in ``necrosis_patchiness`` (0: all of it);
+    with probability ``satellite`` a second, smaller tumour grows elsewhere (multifocal).
+    """
+
+    size: tuple[float, float]  # blob width range (log-uniform)
+    centre: float  # centre uniform in [-centre, centre] per axis (inside the brain, not CSF)
+    blobs: tuple[int, int]  # number of blobs, [low, high)
+    blob_spread: float  # blob centres' spread around the tumour centre, in blob widths
+    anisotropy: float  # std of the log of each blob's per-axis width factor
+    outline: float  # amplitude of the multiplicative noise on the core field (irregular outline)
+    oedema_spread: tuple[float, float]  # width factor of the oedema's wider copy of the blobs
+    rim_fraction: tuple[float, float]  # enhancing-rim thickness, fraction of the core's depth
+    rim_variation: float = 0.0  # relative variation of the rim's thickness along the outline
+    necrosis_patchiness: tuple[float, float] = (0.0, 0.0)
+    satellite: float = 0.0
+
+
+_TUMOUR_MODELS: dict[str, TumourModel] = {
+    # calibrated so that 4 cases of a site teach a model much less than 24 (docs/data.md)
+    "varied": TumourModel(size=(0.06, 0.30), centre=0.60, blobs=(1, 7), blob_spread=0.8, anisotropy=0.35,
+                          outline=0.25, oedema_spread=(1.25, 2.4), rim_fraction=(0.08, 0.3), rim_variation=0.6,
+                          necrosis_patchiness=(0.0, 0.7), satellite=0.35),
+    # the first generator's compact tumours (reproduces its data byte for byte)
+    "classic": TumourModel(size=(0.11, 0.26), centre=0.45, blobs=(2, 5), blob_spread=0.45, anisotropy=0.12,
+                           outline=0.12, oedema_spread=(1.4, 1.9), rim_fraction=(0.2, 0.4)),
+}
 _WT_LEVEL, _CORE_LEVEL = 0.40, 0.30
-_RIM_FRACTION = (0.2, 0.4)  # enhancing-rim thickness as a fraction of the core's depth
 
 
 @dataclass
@@ -175,8 +260,10 @@ class SynthResult:
     config_path: Path
     config: SynthConfig
     profiles: list[SiteProfile]
-    site_stats: dict[str, dict[str, float]] = field(default_factory=dict)  # n_train, n_val, wt_ml_mean
+    site_stats: dict[str, dict[str, float]] = field(default_factory=dict)  # n_train, n_val, n_test, wt_ml_mean
     seconds: float = 0.0
+    #: site name -> its held-out test datalist (``<site>.test.json``); none with ``test_cases`` 0
+    test_datalists: dict[str, Path] = field(default_factory=dict)
 
     @property
     def site_groups(self) -> dict[str, str]:
@@ -187,14 +274,16 @@ class SynthResult:
         """A few lines for the terminal: sites, cases, sizes."""
         cfg = self.config
         lines = [
-            f"synthetic data in {self.out}: {cfg.n_sites} sites x {cfg.cases_per_site} cases, "
+            f"synthetic data in {self.out}: {cfg.n_sites} sites x {cfg.describe_cases()}"
+            f"{f' (+ {cfg.test_cases} test cases each)' if cfg.test_cases else ''}, "
             f"{'x'.join(map(str, cfg.shape))} voxels at {'x'.join(f'{s:g}' for s in cfg.spacing)} mm, "
-            f"seed {cfg.seed}, heterogeneity {cfg.heterogeneity:g} ({self.seconds:.1f} s)"
+            f"{cfg.tumours} tumours, seed {cfg.seed}, heterogeneity {cfg.heterogeneity:g} ({self.seconds:.1f} s)"
         ]
         for p in self.profiles:
             s = self.site_stats.get(p.name, {})
             lines.append(
-                f"  {p.name}: {int(s.get('n_train', 0))} train / {int(s.get('n_val', 0))} val, "
+                f"  {p.name}: {int(s.get('n_train', 0))} train / {int(s.get('n_val', 0))} val / "
+                f"{int(s.get('n_test', 0))} test, "
                 f"mean WT {s.get('wt_ml_mean', float('nan')):.1f} ml - {p.description}"
                 + (f" [protocol group {p.group}]" if cfg.groups > 1 else "")
             )
@@ -256,6 +345,8 @@ def generate(cfg: SynthConfig, out: Path | str) -> SynthResult:
     profiles = site_profiles(cfg)
     data_root = out / "data"
     data_root.mkdir(parents=True)
+    test_root = out / "test"  # apart from data/: a re-split or check of data/ never meets a test case
+    test_root.mkdir()
     # Written first with complete=false: a crashed run leaves a folder that may be regenerated into.
     document = {
         "generator": GENERATOR,
@@ -273,24 +364,38 @@ def generate(cfg: SynthConfig, out: Path | str) -> SynthResult:
     site_lists: dict[str, Datalist] = {}
     site_stats: dict[str, dict[str, float]] = {}
     institutions: list[tuple[str, str]] = []
+    test_sets: dict[str, list[Case]] = {}
     for k, profile in enumerate(profiles):
         cases, wt_ml = [], []
-        for i in range(cfg.cases_per_site):
+        for i in range(cfg.site_cases[k]):
             case_id = f"site{k + 1}_case{i + 1:03d}"
             rng = np.random.default_rng([cfg.seed, k, i])
-            images, label = synthesize_case(grid, profile, rng)
+            images, label = synthesize_case(grid, profile, rng, cfg.tumours)
             cases.append(_write_case(data_root, case_id, images, label, affine))
             wt_ml.append(float(np.count_nonzero(label)) * voxel_ml)
             institutions.append((case_id, profile.name))
+        # Test cases: the same scanner and rater, their own random stream (adding training cases
+        # changes no test case), and no datalist's training or validation part ever names them.
+        test_sets[profile.name] = []
+        for i in range(cfg.test_cases):
+            case_id = f"site{k + 1}_test{i + 1:03d}"
+            rng = np.random.default_rng([cfg.seed, _TEST_STREAM, k, i])
+            images, label = synthesize_case(grid, profile, rng, cfg.tumours)
+            test_sets[profile.name].append(_write_case(test_root, case_id, images, label, affine))
         training, validation = train_val_split(cases, cfg.val_fraction, np.random.default_rng([cfg.seed, 104729, k]))
         meta = {"site": profile.name, "group": profile.group, "generator": GENERATOR, "seed": cfg.seed,
                 "profile": asdict(profile), "config": asdict(cfg)}
         site_lists[profile.name] = Datalist(training, validation, data_root, meta)
         site_stats[profile.name] = {"n_train": len(training), "n_val": len(validation),
-                                    "wt_ml_mean": float(np.mean(wt_ml))}
+                                    "n_test": cfg.test_cases, "wt_ml_mean": float(np.mean(wt_ml))}
 
     datalist_dir = out / "datalists"
     paths = {name: write_datalist(datalist_dir / f"{name}.json", dl) for name, dl in site_lists.items()}
+    test_paths = {
+        name: write_test_datalist(test_datalist_path(datalist_dir, name), cases, test_root,
+                                  {**site_lists[name].meta, "split": "test"})
+        for name, cases in test_sets.items() if cases
+    }
     union = merge_datalists(site_lists.values())
     union.meta = {"site": "all", "generator": GENERATOR, "seed": cfg.seed, "merged_from": list(site_lists),
                   "config": asdict(cfg)}
@@ -303,9 +408,12 @@ def generate(cfg: SynthConfig, out: Path | str) -> SynthResult:
 
     document["complete"] = True
     document["cases"] = {name: [c.case_id for c in dl.cases] for name, dl in site_lists.items()}
+    document["test_cases"] = {name: [c.case_id for c in cases] for name, cases in test_sets.items()}
+    document["datalists"] = {name: str(p.relative_to(out)) for name, p in paths.items()}
+    document["test_datalists"] = {name: str(p.relative_to(out)) for name, p in test_paths.items()}
     write_json_atomic(config_path, document)
     result = SynthResult(out, data_root, paths, all_path, inst_path, config_path, cfg, profiles,
-                         site_stats, time.perf_counter() - start)
+                         site_stats, time.perf_counter() - start, test_paths)
     log.info("%s", result.summary())
     return result
 
@@ -335,19 +443,21 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
 
 
 def synthesize_case(
-    grid: _Grid, profile: SiteProfile, rng: np.random.Generator
+    grid: _Grid, profile: SiteProfile, rng: np.random.Generator, tumours: str = _DEFAULTS.synth_tumours
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One case as seen and annotated at a site.
 
     Returns ``{modality: float32 (X, Y, Z)}`` with zero background and the uint8 label ``(X, Y, Z)``
     in the internal scheme (0 bg, 1 NCR, 2 oedema, 3 enhancing). Anatomy draws from ``rng`` before
-    the site's effects, so the same rng gives the same anatomy at every site.
+    the site's effects, so the same rng gives the same anatomy at every site. ``tumours`` names the
+    tumour model (``_TUMOUR_MODELS``).
     """
     shape = grid.shape
     n = min(shape)
     brain, tissue = _anatomy(grid, rng)
+    model = _TUMOUR_MODELS[tumours]
     for _ in range(10):  # redraw the rare tumour too small to hold all three labels
-        tumour = _tumour(grid, brain, tissue, rng)
+        tumour = _tumour(grid, brain, tissue, rng, model)
         true_label = tumour.label()
         if all(np.any(true_label == v) for v in (NCR, ED, ET)):
             break
@@ -417,37 +527,63 @@ class _Tumour:
         return label
 
 
-def _tumour(grid: _Grid, brain: np.ndarray, tissue: np.ndarray, rng: np.random.Generator) -> _Tumour:
-    """A random tumour: a few overlapping Gaussian blobs, random size, position and shape.
+def _tumour(grid: _Grid, brain: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
+            model: TumourModel = _TUMOUR_MODELS["classic"]) -> _Tumour:
+    """A random tumour of ``model``: a few overlapping Gaussian blobs, random size, position and shape.
 
     The enhancing rim is a shell of the core whose thickness is a random fraction of the core's
     depth; oedema comes from a wider copy of the blobs and spreads further along white matter.
+    The "classic" model draws exactly what the first generator drew.
     """
     shape, n = grid.shape, min(grid.shape)
-    size = float(np.exp(rng.uniform(*np.log(_TUMOUR_SIZE))))  # blob width in [-1, 1] units
-    for _ in range(1000):  # a centre inside the brain, away from its surface and the ventricles
-        centre = rng.uniform(-0.45, 0.45, 3)
-        idx = tuple(int(round((c + 1) / 2 * (s - 1))) for c, s in zip(centre, shape))
-        if brain[idx] and tissue[idx] != CSF:
-            break
+    size = float(np.exp(rng.uniform(*np.log(model.size))))  # blob width in [-1, 1] units
+    centre = _tumour_centre(shape, brain, tissue, rng, model.centre)
     core_field = np.zeros(shape, np.float32)
     wide_field = np.zeros(shape, np.float32)
-    oedema_spread = rng.uniform(*_OEDEMA_SPREAD)
-    for _ in range(int(rng.integers(2, 5))):
-        c = centre + rng.normal(0.0, 0.45 * size, 3)
-        width = size * rng.uniform(0.6, 1.0) * np.exp(rng.normal(0.0, 0.12, 3))  # anisotropic
-        amplitude = rng.uniform(0.6, 1.0)
-        core_field += amplitude * np.exp(-0.5 * grid.sq_dist(c, width))
-        wide_field += amplitude * np.exp(-0.5 * grid.sq_dist(c, width * oedema_spread))
-    core_field *= 1.0 + 0.12 * _smooth_noise(rng, shape, max(1.0, n / 24))  # irregular outline
+    oedema_spread = rng.uniform(*model.oedema_spread)
+
+    def add_blobs(centre: np.ndarray, size: float, count: int) -> None:
+        for _ in range(count):
+            c = centre + rng.normal(0.0, model.blob_spread * size, 3)
+            width = size * rng.uniform(0.6, 1.0) * np.exp(rng.normal(0.0, model.anisotropy, 3))  # anisotropic
+            amplitude = rng.uniform(0.6, 1.0)
+            core_field[...] += amplitude * np.exp(-0.5 * grid.sq_dist(c, width))
+            wide_field[...] += amplitude * np.exp(-0.5 * grid.sq_dist(c, width * oedema_spread))
+
+    add_blobs(centre, size, int(rng.integers(*model.blobs)))
+    if model.satellite > 0 and rng.random() < model.satellite:  # multifocal: a smaller second tumour
+        add_blobs(_tumour_centre(shape, brain, tissue, rng, model.centre), size * rng.uniform(0.5, 0.9),
+                  int(rng.integers(1, 3)))
+    core_field *= 1.0 + model.outline * _smooth_noise(rng, shape, max(1.0, n / 24))  # irregular outline
     wide_field *= (1.0 + 0.15 * _smooth_noise(rng, shape, n / 12)) * np.where(tissue == WM, 1.15, 0.85)
     core_field[~brain] = 0.0
     level = _CORE_LEVEL * float(core_field.max())
     core = core_field > level
     depth = ndimage.distance_transform_edt(core)
-    rim = max(1.0, float(rng.uniform(*_RIM_FRACTION)) * float(depth.max()))
+    fraction = float(rng.uniform(*model.rim_fraction))
+    if model.rim_variation > 0:  # a rim of varying thickness, at least a voxel everywhere
+        rim = np.maximum(1.0, fraction * float(depth.max())
+                         * (1.0 + model.rim_variation * _smooth_noise(rng, shape, max(1.0, n / 10))))
+    else:
+        rim = max(1.0, fraction * float(depth.max()))
+    necrosis = depth > rim
+    if model.necrosis_patchiness[1] > 0 and necrosis.any():  # patchy necrosis; the rest enhances (solid)
+        patch = _smooth_noise(rng, shape, max(1.0, n / 12))
+        cut = float(np.quantile(patch[necrosis], rng.uniform(*model.necrosis_patchiness)))
+        necrosis &= patch >= cut
     whole = ((wide_field > _WT_LEVEL * float(wide_field.max())) & brain) | core
-    return _Tumour(core_field, level, depth > rim, whole)
+    return _Tumour(core_field, level, necrosis, whole)
+
+
+def _tumour_centre(shape: tuple[int, int, int], brain: np.ndarray, tissue: np.ndarray, rng: np.random.Generator,
+                   spread: float) -> np.ndarray:
+    """A tumour centre in [-spread, spread]^3 inside the brain and outside the CSF."""
+    for _ in range(1000):
+        centre = rng.uniform(-spread, spread, 3)
+        idx = tuple(int(round((c + 1) / 2 * (s - 1))) for c, s in zip(centre, shape))
+        if brain[idx] and tissue[idx] != CSF:
+            break
+    return centre
 
 
 def _annotate(tumour: _Tumour, brain: np.ndarray, profile: SiteProfile) -> np.ndarray:
@@ -530,7 +666,7 @@ def _prepare_output(out: Path) -> None:
                 f"{out}: folder is not empty and is not a fedseg synthetic dataset (no synth.json "
                 "from the generator); choose an empty or new folder"
             )
-        for name in ("data", "datalists"):
+        for name in ("data", "test", "datalists"):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "institutions.csv").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -541,7 +677,10 @@ def load_synth_config(out: Path | str) -> SynthConfig:
     out = Path(out)
     if not is_synth_output(out):
         raise SynthError(f"{out}: no synth.json from the fedseg generator")
-    cfg = json.loads((out / "synth.json").read_text())["config"]
+    document = json.loads((out / "synth.json").read_text())
+    cfg = document["config"]
+    if document.get("version", 1) < 2:
+        cfg = {**_VERSION_1, **cfg}
     return replace(SynthConfig(), **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
