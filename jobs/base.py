@@ -152,9 +152,10 @@ def personal_algorithms() -> tuple[str, ...]:
 
 
 def describe_algorithms(names: Iterable[str] | None = None) -> str:
-    """``name (description); ...`` of every algorithm: the help texts' list."""
+    """``name: description; ...`` of every algorithm: the help texts' list (and which run in POC only)."""
     table = algorithms()
-    return "; ".join(f"{name}: {table[name].description}" for name in (names or table))
+    return "; ".join(f"{name}: {table[name].description}" + ("" if table[name].simulator else " (POC and real sites only)")
+                     for name in (names or table))
 
 
 def algorithm(name: str) -> Algorithm:

@@ -22,7 +22,7 @@ class FedAvgHE(Algorithm):
     """FedAvg whose server only ever holds CKKS ciphertexts of the sites' weights."""
 
     name = "fedavg-he"
-    description = "CKKS-encrypted aggregation; POC and real sites only"
+    description = "CKKS-encrypted aggregation: the server adds ciphertexts it cannot read"
     addons = frozenset({"wandb"})
     plain_weights = False
     # NVFlare's HE recipe needs kits made with its HEBuilder
