@@ -29,6 +29,7 @@ from pytorch_lightning import Callback
 from fedseg.app.site_plugin import SitePlugin, progress
 
 if TYPE_CHECKING:  # the options dataclasses are declared with their algorithms; the runner runs the plug-ins
+    from fedseg.app.personal_store import PersonalModelStore
     from fedseg.app.site_runner import SiteRunner
     from fedseg.jobs.ditto import DittoOptions
     from fedseg.jobs.fedper import FedPerOptions
@@ -55,6 +56,7 @@ class FedPerPlugin(SitePlugin):
 
     def setup(self, runner: SiteRunner) -> None:
         from fedseg.app.fedper import SharedKeysFLCallback, personal_keys
+
         self.personal = personal_keys(runner.model, self.keep_norm_local, self.personal_head)
         self.shared = [k for k in runner.model.state_dict() if k not in set(self.personal)]
         self._callback = SharedKeysFLCallback(self.shared, load_state_dict_strict=False)
@@ -145,7 +147,7 @@ class ProximalTerm(Callback):
                     parameter.grad.add_(parameter - self.reference[name].to(parameter.device), alpha=self.weight)
 
 
-def _store(runner: SiteRunner, kind: str = "") -> Any:
+def _store(runner: SiteRunner, kind: str = "") -> PersonalModelStore:
     """This site's store of personal models for the job's study (``kind``: which personal model)."""
     from fedseg.app.personal_store import PersonalModelStore
     from fedseg.app.site_config import default_head_store
