@@ -117,9 +117,9 @@ class FederationSettings:
             raise ValueError("round_timeout, min_sites_per_round, site_threads and gpus_per_site must be >= 0")
 
 
-#: tumour models of the synthetic generator: "varied" (the default: shapes, sizes, positions and thin
-#: rims varied enough that a small site cannot learn them from a few cases) or "classic" (the first
-#: generator's compact tumours, kept so that earlier results can be reproduced)
+#: tumour models of the synthetic generator: "varied" (the default: sizes, shapes, positions, thin
+#: rims and patchy necrosis varied more from case to case) or "classic" (the first generator's
+#: compact tumours, kept so that earlier results can be reproduced); docs/data.md
 SYNTH_TUMOURS: tuple[str, ...] = ("varied", "classic")
 
 
@@ -144,8 +144,8 @@ class SynthSettings:
     size: int = setting(48, "synthetic volume size (voxels a side)")
     heterogeneity: float = setting(1.0, "how differently the synthetic sites scan and annotate (0: IID)")
     synth_groups: int = setting(1, "synthetic sites in 1 or 2 imaging-protocol groups", choices=(1, 2))
-    synth_tumours: str = setting("varied", "synthetic tumour model: varied (hard to learn from a few cases) "
-                                           "or classic (the first generator's)", choices=SYNTH_TUMOURS)
+    synth_tumours: str = setting("varied", "synthetic tumour model: varied (sizes, shapes, positions "
+                                           "and thin rims varied more) or classic (the first generator's)", choices=SYNTH_TUMOURS)
     synth_seed: int = setting(0, "seed of the synthetic sites' cases (data), apart from the training seed")
 
     def __post_init__(self) -> None:
