@@ -1,6 +1,7 @@
 """What runs on the server and the sites of a ``fedavg-he`` job (``fedseg.jobs.fedavg_he``): TenSEAL
-contexts, decryption of the stored global models with a site kit, cross-site evaluation of
-encrypted models and the audit that only ciphertext arrives.
+contexts, decryption of the stored global models with a site kit and cross-site evaluation of
+encrypted models. (The audit that only ciphertext reaches the server is the HE test's own,
+``tests/he_audit.py``.)
 
 ``FedAvgRecipeWithHE`` (nvflare/app_opt/pt/recipes/fedavg_he.py) runs ScatterAndGather with
 TenSEAL CKKS filters: each site encrypts its weights (already multiplied by its case count) before
@@ -16,23 +17,15 @@ The simulator cannot run it (the recipe refuses ``SimEnv``: the simulator provis
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nvflare.apis.dxo import DXO, MetaKey, from_shareable
-from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 
 INSTALL_HINT = "pip install 'fedseg[he]'"
-#: what CiphertextAudit writes into the server's <run dir>/metrics/
-AUDIT_FILE = "he_payloads.jsonl"
 #: TenSEAL context files HEBuilder writes into the kits' startup/ folders (nvflare/lighter/impl/he.py)
 SERVER_CONTEXT = "server_context.tenseal"
 CLIENT_CONTEXT = "client_context.tenseal"
@@ -119,60 +112,3 @@ class HECrossSiteEval(CrossSiteModelEval):
         if dxo is not None and isinstance(dxo.data, dict):
             serialize_nested_dict(dxo.data)
         return dxo
-
-
-class CiphertextAudit(Filter):
-    """Server input filter: how each result a site sent arrived, encrypted or in plain.
-
-    Passes every result on unchanged and appends one JSON line per result to
-    ``<run dir>/metrics/he_payloads.jsonl``: site, task, the names of the values that arrived as
-    CKKS ciphertexts and of those in plain, and the ciphertexts' serialized bytes. It shows that
-    the server never received a readable weight (only the scalar metrics and the case count are
-    plain: they travel in the result's meta).
-    """
-
-    def __init__(self, file_name: str = AUDIT_FILE) -> None:
-        super().__init__()
-        self.file_name = file_name
-
-    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        record: dict[str, Any] = {
-            "time": time.time(),
-            "site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, ""),
-            "task": shareable.get_header(ReservedKey.TASK_NAME, ""),
-        }
-        try:
-            dxo = from_shareable(shareable)
-        except Exception:  # not a DXO (e.g. an error reply): nothing to audit
-            record.update(kind="none", encrypted=[], plain=[], ciphertext_bytes=0)
-        else:
-            record.update(kind=str(dxo.data_kind), **_count_ciphertexts(dxo.data or {}),
-                          algorithm=dxo.get_meta_prop(MetaKey.PROCESSED_ALGORITHM))
-        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-        os.makedirs(os.path.join(run_dir, "metrics"), exist_ok=True)
-        with open(os.path.join(run_dir, "metrics", self.file_name), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        return shareable
-
-
-def _count_ciphertexts(params: dict[str, Any]) -> dict[str, Any]:
-    """Names of the encrypted and of the plain values of a DXO, and the ciphertexts' bytes."""
-    ts = require_tenseal()
-    encrypted, plain, size = [], [], 0
-    for key, value in params.items():
-        if isinstance(value, ts.CKKSVector):
-            encrypted.append(key)
-            size += len(value.serialize())
-        else:
-            plain.append(key)
-    return {"encrypted": sorted(encrypted), "plain": sorted(plain), "ciphertext_bytes": size}
-
-
-def add_ciphertext_audit(recipe: Any, tasks: tuple[str, ...] = ("train", "submit_model")) -> None:
-    """Register ``CiphertextAudit`` on the server for every task whose results carry weights.
-
-    One registration per task: NVFlare matches filters by exact task name
-    (nvflare/apis/utils/task_utils.py).
-    """
-    for task in tasks:
-        recipe.add_server_input_filter(CiphertextAudit(), tasks=[task])

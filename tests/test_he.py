@@ -24,6 +24,9 @@ from fedseg.jobs.base import Job
 from fedseg.run.poc import COMPLETED, PocDeployment, free_port, port_in_use, project_config
 
 SITES = ("hospital-a", "hospital-b")
+#: the test's audit module (tests/he_audit.py) and the folder it is imported from
+AUDIT_MODULE = "he_audit"
+TESTS_DIR = Path(__file__).resolve().parent
 HE_BUILDER = "nvflare.lighter.impl.he.HEBuilder"
 
 
@@ -45,13 +48,18 @@ def tiny_he_job(**kw: Any) -> Job:
 
 
 def export_he_job(job: Job, out: Path, audit: bool = True) -> Path:
-    """Export ``job``; with ``audit`` the server also records how every update arrived."""
-    from fedseg.app.he import add_ciphertext_audit
+    """Export ``job``; with ``audit`` the server also records how every update arrived (the test's
+    ``he_audit.CiphertextAudit``: an installed package to the job, so the job carries no code; the
+    deployment must let the server import it, ``audit_importable``)."""
+    from he_audit import add_ciphertext_audit
+
+    from fedseg import nvflare_internals
     from fedseg.jobs.base import build_recipe, in_app_dir
 
     recipe = build_recipe(job)
     if audit:
         add_ciphertext_audit(recipe)
+        nvflare_internals.fed_job(recipe).set_app_packages(["fedseg", AUDIT_MODULE])
     with in_app_dir():
         recipe.export(str(out))
     return out / job.name
@@ -147,13 +155,17 @@ def _validate(state: dict[str, Any], job: Job, datalist: Path, out: Path) -> dic
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(tmp_path, tenseal):
+def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(tmp_path, tenseal, monkeypatch):
     import torch
 
-    from fedseg.app.he import AUDIT_FILE, decrypt_global_model, decrypt_state, load_context
+    from he_audit import AUDIT_FILE
+
+    from fedseg.app.he import decrypt_global_model, decrypt_state, load_context
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.lightning_modules.module import SegmentationModule
 
+    # the deployment's processes inherit this environment: the server imports the test's audit from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     datalists = dict(zip(SITES, (synth.datalists["site-1"], synth.datalists["site-2"])))
     n_train = {h: int(synth.site_stats[s]["n_train"]) for h, s in zip(SITES, ("site-1", "site-2"))}
@@ -167,7 +179,7 @@ def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(
         # the classes fedseg's jobs name, fedseg.provisioning.site_control)
         resources = poc.server_kit / "local" / "resources.json"
         doc = json.loads(resources.read_text())
-        doc["class_allow_list"].append("fedseg.app.he.CiphertextAudit")
+        doc["class_allow_list"].append(f"{AUDIT_MODULE}.CiphertextAudit")
         resources.write_text(json.dumps(doc))
         for site, datalist in datalists.items():
             poc.install_site_config(site, datalist)
