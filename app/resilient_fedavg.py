@@ -17,7 +17,7 @@ selection, and changes only how a round ends:
 - ``start_round`` > 0 resumes a study: the persistor's initial checkpoint is the last global
   model, and the rounds already done are counted (``total_rounds`` stays the study's).
 
-Every completed round also reaches the server's durable study store (``fedseg.run.study_store``:
+Every completed round also reaches the server's durable study store (``fedseg.app.study_store``:
 the global model, FedOpt's optimizer state and the round's record, in one atomic rename), outside
 the job's workspace, under the study id (``study_id``; default: the job id). A job with
 ``resume_from_store`` starts from the store's newest round of its study and runs only the rounds
@@ -54,7 +54,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.fuel.utils.log_utils import center_message
 
 from fedseg import nvflare_internals
-from fedseg.run import study_store
+from fedseg.app import study_store
 from fedseg.app.protocol import (
     CONTRIBUTION_KEY,
     PERSONALIZE_TASK,
@@ -106,7 +106,7 @@ class ResilientFedAvg(FedAvg):
         self._targets: list[str] = []  # the sites sent this round's model
         self._val_dice: dict[str, float] = {}  # site -> its val_dice of this round's global model (a scalar it sends)
         self._history: list[dict[str, Any]] = []
-        #: the study's folder in the server's durable store (None: off); see fedseg.run.study_store
+        #: the study's folder in the server's durable store (None: off); see fedseg.app.study_store
         self.study_id = str(study_id)
         self.resume_from_store = bool(resume_from_store)
         self.durable_store = bool(durable_store)

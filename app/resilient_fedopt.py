@@ -10,7 +10,7 @@ The server optimizer's state (SGD momentum, Adam moments) is part of the study: 
 it is written atomically beside the global model (``<app dir>/fedopt_optimizer.pt``, with the
 round), and a resumed study (``optimizer_state``: that file, bundled into the job) starts from it,
 so FedAvgM's momentum goes on instead of restarting from zero. The state also reaches the durable
-study store with every round (``fedseg.run.study_store``); a job continued from the store
+study store with every round (``fedseg.app.study_store``); a job continued from the store
 (``resume_from_store``) restores the state saved with the round it continues from.
 """
 

@@ -8,8 +8,8 @@ packages as ``pyproject.toml``'s ``package-dir`` says (``app/`` is ``fedseg.app`
 test reads.
 
 The scan covers every import in every source file, at module level and inside functions (a lazy
-import is still a dependency), except those under ``if TYPE_CHECKING:``. The exceptions are listed
-with their reasons, and each must still occur: a fixed one is taken off the list.
+import is still a dependency), except those under ``if TYPE_CHECKING:``. The exception is listed
+with its reason, and each must still occur: a fixed one is taken off the list.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("fedseg.app.site_runner", "fedseg.jobs.base"):
         "a site reads its algorithm's declaration (its options dataclass and site plug-in) from the table; "
         "the modules it loads import app only inside functions (test below)",
-    ("fedseg.app.resilient_fedavg", "fedseg.run"):
-        "the server's durable per-round store, fedseg.run.study_store, belongs below app (fedseg.app or a "
-        "lower package); its owner moves it",
 }
 
 

@@ -166,7 +166,7 @@ def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_d
         assert by_round[3]["answered"] == ["hospital-a", "hospital-b"] and by_round[3]["missing"] == ["hospital-c"]
         assert by_round[3]["seconds"] <= ROUND_TIMEOUT + 5, by_round[3]
         # the global model of every round was averaged and saved: 3 rounds in the checkpoint
-        from fedseg.run.resume import find_resume_point
+        from fedseg.jobs.resume import find_resume_point
 
         assert find_resume_point(first).rounds_done == 3
         # the restarted hospital-c logged in again (its kit's start loop restarted it)

@@ -18,7 +18,7 @@ from fedseg.app.fault_drill import FaultDrill
 from conftest import tiny_job
 from fedseg.jobs.addons import Addons
 from fedseg.jobs.base import export
-from fedseg.run.resume import ResumeError, find_resume_point
+from fedseg.jobs.resume import ResumeError, find_resume_point
 from offline_validation import validate_checkpoint
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.run import study_store
+from fedseg.app import study_store
 from fedseg.run.study import (
     STATE_FILE,
     FlareSession,
@@ -571,7 +571,7 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
         last_round_at = (folder / f"round-{ROUNDS:04d}" / "record.json").stat().st_mtime
         assert state.segments[-1].ended_at - last_round_at < 120, (state.segments[-1].ended_at, last_round_at)
         final = Path(state.segments[-1].download) / "workspace" / "app_server" / study_store.MODEL_FILE
-        from fedseg.run.resume import find_resume_point
+        from fedseg.jobs.resume import find_resume_point
 
         assert find_resume_point(final).rounds_done == ROUNDS
         assert (study_store.latest_model(folder)[1] / study_store.MODEL_FILE).read_bytes() == final.read_bytes()
@@ -584,7 +584,7 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
     # the same job and seed, uninterrupted (the simulator): the study's final model scores within noise of it
     from offline_validation import validate_checkpoint, validate_state
 
-    from fedseg.run.resume import find_resume_point
+    from fedseg.jobs.resume import find_resume_point
     from fedseg.run.simulate import simulate
 
     simulate(job, dict(zip(SITES, synth.datalists.values())), tmp_path / "uninterrupted")
@@ -610,7 +610,7 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
 def test_a_study_id_never_leads_out_of_the_store_and_rounds_are_owner_only(tmp_path):
     import stat
 
-    from fedseg.run.study_store import save_round, study_folder
+    from fedseg.app.study_store import save_round, study_folder
 
     for bad in ("../escape", "/abs", "", "a/b", ".hidden", "a..b/.."):
         with pytest.raises(ValueError, match="not a plain name"):

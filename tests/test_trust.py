@@ -38,7 +38,7 @@ def test_every_loader_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path)
     from fedseg.lightning_modules.inference import InferenceError, load_model
     from fedseg.lightning_modules.module import SegmentationModule
     from fedseg.run.results import global_checkpoint
-    from fedseg.run.resume import ResumeError, find_resume_point
+    from fedseg.jobs.resume import ResumeError, find_resume_point
 
     module = SegmentationModule(features=4, roi_size=(16, 16, 16), hd95=False)
     good_encoder = tmp_path / "encoder.ckpt"
@@ -48,7 +48,7 @@ def test_every_loader_refuses_a_checkpoint_whose_pickle_would_run_code(tmp_path)
         "load_checkpoint": (lambda p: load_checkpoint(p), UnsafeCheckpointError),
         "global model -> Lightning checkpoint (fedseg.run.results)":
             (lambda p: global_checkpoint(p, {}, tmp_path / "out.ckpt"), UnsafeCheckpointError),
-        "resume point (fedseg.run.resume)": (lambda p: find_resume_point(p), ResumeError),
+        "resume point (fedseg.jobs.resume)": (lambda p: find_resume_point(p), ResumeError),
         "personal model store": (lambda p: PersonalModelStore(p.parent, p.stem).record(), UnsafeCheckpointError),
         "personalize: the encoder": (lambda p: personalize(p, p, tmp_path / "x.ckpt"), UnsafeCheckpointError),
         "personalize: the head": (lambda p: personalize(good_encoder, p, tmp_path / "y.ckpt"), UnsafeCheckpointError),

@@ -3,7 +3,7 @@
 The lead starts a study once. The supervisor submits the study's job (a *segment*), follows it
 with the lead's admin kit (``nvflare.fuel.flare_api``), and whenever a segment ends short of the
 study's rounds it submits the next one, which continues from the last completed round in the
-server's durable study store (``fedseg.run.study_store``): the global model, FedOpt's optimizer
+server's durable study store (``fedseg.app.study_store``): the global model, FedOpt's optimizer
 state, and (at the sites, under the study's name) each site's personal store. Nothing has to be
 downloaded to go on.
 
