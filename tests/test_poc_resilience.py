@@ -8,11 +8,11 @@ One POC deployment (real server and site processes, mutual TLS, ``nvflare job su
    site config) and every process of hospital-c is killed with SIGKILL during round 3 (while a
    drill holds its training, so that the kill surely lands mid-round): the job
    completes, the report names both sites and the rounds they missed, and the round with
-   hospital-c missing ends within the round timeout;
-2. the study resumed from job 1's downloaded global checkpoint: the restarted hospital-c is back
-   (NVFlare 2.9 never redeploys a running job to a restarted site, so this is where it returns);
-   a clean POC FedAvg round: case-weighted, streamed metrics, every model scored on every site;
-3. a job that needs all 3 sites per round, W&B on, with a truncated image in hospital-a's data: the
+   hospital-c missing ends within the round timeout. Its round 1 (every site) is case-weighted, the sites' metrics are streamed, and every model is
+   scored on the sites that ran the evaluation. (A restarted site is back in the next job: the
+   study's fault matrix, ``tests/test_study.py``, covers that and a study resumed from the server's
+   store; ``tests/test_resilience.py`` covers a job resumed from a checkpoint);
+2. a job that needs all 3 sites per round, W&B on, with a truncated image in hospital-a's data: the
    site refuses its data at start-up, the study stops at once naming "hospital-a refused its data
    (DatasetCheckError)", and nothing on the server's side (its kit, job and snapshot storage, the
    downloaded job, the W&B runs) holds a case id, a data path or a site's error message, although
@@ -172,41 +172,33 @@ def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_d
         # the restarted hospital-c logged in again (its kit's start loop restarted it)
         assert not set(killed) & {pid for pid, _ in poc.running_processes()}
 
-        # --- 2. resume the study from job 1's last global checkpoint: hospital-c is back
-        resumed = tiny_job("resumed", rounds=4, addons=Addons(resume_from=str(first)))
-        job_id = poc.submit(export(resumed, jobs))
-        assert poc.wait(job_id, timeout=600) == COMPLETED
-        second = poc.download(job_id, tmp_path / "download")
-        rounds, summary = read_report(second)
-        assert summary["rounds_run"] == [4]  # the 3 rounds done are counted, not retrained
-        assert all(r["answered"] == list(SITES) for r in rounds), rounds
-        site_log = (poc.site_kit("hospital-c") / job_id / "log.txt").read_text()
-        assert "[fedseg] round 4/4 hospital-c" in site_log
-        assert "round 4/4 hospital-c: learning-rate schedule continues at epoch 3 of 4" in site_log
-
-        # a clean POC FedAvg round: each update weighed by its site's training cases, every scalar the
-        # sites streamed on the server, every model scored on every site in cross-site evaluation
-        server_run = second / "workspace"
-        (round4,) = [json.loads(l) for l in (server_run / "metrics" / "round_metrics.jsonl").read_text().splitlines()]
-        assert {s["name"]: s["weight"] for s in round4["sites"]} == {site: float(n_train[site]) for site in SITES}
+        # a POC FedAvg round with every site: each update weighed by its site's training cases, every scalar
+        # the sites streamed on the server, every model scored on the sites that ran the evaluation (the
+        # restarted hospital-c is not redeployed into the running job; that the next job takes it back is
+        # the study's fault matrix, tests/test_study.py)
+        server_run = first / "workspace"
+        round1 = json.loads((server_run / "metrics" / "round_metrics.jsonl").read_text().splitlines()[0])
+        assert {s["name"]: s["weight"] for s in round1["sites"]} == {site: float(n_train[site]) for site in SITES}
         streamed = [json.loads(l) for l in (server_run / "metrics" / "site_metrics.jsonl").read_text().splitlines()]
         assert {r["site"] for r in streamed} == set(SITES) and {"val_dice", "train_loss"} <= {r["key"] for r in streamed}
         assert all(math.isfinite(r["value"]) for r in streamed)
         cross = json.loads((server_run / "cross_site_val" / "cross_val_results.json").read_text())
-        assert set(cross) == set(SITES)
+        assert set(cross) == {"hospital-a", "hospital-b"}
         for scores in cross.values():
-            assert {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", *SITES} <= set(scores)
+            assert {"SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt", "hospital-a", "hospital-b"} <= set(scores)
         import torch
 
         from fedseg.lightning_modules.module import SegmentationModule
 
+        job1 = tiny_job("resilient", rounds=3)
         best = torch.load(server_run / "app_server" / "best_FL_global_model.pt", map_location="cpu", weights_only=True)
-        SegmentationModule(**resumed.study.module_args()).load_state_dict(best["model"], strict=True)
+        SegmentationModule(**job1.study.module_args()).load_state_dict(best["model"], strict=True)
+        job1_id = first.name
         for site in SITES:  # each site read its data from the config installed in its own kit
             assert f"[fedseg] {site}: {n_train[site]} training / 1 validation cases" in (
-                poc.site_kit(site) / job_id / "log.txt").read_text()
+                poc.site_kit(site) / job1_id / "log.txt").read_text()
 
-        # --- 3. every site needed, W&B on, hospital-a's data has a truncated image: it refuses its data
+        # --- 2. every site needed, W&B on, hospital-a's data has a truncated image: it refuses its data
         broken = tmp_path / "hospital-a-data"
         shutil.copytree(tmp_path / "synth", broken)
         first_case = json.loads((broken / "datalists" / "site-1.json").read_text())["training"][0]
