@@ -26,8 +26,9 @@ Output (BraTS 2021 layout and label values 1/2/4, so synthetic and real data tak
     out/synth.json                  # config, site profiles, case ids, test case ids, datalists
 
 By default the sites are a consortium's (``SynthSettings.site_cases``: 24, 8 and 4 cases) and the
-tumours "varied": sizes, shapes, positions, thin rims and patchy necrosis varied enough that a site
-with 4 cases learns them much worse than one with 24 (the calibration is in docs/data.md).
+tumours "varied": sizes, shapes, positions, thin rims and patchy necrosis varied more than the
+first generator's ("classic"). A site of 4 cases learns them much worse than one of 24 (the
+calibration is in docs/data.md).
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class TumourModel:
 
 
 _TUMOUR_MODELS: dict[str, TumourModel] = {
-    # calibrated so that 4 cases of a site teach a model much less than 24 (docs/data.md)
+    # more varied than "classic"; a site of 4 cases vs one of 24 is measured in docs/data.md
     "varied": TumourModel(size=(0.06, 0.30), centre=0.60, blobs=(1, 7), blob_spread=0.8, anisotropy=0.35,
                           outline=0.25, oedema_spread=(1.25, 2.4), rim_fraction=(0.08, 0.3), rim_variation=0.6,
                           necrosis_patchiness=(0.0, 0.7), satellite=0.35),
