@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 #: input modalities, in the default channel order of the networks
@@ -37,6 +38,10 @@ NORMALIZATIONS: tuple[str, ...] = ("zscore", "minmax")
 HEAD_DEPTHS: tuple[str, ...] = ("output", "last", "decoder")
 #: the personal head when none is chosen (FedPer's and FedRep's ``personal_head``, the network split)
 DEFAULT_HEAD_DEPTH: str = "decoder"
+#: the word of an option that is switched off (``--wandb off``, ``--privacy off``, ``--quantize off``)
+OFF: str = "off"
+#: Weights & Biases tracking: none, runs written for ``wandb sync``, or runs uploaded as they go
+WANDB_MODES: tuple[str, ...] = (OFF, "offline", "online")
 
 
 def setting(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002 - the CLI's word
@@ -253,7 +258,7 @@ PROFILES: dict[str, StudyConfig] = {
     "demo": StudyConfig().override(features=8, lr=3e-3, roi=(48, 48, 48), rounds=20, local_epochs=2, site_threads=1),
     "tiny": StudyConfig().override(features=4, lr=3e-3, hd95=False, roi=(16, 16, 16), rounds=2, local_epochs=1,
                                    round_timeout=240, poll_interval=0.5, site_threads=1, sites=2, cases=4, size=24,
-                                   test_cases=2),
+                                   test_cases=2, synth_tumours="classic"),
 }
 
 
@@ -292,3 +297,41 @@ class ComparisonSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """``fedseg train``'s own options beside the study settings (its CLI options are made from these
+    fields); ``fedseg.lightning_modules.training.TrainConfig`` takes its defaults from here too."""
+
+    data_root: Path | None = setting(None, "override the datalists' data root")
+    epochs: int | None = setting(None, "epochs to train (default: the profile's budget, rounds x local epochs)")
+    accelerator: str = setting("auto", "auto, cpu or gpu")
+    cache_dir: Path | None = setting(None, "preprocessed-volume cache (default OUT/cache)")
+    init_from: Path | None = setting(None, "start from this checkpoint's weights (fine-tuning a global model on one site)")
+    wandb: str = setting(OFF, "Weights & Biases tracking: offline writes OUT/wandb (upload later with `wandb sync`); "
+                              "online needs WANDB_API_KEY in the environment", choices=WANDB_MODES)
+
+
+#: how ``fedseg data split`` assigns cases to sites (``fedseg.lightning_modules.data.splits``)
+SPLIT_MODES: tuple[str, ...] = ("iid", "unequal", "dirichlet", "institution")
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How one pool of cases is split into sites: ``fedseg data split``'s options are made from these
+    fields, and ``fedseg.lightning_modules.data.splits.split_cases`` takes its defaults from here."""
+
+    sites: int | None = setting(None, "number of sites (institution mode: default one per institution)")
+    mode: str = setting("iid", "how cases go to the sites: iid (equal shares), unequal (--sizes or a power law), "
+                               "dirichlet (skewed by tumour volume, --alpha) or institution (--institutions)",
+                        choices=SPLIT_MODES)
+    seed: int = setting(0, "seed of the assignment to sites and of each site's validation cases")
+    val_fraction: float = setting(0.2, "share of each site's cases that validate")
+    alpha: float = setting(0.5, "Dirichlet concentration (smaller = more skewed)")
+    sizes: tuple[float, ...] | None = setting(None, "unequal mode: relative site sizes", nargs="+")
+    institutions: Path | None = setting(None, "institution mode: CSV case_id,institution")
+
+    def __post_init__(self) -> None:
+        if self.sizes is not None:
+            object.__setattr__(self, "sizes", tuple(float(s) for s in self.sizes))

@@ -63,6 +63,7 @@ def tiny_synth(folder, *, sites: int | None = None, cases: int | None = None, si
     s = profile("tiny").synth
     n = size or s.size
     kwargs.setdefault("test_cases", s.test_cases)  # the tiny profile's few test cases, not the default 16
+    kwargs.setdefault("tumours", s.synth_tumours)  # its classic tumours: the learning thresholds were measured on them
     return generate(SynthConfig(n_sites=sites or s.sites, cases_per_site=cases or s.cases, shape=(n, n, n), **kwargs),
                     folder)
 

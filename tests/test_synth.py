@@ -232,6 +232,7 @@ def test_generator_and_command_take_their_defaults_from_synth_settings():
     assert cfg.site_cases == (24, 8, 4)  # the consortium: a large, a medium and a small hospital
     tiny = profile("tiny").synth  # the test suite's sites stay small and uniform
     assert SynthConfig.from_settings(tiny).site_cases == (4, 4) and tiny.test_cases == 2
+    assert SynthConfig.from_settings(tiny).tumours == "classic"  # the e2e tests' learning thresholds' data
     assert SynthConfig.from_settings(tiny, n_sites=3).site_cases == (4, 4, 4)
 
 
