@@ -48,6 +48,22 @@ CONTRIBUTION_KEY = "fedseg_contribution"
 #: the task that ends a personalized job: each site scores its personal model on its own validation
 #: cases and answers with the scores only (``fedseg.app.resilient_fedavg``, ``fedseg.app.site_runner``)
 PERSONALIZE_TASK = "personalize"
+#: prefix of a site's scores on its own held-out test cases (``test_datalist`` in its site config), sent
+#: with the personal scores: ``test_dice`` (the regions' mean), ``test_dice_et`` ..., each with a
+#: ``_sem`` (standard error over the cases), and ``test_cases``
+TEST_PREFIX = "test_"
+
+
+def test_set_metrics(mean: dict[str, dict[str, float]], sem: dict[str, dict[str, float]], n_cases: int) -> dict[str, float]:
+    """A site's test-set scores (``lightning_modules.test_sets.TestSetScores``'s region -> metric
+    tables) as the flat scalars it sends: only numbers leave the site, never a case id."""
+    out: dict[str, float] = {f"{TEST_PREFIX}cases": float(n_cases)}
+    for region, metrics in mean.items():
+        suffix = "" if region in ("mean", "overall") else f"_{region.lower()}"
+        for metric, value in metrics.items():
+            out[f"{TEST_PREFIX}{metric}{suffix}"] = float(value)
+            out[f"{TEST_PREFIX}{metric}{suffix}_sem"] = float(sem[region][metric])
+    return out
 
 
 def update_meta(n_train_cases: int) -> dict[str, Any]:

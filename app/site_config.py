@@ -45,6 +45,9 @@ class SiteConfig:
     data_root: Path | None = None
     cache_dir: Path | None = None
     head_store: Path | None = None
+    #: this site's own held-out test cases (a test datalist, ``lightning_modules.test_sets``): the
+    #: personal model is scored on them at the end of a personalized job; only the scores leave
+    test_datalist: Path | None = None
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -61,12 +64,13 @@ class SiteConfig:
             value = doc.get(key)
             return (path.parent / value).resolve() if value else None
 
-        known = {"datalist", "data_root", "cache_dir", "head_store"}
+        known = {"datalist", "data_root", "cache_dir", "head_store", "test_datalist"}
         return cls(
             datalist=resolve("datalist"),  # type: ignore[arg-type]
             data_root=resolve("data_root"),
             cache_dir=resolve("cache_dir"),
             head_store=resolve("head_store"),
+            test_datalist=resolve("test_datalist"),
             source=path,
             extra={k: v for k, v in doc.items() if k not in known},
         )

@@ -331,8 +331,21 @@ class SiteRunner:
         with rank_zero_metrics(model, self.solo_group):  # rank 0 alone (several devices)
             (metrics,) = trainer.validate(model, datamodule=self.datamodule, verbose=False)
         scores = {k: float(v) for k, v in metrics.items()}
+        if self.config.test_datalist is not None:
+            scores.update(self.score_test_set(model))
         flapi.send(FLModel(metrics=scores))  # scalars only, like a cross-site validation answer
         progress(f"[fedseg] {self.site}: personal model val_dice={scores.get('val_dice', float('nan')):.4f}")
+
+    def score_test_set(self, model: Any) -> dict[str, float]:
+        """The personal model on this site's held-out test cases (site config ``test_datalist``), as
+        the scalars ``protocol.test_set_metrics`` names; the data root is the site's own."""
+        from fedseg.app.protocol import test_set_metrics
+        from fedseg.lightning_modules.test_sets import score_test_set
+
+        result = score_test_set(model, self.config.test_datalist, data_root=self.config.data_root, metrics=("dice", "iou"))
+        progress(f"[fedseg] {self.site}: personal model on {result.n_cases} test cases: "
+                 f"dice {result.mean['overall']['dice']:.4f} ± {result.sem['overall']['dice']:.4f}")
+        return test_set_metrics(result.mean, result.sem, result.n_cases)
 
     def evaluate(self) -> None:
         """Cross-site evaluation: score the received model (NVFlare's callback sends the metrics).

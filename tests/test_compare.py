@@ -69,6 +69,58 @@ def test_tables_and_verdict_from_scores(tmp_path):
     assert files["verdict"].read_text().strip() == verdict
 
 
+def test_with_test_sets_the_tables_report_test_scores_with_their_standard_error(tmp_path):
+    sem = {s: {r: 0.02 for r in TABLE_REGIONS} for s in ("site-1", "site-2")}
+    methods = {m: MethodScores(m, _scores(d), 1.0, "test", validation=_scores({"site-1": 0.9, "site-2": 0.9}), sem=sem,
+                               test_cases={"site-1": 16, "site-2": 16})
+               for m, d in (("local", {"site-1": 0.50, "site-2": 0.40}), ("fedavg", {"site-1": 0.60, "site-2": 0.55}))}
+    results = ComparisonResults(tmp_path, ["site-1", "site-2"], methods, tiny_settings())
+    assert results.on_test_sets and results.mean_dice("fedavg", "site-2") == pytest.approx(0.55)  # the test score
+    table = results.format_table()
+    assert "own held-out test cases (site-1 16, site-2 16 cases; ± standard error)" in table
+    assert "0.6000 ± 0.0200" in table and "0.4000 ± 0.0200" in table
+    assert "on each site's own held-out test cases" in results.verdict()
+    files = results.write()
+    with files["csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["dice_sem"] for r in rows if r["site"] == "site-1"} == {"0.02"}
+    again = MethodScores.read(_write(tmp_path / "scores.json", methods["fedavg"]))
+    assert again.validation == methods["fedavg"].validation and again.sem == sem and again.test_cases["site-2"] == 16
+    # without test sets (real data): the validation cases, no standard error
+    plain = ComparisonResults(tmp_path, ["site-1", "site-2"], {"fedavg": MethodScores("fedavg", _scores(
+        {"site-1": 0.6, "site-2": 0.5}), 1.0, "test")}, tiny_settings())
+    assert not plain.on_test_sets and "own validation cases" in plain.format_table() and "±" not in plain.format_table()
+
+
+def _write(path, scores: MethodScores):
+    from fedseg.lightning_modules.data.datalist import write_json_atomic
+
+    return write_json_atomic(path, scores.to_json())
+
+
+def test_test_sets_are_found_beside_the_datalists_and_must_be_held_out(tmp_path):
+    import conftest
+
+    from fedseg.experiments.compare import _test_sets
+
+    synth = conftest.tiny_synth(tmp_path / "synth", cases=3, test_cases=2)
+    sites = {k: v.resolve() for k, v in synth.datalists.items()}
+    found = _test_sets(sites, None, None)
+    assert found == {k: v.with_name(f"{k}.test.json") for k, v in sites.items()} and all(p.is_file() for p in found.values())
+    assert _test_sets(sites, {}, None) == {}  # off: score on validation
+    # a test datalist that lists one of site-1's training cases is refused, naming the case and the datalist
+    leaky = json.loads(found["site-2"].read_text())
+    train_case = json.loads(sites["site-1"].read_text())["training"][0]
+    leaky["test"].append(train_case)
+    leaky_path = tmp_path / "leaky.test.json"
+    leaky_path.write_text(json.dumps({**leaky, "data_root": str(sites["site-1"].parent / json.loads(
+        sites["site-1"].read_text())["data_root"])}))
+    with pytest.raises(ComparisonError, match=f"site site-2: .*{train_case['case_id']} .*site-1.json: training"):
+        _test_sets(sites, {"site-1": found["site-1"], "site-2": leaky_path}, None)
+    with pytest.raises(ComparisonError, match="every site needs one"):
+        _test_sets(sites, {"site-1": found["site-1"]}, None)
+
+
 def test_bad_methods_and_settings_are_refused(tmp_path):
     from fedseg.jobs.base import algorithms
 
@@ -93,7 +145,7 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.lightning_modules.evaluation import evaluate_checkpoint
 
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
+    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, test_cases=2, shape=(32, 32, 32)), tmp_path / "synth")
     sites = dict(synth.datalists)
     out = tmp_path / "cmp"
     settings = tiny_settings(rounds=2, local_epochs=1, features=8, roi=(32, 32, 32))
@@ -124,24 +176,43 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
     # local-only: site k's own model, scored on site k only
     assert sorted(p.name for p in (out / "local" / "site-1" / "eval").iterdir()) == ["site-1"]
 
+    # the synthetic sites have held-out test sets: every table reports them, with standard errors; the
+    # validation scores are kept beside them
+    assert results.on_test_sets and "held-out test cases" in (out / "verdict.txt").read_text()
+    for method in methods:
+        ms = results.methods[method]
+        assert ms.test_cases == {s: 2 for s in sites} and ms.validation is not None, method
+        assert all(math.isfinite(ms.sem[s]["mean"]) for s in sites), (method, ms.sem)
+    # a global model is scored here, by the same rule as fedseg evaluate: score_test_set reproduces it
+    from fedseg.lightning_modules.test_sets import score_test_set
+
+    final = out / "fedavg" / "checkpoints" / "final_global.ckpt"
+    for site, datalist in sites.items():
+        test = score_test_set(final, datalist.with_name(f"{site}.test.json"))
+        assert results.methods["fedavg"].scores[site]["mean"]["dice"] == pytest.approx(test.mean["overall"]["dice"], abs=1e-6)
+
     # one metric definition: evaluate_checkpoint of FedAvg's final global model on a site's validation
     # cases reproduces the site's cross-site val_dice_* (what the FL rows come from)
     cross = json.loads((out / "fedavg" / "results.json").read_text())["final_global_model"]
     for site, datalist in sites.items():
-        check = evaluate_checkpoint(out / "fedavg" / "checkpoints" / "final_global.ckpt", datalist,
-                                    out=tmp_path / "check" / site, metrics=("dice", "iou"))
+        check = evaluate_checkpoint(final, datalist, out=tmp_path / "check" / site, metrics=("dice", "iou"))
         for region in TABLE_REGIONS:
             ours = check.summary["regions"]["overall" if region == "mean" else region]["dice"]["mean"]
-            assert results.methods["fedavg"].scores[site][region]["dice"] == pytest.approx(ours, abs=1e-5)
+            assert results.methods["fedavg"].validation[site][region]["dice"] == pytest.approx(ours, abs=1e-5)
             assert any(r["site"] == site and r["region"] == region and r["dice"] == pytest.approx(ours, abs=1e-5)
                        for r in cross)
     assert FINAL_MODEL in results.methods["fedavg"].source and "personal model" in results.methods["ditto"].source
-    # Ditto: each site's personal model is in its store, and its scores are what the site reported
+    # Ditto: each site's personal model is in its store, and its scores are what the site reported: on its
+    # validation cases and, in the same last task, on its own test cases (only the numbers left the site)
     personal = json.loads((out / "ditto" / "results.json").read_text())["personal_models"]
+    sent = json.loads((out / "ditto" / "nvflare" / "ditto" / "server" / "simulate_job" / "metrics"
+                       / "personal_scores.json").read_text())["scores"]
     for site in sites:
         assert (out / "ditto" / "heads" / site / "ditto.ditto.pt").is_file()
         assert any(r["site"] == site and r["region"] == "mean"
-                   and r["dice"] == pytest.approx(results.methods["ditto"].scores[site]["mean"]["dice"]) for r in personal)
+                   and r["dice"] == pytest.approx(results.methods["ditto"].validation[site]["mean"]["dice"]) for r in personal)
+        assert sent[site]["test_dice"] == pytest.approx(results.methods["ditto"].scores[site]["mean"]["dice"])
+        assert sent[site]["test_cases"] == 2 and not any(isinstance(v, str) for v in sent[site].values())
     assert results.methods["ditto"].scores != results.methods["fedavg"].scores  # its own models, not the global one
 
     # resumable: a second run (here through the CLI) trains nothing and reproduces the scores

@@ -439,7 +439,9 @@ def test_poc_study_survives_lead_restart_server_restart_and_a_vanished_site(tmp_
     from fedseg.run.deployment import processes_matching
     from fedseg.run.poc import PocDeployment
 
-    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    # the compact tumours and no test cases: SCORE_NOISE and the learning margin were measured on them
+    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24), tumours="classic", test_cases=0),
+                     tmp_path / "synth")
     job = conftest.tiny_job(name="study", features=8, roi=(24, 24, 24), min_clients=2, min_sites_per_round=2,
                             round_timeout=ROUND_TIMEOUT, rounds=ROUNDS, cross_site_eval=False, **conftest.LEARNING)
     job_dir = export(job, tmp_path / "jobs")

@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compare centralized, local-only and federated training on the same sites (same budget)",
         description="Trains every method on the same sites with the same budget (every training case "
         "seen ROUNDS x LOCAL_EPOCHS times), scores each method's final model on each site's own "
-        "validation cases, and writes OUT/comparison.json|csv|png and OUT/verdict.txt (one run folder "
+        "held-out test cases where every site has a test datalist beside its datalist (SITE.test.json, as the "
+        "synthetic sites do; with the standard error over those cases), else on its validation cases, and writes OUT/comparison.json|csv|png and OUT/verdict.txt (one run folder "
         "per method: OUT/<method>/). Sites: the profile's synthetic sites in OUT/synth by default. "
         "Running the same command again skips the methods already done. " + methods_help(),
     )

@@ -25,6 +25,14 @@ job's final global model is what NVFlare's cross-site evaluation scores (``SRV_F
 A personalized method is scored by each site's PERSONAL model (the final encoder with its own head,
 its Ditto model, its fine-tuned model), which the site scores on its own validation cases at the
 end of the job (``metrics/personal_scores.json``).
+With held-out test sets (each site datalist ``X.json`` with a ``X.test.json`` beside it, as the
+synthetic generator writes them; ``lightning_modules.test_sets``), every table, the verdict and the
+seed sweep report each method's final (personal) model on each site's TEST cases, with the
+standard error over those cases next to each Dice; the validation scores stay in ``scores.json``.
+Nobody trains, validates or selects on the test cases: a personalized method's site scores its
+personal model on them in the same last task (its site config's ``test_datalist``), the other
+models are scored here with ``test_sets.score_test_set``. Real data without test sets is reported
+on the validation cases, as before.
 Centralized and local runs are scored by ``evaluate_checkpoint`` on their ``last.ckpt`` (local:
 site k's model on site k). Picking ``best.ckpt`` instead would select on the very cases it is scored
 on, an advantage the federated final model does not get. Both paths compute ``RegionMetrics``
@@ -151,10 +159,15 @@ class MethodScores:
     """One method's scores on every site's own validation cases (``OUT/<method>/scores.json``)."""
 
     method: str
-    scores: Scores
+    scores: Scores  # on the sites' test cases where they have test sets, else on their validation cases
     seconds: float
     source: str  # which model was scored, and how
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: with test sets: the same models on each site's validation cases (``scores`` are the test scores)
+    validation: Scores | None = None
+    #: with test sets: site -> region -> standard error of the test Dice over that site's test cases
+    sem: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_cases: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))
@@ -162,8 +175,14 @@ class MethodScores:
     @classmethod
     def read(cls, path: Path) -> MethodScores:
         doc = json.loads(path.read_text())
-        scores = {s: {r: {m: _nan(v) for m, v in ms.items()} for r, ms in rs.items()} for s, rs in doc["scores"].items()}
-        return cls(doc["method"], scores, doc["seconds"], doc["source"], doc.get("fingerprint", {}))
+
+        def table(raw: dict[str, Any]) -> Scores:
+            return {s: {r: {m: _nan(v) for m, v in ms.items()} for r, ms in rs.items()} for s, rs in raw.items()}
+
+        return cls(doc["method"], table(doc["scores"]), doc["seconds"], doc["source"], doc.get("fingerprint", {}),
+                   table(doc["validation"]) if doc.get("validation") else None,
+                   {s: {r: _nan(v) for r, v in rs.items()} for s, rs in (doc.get("sem") or {}).items()},
+                   dict(doc.get("test_cases") or {}))
 
 
 @dataclass
@@ -180,11 +199,26 @@ class ComparisonResults:
         """Dice averaged over ET, TC and WT (``val_dice``) of ``method`` on ``site``'s own cases."""
         return self.methods[method].scores[site]["mean"]["dice"]
 
+    @property
+    def on_test_sets(self) -> bool:
+        """True when every method was scored on the sites' held-out test cases."""
+        return bool(self.methods) and all(ms.validation is not None for ms in self.methods.values())
+
+    @property
+    def scored_on(self) -> str:
+        return "held-out test cases" if self.on_test_sets else "validation cases"
+
+    def dice_sem(self, method: str, site: str, region: str = "mean") -> float:
+        """The standard error of ``method``'s test Dice on ``site`` (NaN without test sets)."""
+        return self.methods[method].sem.get(site, {}).get(region, math.nan)
+
     def rows(self) -> list[dict[str, Any]]:
         """``method, site, region, dice, iou, hd95``: per site, then the site mean and the worst site."""
         rows: list[dict[str, Any]] = []
         for method, ms in self.methods.items():
-            per_site = [{"method": method, "site": s, "region": r, **ms.scores[s][r]} for s in self.sites for r in TABLE_REGIONS]
+            per_site = [{"method": method, "site": s, "region": r, **ms.scores[s][r],
+                         **({"dice_sem": ms.sem.get(s, {}).get(r, math.nan)} if self.on_test_sets else {})}
+                        for s in self.sites for r in TABLE_REGIONS]
             rows += per_site
             for region in TABLE_REGIONS:
                 of_region = [r for r in per_site if r["region"] == region]
@@ -204,12 +238,22 @@ class ComparisonResults:
         """Mean Dice per method (rows) and site (columns), the site mean and the worst site; then per region."""
         width = max(12, *(len(s) + 2 for s in self.sites))
         head = f"{'method':<14}" + "".join(f"{s:>{width}}" for s in self.sites) + f"{'mean':>9}  worst site"
-        lines = ["mean Dice (ET, TC, WT averaged) of each method's final model on each site's own validation cases",
-                 head, "-" * len(head)]
+        test = self.on_test_sets
+        if test:  # each cell "Dice ± its standard error over the site's test cases"
+            width = max(width, 17)
+            head = f"{'method':<14}" + "".join(f"{s:>{width}}" for s in self.sites) + f"{'mean':>9}  worst site"
+        cases = ""
+        if test:
+            counts = next(iter(self.methods.values())).test_cases
+            cases = " (" + ", ".join(f"{s} {counts.get(s, '?')}" for s in self.sites) + " cases; ± standard error)"
+        lines = [f"mean Dice (ET, TC, WT averaged) of each method's final model on each site's own {self.scored_on}"
+                 + cases, head, "-" * len(head)]
         for method in self.methods:
             dice = [self.mean_dice(method, s) for s in self.sites]
             worst = min(range(len(dice)), key=lambda i: _nan_low(dice[i]))
-            lines.append(f"{method:<14}" + "".join(f"{d:>{width}.4f}" for d in dice)
+            cells = ([f"{d:.4f} ± {self.dice_sem(method, s):.4f}" for d, s in zip(dice, self.sites)] if test
+                     else [f"{d:.4f}" for d in dice])
+            lines.append(f"{method:<14}" + "".join(f"{c:>{width}}" for c in cells)
                          + f"{_nanmean(dice):>9.4f}  {dice[worst]:.4f} ({self.sites[worst]})")
         lines += ["", "Dice per region", f"{'method':<14}{'region':<8}" + "".join(f"{s:>{width}}" for s in self.sites)]
         for method, ms in self.methods.items():
@@ -225,7 +269,7 @@ class ComparisonResults:
         lines = [
             f"Budget: every training case seen {s.epochs} times per method "
             f"({s.study.federation.rounds} rounds x {s.study.federation.local_epochs} local epochs); scores: final models, mean Dice over ET/TC/WT "
-            "on each site's own validation cases.",
+            f"on each site's own {self.scored_on}.",
         ]
         for site in self.sites:
             ranked = sorted(self.methods, key=lambda m: -_nan_low(self.mean_dice(m, site)))
@@ -266,7 +310,7 @@ class ComparisonResults:
             "sites": self.sites,
             "settings": self.settings.to_json(),
             "budget_epochs_per_case": self.settings.epochs,
-            "scoring": "final model of every method on each site's own validation cases",
+            "scoring": f"final model of every method on each site's own {self.scored_on}",
             "methods": {m: {"source": ms.source, "seconds": ms.seconds} for m, ms in self.methods.items()},
             "rows": self.rows(),
             "winners": {s: self.winner(s) for s in self.sites},
@@ -278,7 +322,8 @@ class ComparisonResults:
 
         self.files["json"] = write_json_atomic(self.out / "comparison.json", self.to_json())
         csv_path = self.out / "comparison.csv"
-        write_rows(csv_path, self.rows(), first=("method", "site", "region", *SCORE_METRICS))
+        write_rows(csv_path, self.rows(), first=("method", "site", "region", *SCORE_METRICS,
+                                                 *(("dice_sem",) if self.on_test_sets else ())))
         self.files["csv"] = csv_path
         self.files["png"] = plot_comparison(self, self.out / "comparison.png")
         verdict = self.out / "verdict.txt"
@@ -294,12 +339,15 @@ def compare(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     data_root: Path | str | None = None,
+    test_sets: Mapping[str, Path | str] | None = None,
     progress: Callable[[str], None] = print,
     console: Any = None,
     **overrides: Any,
 ) -> ComparisonResults:
     """Train and score every method in ``methods`` on the sites ``{name: datalist}`` into ``out``.
 
+    ``test_sets``: each site's held-out test datalist; None: the ``<datalist>.test.json`` beside each
+    site's datalist, if every site has one (the synthetic sites'); ``{}``: none (score on validation).
     ``overrides`` replace study settings (``compare(sites, out, rounds=2, features=8)``).
     ``data_root`` overrides every datalist's data root; ``console`` shows each federated run's live
     progress (``fedseg.run.progress``). See the module docstring for the budget, the scoring rule and
@@ -313,11 +361,12 @@ def compare(
     sites = {name: Path(p).resolve() for name, p in site_datalists.items()}
     root = Path(data_root).resolve() if data_root is not None else None
     _check_sites(sites, root)
+    tests = _test_sets(sites, test_sets, root)
     from fedseg.lightning_modules.owner_only import owner_only_dir
 
     owner_only_dir(out)  # per-site scores of patient data: like every other fedseg output, owner-only
     fingerprint = {"settings": settings.to_json(), "sites": {k: str(v) for k, v in sites.items()},
-                   "data_root": str(root) if root else None}
+                   "data_root": str(root) if root else None, "test_sets": {k: str(v) for k, v in tests.items()}}
 
     done: dict[str, MethodScores] = {}
     for i, method in enumerate(methods, 1):
@@ -332,18 +381,22 @@ def compare(
         progress(f"[compare] {i}/{len(methods)} {method}: {_plan(method, settings, len(sites))} -> {run_dir}")
         started = time.time()
         if method == "centralized":
-            scores, source = _run_centralized(sites, run_dir, settings, root)
+            scores, source, models = _run_centralized(sites, run_dir, settings, root)
         elif method == CENTRALIZED_STEPS:
-            scores, source = _run_centralized(sites, run_dir, settings, root, epochs=_equal_steps_epochs(settings, sites))
+            scores, source, models = _run_centralized(sites, run_dir, settings, root,
+                                                      epochs=_equal_steps_epochs(settings, sites))
         elif method == "local":
-            scores, source = _run_local(sites, run_dir, settings, root, progress)
+            scores, source, models = _run_local(sites, run_dir, settings, root, progress)
         else:
-            scores, source = _run_federated(method, sites, run_dir, settings, root, console)
+            scores, source, models = _run_federated(method, sites, run_dir, settings, root, console, tests)
         result = MethodScores(method, scores, round(time.time() - started, 1), source, method_fingerprint)
+        if tests:
+            result = _with_test_scores(result, models, tests, run_dir, root)
         write_json_atomic(run_dir / SCORES_FILE, result.to_json())
         done[method] = result
-        dice = "  ".join(f"{s} {scores[s]['mean']['dice']:.4f}" for s in sites)
-        progress(f"[compare] {i}/{len(methods)} {method}: {result.seconds:.0f} s; mean Dice {dice}")
+        dice = "  ".join(f"{s} {result.scores[s]['mean']['dice']:.4f}" for s in sites)
+        progress(f"[compare] {i}/{len(methods)} {method}: {result.seconds:.0f} s; mean Dice "
+                 f"({'test' if tests else 'validation'}) {dice}")
 
     results = ComparisonResults(out, list(sites), done, settings)
     results.write()
@@ -383,6 +436,58 @@ def _check_sites(sites: dict[str, Path], data_root: Path | None) -> None:
             )
 
 
+def _test_sets(sites: dict[str, Path], given: Mapping[str, Path | str] | None, root: Path | None) -> dict[str, Path]:
+    """Each site's held-out test datalist (see ``compare``), checked: readable, and no test case in
+    any site's training or validation part."""
+    from fedseg.lightning_modules.test_sets import TEST_SUFFIX, TestSetError, check_held_out, read_test_set
+
+    if given is None:
+        found = {site: path.with_name(path.name.removesuffix(".json") + TEST_SUFFIX) for site, path in sites.items()}
+        given = found if all(p.is_file() for p in found.values()) else {}
+    tests = {site: Path(p).resolve() for site, p in given.items()}
+    if tests and set(tests) != set(sites):
+        raise ComparisonError(f"test sets for {sorted(tests)}, but the sites are {sorted(sites)}: every site needs one")
+    for site, path in tests.items():
+        try:
+            check_held_out(read_test_set(path, root), sites.values())
+        except TestSetError as err:
+            raise ComparisonError(f"site {site}: {err}") from None
+    return tests
+
+
+def _with_test_scores(result: MethodScores, models: dict[str, Any], tests: dict[str, Path], run_dir: Path,
+                      root: Path | None) -> MethodScores:
+    """``result`` with its scores on the test sets: ``models[site]`` is a checkpoint to score here, or
+    the test metrics a personalized site sent (``protocol.test_set_metrics``)."""
+    from fedseg.app.protocol import TEST_PREFIX
+    from fedseg.lightning_modules.test_sets import score_test_set
+
+    scores: Scores = {}
+    sem: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for site, test in tests.items():
+        model = models.get(site)
+        if isinstance(model, Mapping):  # the site scored its personal model on its own test cases
+            if f"{TEST_PREFIX}dice" not in model:
+                raise ComparisonError(f"{run_dir}: {site} sent no test-set score of its personal model")
+            key = {region: "" if region == "mean" else f"_{region.lower()}" for region in TABLE_REGIONS}
+            scores[site] = {r: {m: float(model.get(f"{TEST_PREFIX}{m}{key[r]}", math.nan)) for m in SCORE_METRICS}
+                            for r in TABLE_REGIONS}
+            sem[site] = {r: float(model.get(f"{TEST_PREFIX}dice{key[r]}_sem", math.nan)) for r in TABLE_REGIONS}
+            counts[site] = int(model.get(f"{TEST_PREFIX}cases", 0))
+            continue
+        if model is None:
+            raise ComparisonError(f"{run_dir}: no model of {result.method} to score on {site}'s test cases")
+        scored = score_test_set(model, test, data_root=root, metrics=("dice", "iou"))
+        write_json_atomic(run_dir / "test" / f"{site}.json", scored.to_json())
+        region = {r: "overall" if r == "mean" else r for r in TABLE_REGIONS}
+        scores[site] = {r: {m: scored.mean[region[r]].get(m, math.nan) for m in SCORE_METRICS} for r in TABLE_REGIONS}
+        sem[site] = {r: scored.sem[region[r]]["dice"] for r in TABLE_REGIONS}
+        counts[site] = scored.n_cases
+    return dataclasses.replace(result, scores=scores, validation=result.scores, sem=sem, test_cases=counts,
+                               source=result.source + "; the same models on each site's held-out test cases")
+
+
 def _finished(run_dir: Path, fingerprint: dict[str, Any]) -> MethodScores | None:
     """The method's earlier scores, if it finished with the same settings; an error if with others."""
     path = run_dir / SCORES_FILE
@@ -393,7 +498,7 @@ def _finished(run_dir: Path, fingerprint: dict[str, Any]) -> MethodScores | None
         changed = sorted(
             k for part in ("settings", "sites") for k in {**fingerprint[part], **previous.fingerprint.get(part, {})}
             if fingerprint[part].get(k) != previous.fingerprint.get(part, {}).get(k)
-        ) or [k for k in ("data_root", "job") if fingerprint.get(k) != previous.fingerprint.get(k)]
+        ) or [k for k in ("data_root", "job", "test_sets") if fingerprint.get(k) != previous.fingerprint.get(k)]
         raise ComparisonError(
             f"{path}: made with other settings or sites (differs in: {', '.join(changed)}); "
             f"use a new output folder or delete {run_dir}"
@@ -404,8 +509,8 @@ def _finished(run_dir: Path, fingerprint: dict[str, Any]) -> MethodScores | None
 def _train_and_score(
     datalists: list[Path], run_dir: Path, settings: CompareSettings, data_root: Path | None,
     score_on: dict[str, Path], epochs: int | None = None,
-) -> Scores:
-    """Train (or resume) a run, then score its final model (``last.ckpt``) on each given site."""
+) -> tuple[Scores, Path]:
+    """Train (or resume) a run, then score its final model (``last.ckpt``, returned too) on each given site."""
     from fedseg.lightning_modules.training import train
 
     cfg = settings.train_config(datalists, run_dir, data_root)
@@ -419,7 +524,7 @@ def _train_and_score(
     if not last or results["epochs_done"] < cfg.epochs:
         raise ComparisonError(f"{run_dir}: training stopped after {results['epochs_done']} of {cfg.epochs} epochs")
     return {site: _score_checkpoint(last, datalist, run_dir / "eval" / site, settings, data_root)
-            for site, datalist in score_on.items()}
+            for site, datalist in score_on.items()}, Path(last)
 
 
 def _score_checkpoint(
@@ -440,10 +545,10 @@ def _score_checkpoint(
 
 def _run_centralized(
     sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None, epochs: int | None = None
-) -> tuple[Scores, str]:
-    scores = _train_and_score(list(sites.values()), run_dir, s, root, sites, epochs=epochs)
+) -> tuple[Scores, str, dict[str, Any]]:
+    scores, last = _train_and_score(list(sites.values()), run_dir, s, root, sites, epochs=epochs)
     return scores, (f"{run_dir.name}/checkpoints/last.ckpt ({epochs or s.epochs} epochs), evaluate_checkpoint "
-                    "on each site's validation cases")
+                    "on each site's validation cases"), {site: last for site in sites}
 
 
 def _equal_steps_epochs(s: CompareSettings, sites: dict[str, Path]) -> int:
@@ -457,17 +562,20 @@ def _equal_steps_epochs(s: CompareSettings, sites: dict[str, Path]) -> int:
 
 def _run_local(
     sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None, progress: Callable[[str], None]
-) -> tuple[Scores, str]:
+) -> tuple[Scores, str, dict[str, Any]]:
     scores: Scores = {}
+    models: dict[str, Any] = {}
     for site, datalist in sites.items():
         progress(f"[compare]   local {site}: {s.epochs} epochs on its own cases -> {run_dir / site}")
-        scores.update(_train_and_score([datalist], run_dir / site, s, root, {site: datalist}))
-    return scores, "local/<site>/checkpoints/last.ckpt, evaluate_checkpoint on that site's validation cases"
+        site_scores, models[site] = _train_and_score([datalist], run_dir / site, s, root, {site: datalist})
+        scores.update(site_scores)
+    return scores, "local/<site>/checkpoints/last.ckpt, evaluate_checkpoint on that site's validation cases", models
 
 
 def _run_federated(
-    method: str, sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None, console: Any = None
-) -> tuple[Scores, str]:
+    method: str, sites: dict[str, Path], run_dir: Path, s: CompareSettings, root: Path | None, console: Any = None,
+    tests: dict[str, Path] | None = None,
+) -> tuple[Scores, str, dict[str, Any]]:
     from fedseg.run.simulate import simulate
 
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -479,19 +587,23 @@ def _run_federated(
     job = s.job(method, len(sites))
     groups = {site: read_datalist(path, root).meta.get("group") for site, path in sites.items()}
     grouped = job.addons.groups is not None
-    site_settings = {site: {"group": g} for site, g in groups.items() if g} if grouped else None
-    if grouped and len(site_settings or {}) < len(sites):
+    site_settings: dict[str, dict[str, Any]] = {site: {"group": g} for site, g in groups.items() if g} if grouped else {}
+    if grouped and len(site_settings) < len(sites):
         raise ComparisonError("grouped needs every site's group in its datalist meta (e.g. synthetic sites with --synth-groups 2)")
-    results = simulate(job, sites, run_dir, data_roots=roots, site_settings=site_settings, console=console,
+    if job.spec.personal:  # each site scores its personal model on its own test cases, in the job's last task
+        for site, test in (tests or {}).items():
+            site_settings.setdefault(site, {})["test_datalist"] = str(test)
+    results = simulate(job, sites, run_dir, data_roots=roots, site_settings=site_settings or None, console=console,
                        round_lines=False)
     if grouped:  # no single global model: each site scores its own group's final model
-        scores = {}
+        scores, models = {}, {}
         for site, datalist in sites.items():
             checkpoint = results.checkpoints.get(f"final_group-{groups[site]}")
             if checkpoint is None:
                 raise ComparisonError(f"{run_dir}: no final model of group {groups[site]} (site {site})")
             scores[site] = _score_checkpoint(checkpoint, datalist, run_dir / "eval" / site, s, root)
-        return scores, "grouped: each site's group's final model, evaluate_checkpoint on the site's validation cases"
+            models[site] = Path(checkpoint)
+        return scores, "grouped: each site's group's final model, evaluate_checkpoint on the site's validation cases", models
     personal = job.spec.personal
     final = results.personal if personal else results.cross_site.get(FINAL_MODEL, {})
     missing = [site for site in sites if "val_dice" not in final.get(site, {})]
@@ -509,8 +621,11 @@ def _run_federated(
         for site in sites
     }
     if personal:
-        return scores, f"{method}: each site's personal model on its own validation cases (metrics/personal_scores.json)"
-    return scores, f"{method}: cross-site evaluation of the final global model ({FINAL_MODEL}) on each site's validation cases"
+        return (scores, f"{method}: each site's personal model on its own validation cases (metrics/personal_scores.json)",
+                {site: final[site] for site in sites})
+    final_global = results.checkpoints.get("final")
+    return (scores, f"{method}: cross-site evaluation of the final global model ({FINAL_MODEL}) on each site's validation cases",
+            {site: Path(final_global) for site in sites} if final_global else {})
 
 
 def plot_comparison(results: ComparisonResults, out: Path) -> Path:

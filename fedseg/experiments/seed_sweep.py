@@ -176,7 +176,7 @@ def plot_sweep(sweep: SeedSweep, out: Path) -> Path:
     ax.set_xticks(x, [g if g != "MEAN" else "mean over sites" for g in groups])
     low = min((min(sweep.dice(m, g)) for m in methods for g in groups), default=0.0)
     ax.set(ylabel="mean Dice over ET, TC, WT", ylim=(max(0.0, low - 0.1), 1.0),
-           title=f"Final models on each site's own validation cases: mean ± sd over {len(sweep.seeds)} seeds")
+           title=f"Final models on each site's own {sweep.runs[0].scored_on}: mean ± sd over {len(sweep.seeds)} seeds")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(ncols=min(len(methods), 5), fontsize=8, loc="upper center")
     fig.savefig(out, dpi=110)
