@@ -1,11 +1,13 @@
 """The options every algorithm may add to its job, each in one place: privacy filter, contribution
 weights, site groups, W&B tracking, resume and quantized exchange.
 
-An ``Addons`` value lists the ones a job uses. Each add-on checks its own arguments when it is made,
-``Addons`` refuses the few combinations that cannot work, ``fedseg.jobs.base.Job`` refuses an add-on
-the job's algorithm does not declare (``Algorithm.addons``), and ``fedseg.jobs.base.build_recipe``
-applies them. The round's
-timeout and minimum of sites are study settings (``FederationSettings``), applied here too.
+``AddonSettings`` is the add-ons as the command line chooses them (the CLI's add-on options are
+made from its fields, their defaults written there once); ``Addons.from_settings`` makes of them
+the ``Addons`` value that lists the ones a job uses. Each add-on checks its own arguments when it
+is made, ``Addons`` refuses the few combinations that cannot work, ``fedseg.jobs.base.Job`` refuses
+an add-on the job's algorithm does not declare (``Algorithm.addons``), and
+``fedseg.jobs.base.build_recipe`` applies them. The round's timeout and minimum of sites are study
+settings (``FederationSettings``), applied here too.
 
 - ``PrivacyFilter``: NVFlare's ``PercentilePrivacy`` or ``SVTPrivacy`` (torch-ready subclasses in
   ``fedseg.app.privacy_filters``) on every ``train`` update a site sends; the sites then send weight
@@ -32,12 +34,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fedseg.config import ContributionWeights, setting
+from fedseg.config import OFF, WANDB_MODES, ContributionWeights, setting
 
-WANDB_MODES = ("off", "offline", "online")
-QUANTIZATIONS = ("off", "fp16", "int8")
+#: the model exchange: float32 (off), half precision, or int8 with one scale per channel
+QUANTIZATIONS: tuple[str, ...] = (OFF, "fp16", "int8")
+#: how the server weighs the sites' updates: by training cases (FedAvg) or by contribution
+AGGREGATIONS: tuple[str, ...] = ("cases", "contribution")
 #: the task whose results the privacy filter covers (NVFlare matches task filters by exact name)
 TRAIN_TASK = "train"
 
@@ -194,18 +199,53 @@ class SiteGroups:
 
 
 @dataclass(frozen=True)
+class AddonSettings:
+    """The add-ons as the command line chooses them, one option per field (``fedseg.cli._options``):
+    the one place of their defaults, all "none". ``Addons.from_settings`` makes the job's add-ons;
+    the options of two of them are their own dataclasses, ``ContributionWeights`` and ``SiteGroups``."""
+
+    wandb: str = setting(OFF, "Weights & Biases tracking on the server, one run per site (sites need no credentials): "
+                              "offline writes W&B runs for `wandb sync`; online needs WANDB_API_KEY on the server",
+                         choices=WANDB_MODES)
+    resume_from: Path | None = setting(None, "continue a study from its last global checkpoint: FL_global_model.pt, a "
+                                             "run folder or a downloaded job; the rounds it holds are counted (--rounds "
+                                             "is the study's total)")
+    aggregation: str = setting("cases", "site weights: training cases (FedAvg) or contribution (cases and how much the "
+                                        "site's update lowered its own validation loss, FedCostWAvg-style, capped by "
+                                        "--max-site-share)", choices=AGGREGATIONS)
+    privacy: str = setting(OFF, "NVFlare privacy filter on every update a site sends (sites then send weight diffs)",
+                           choices=(OFF, *PRIVACY_FILTERS))
+    privacy_arg: tuple[str, ...] = setting((), "privacy filter argument, repeatable (percentile: percentile, gamma; "
+                                               "svt: fraction, epsilon, noise_var, gamma, tau, replace, "
+                                               "epsilon_threshold, epsilon_query, epsilon_release)",
+                                           action="append", metavar="KEY=VALUE")
+    quantize: str = setting(OFF, "the model exchange of every round, both directions: float32 (off), fp16 (half the "
+                                 "bytes) or int8 (about a quarter: one int8 scale per channel, small tensors in float32, "
+                                 "the sites send their update)", choices=QUANTIZATIONS)
+    grouped: bool = setting(False, "one global model per site group (each site declares its 'group' in its site config)",
+                            action="store_true")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "privacy_arg", tuple(self.privacy_arg))
+
+
+#: the add-ons a job has when none is chosen
+_CHOSEN_BY_DEFAULT = AddonSettings()
+
+
+@dataclass(frozen=True)
 class Addons:
     """The add-ons of one job (none by default)."""
 
     privacy: PrivacyFilter | None = None
     contribution: ContributionWeights | None = None
     groups: SiteGroups | None = None
-    #: W&B tracking on the server: "off", "offline" or "online"
-    wandb: str = "off"
-    #: continue a study from this global checkpoint or run folder
+    #: W&B tracking on the server: one of ``WANDB_MODES``
+    wandb: str = _CHOSEN_BY_DEFAULT.wandb
+    #: continue a study from this global checkpoint or run folder ("": start afresh)
     resume_from: str = ""
-    #: the model exchange of every train task: "off" (float32), "fp16" or "int8"
-    quantize: str = "off"
+    #: the model exchange of every train task: one of ``QUANTIZATIONS``
+    quantize: str = _CHOSEN_BY_DEFAULT.quantize
 
     def __post_init__(self) -> None:
         if self.wandb not in WANDB_MODES:
@@ -218,10 +258,31 @@ class Addons:
             raise ValueError("grouped models work with case weights, without privacy filters, contribution "
                              "weights or resume_from")
 
+    @classmethod
+    def from_settings(cls, chosen: AddonSettings, contribution: ContributionWeights | None = None,
+                      groups: SiteGroups | None = None) -> Addons:
+        """The add-ons ``chosen`` names, with the options of contribution weights and site groups
+        (their defaults when None; options given for an add-on not chosen are an error where they
+        would be lost silently)."""
+        groups = groups or SiteGroups()
+        if groups.share_encoder and not chosen.grouped:
+            raise ValueError("--share-encoder needs --grouped")
+        if chosen.privacy_arg and chosen.privacy == OFF:
+            raise ValueError("--privacy-arg given without a privacy filter (--privacy svt or percentile)")
+        return cls(
+            privacy=(PrivacyFilter(chosen.privacy, parse_privacy_args(chosen.privacy_arg))
+                     if chosen.privacy != OFF else None),
+            contribution=(contribution or ContributionWeights()) if chosen.aggregation == "contribution" else None,
+            groups=groups if chosen.grouped else None,
+            wandb=chosen.wandb,
+            resume_from=str(Path(chosen.resume_from).resolve()) if chosen.resume_from else "",
+            quantize=chosen.quantize,
+        )
+
     def names(self) -> list[str]:
         """The add-ons in use: "privacy", "contribution", "groups", "wandb", "resume", "quantize"."""
         used = {"privacy": self.privacy, "contribution": self.contribution, "groups": self.groups,
-                "wandb": self.wandb != "off", "resume": self.resume_from, "quantize": self.quantize != "off"}
+                "wandb": self.wandb != OFF, "resume": self.resume_from, "quantize": self.quantize != OFF}
         return [name for name, on in used.items() if on]
 
     def to_json(self) -> dict[str, Any]:
@@ -240,9 +301,9 @@ class Addons:
             privacy=PrivacyFilter(**doc["privacy"]) if doc.get("privacy") else None,
             contribution=ContributionWeights(**doc["contribution"]) if doc.get("contribution") else None,
             groups=SiteGroups(**doc["groups"]) if doc.get("groups") else None,
-            wandb=doc.get("wandb", "off"),
+            wandb=doc.get("wandb", _CHOSEN_BY_DEFAULT.wandb),
             resume_from=doc.get("resume_from", ""),
-            quantize=doc.get("quantize", "off"),
+            quantize=doc.get("quantize", _CHOSEN_BY_DEFAULT.quantize),
         )
 
     def apply_receiving(self, recipe: Any) -> None:
@@ -252,7 +313,7 @@ class Addons:
         from fedseg.app.quantization import DequantizeWeights, ExchangeBytesRecorder
 
         recipe.add_server_input_filter(ExchangeBytesRecorder("received"), tasks=[TRAIN_TASK])
-        if self.quantize != "off":
+        if self.quantize != OFF:
             recipe.add_server_input_filter(DequantizeWeights(), tasks=[TRAIN_TASK])
             recipe.add_client_input_filter(DequantizeWeights(), tasks=[TRAIN_TASK])
 
@@ -265,7 +326,7 @@ class Addons:
         from fedseg import nvflare_internals
         from fedseg.app.quantization import ExchangeBytesRecorder, QuantizeWeights
 
-        if self.quantize != "off":
+        if self.quantize != OFF:
             recipe.add_client_output_filter(QuantizeWeights(self.quantize), tasks=[TRAIN_TASK])
             recipe.add_server_output_filter(QuantizeWeights(self.quantize), tasks=[TRAIN_TASK])
             if self.quantize == "int8" and self.groups is None:

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
-WANDB_MODES = ("off", "offline", "online")
+from fedseg.config import OFF, WANDB_MODES
+
 PROJECT = "fedseg"
 API_KEY_ENV = "WANDB_API_KEY"
 
@@ -114,8 +115,8 @@ def make_wandb_logger(cfg: Any, *, name: str | None = None) -> Any:
     Writes to ``cfg.out/wandb``. ``online`` without ``WANDB_API_KEY`` is refused (``ValueError``)
     rather than silently kept offline: the user asked for it where the run is.
     """
-    mode = check_mode(getattr(cfg, "wandb", "off"))
-    if mode == "off":
+    mode = check_mode(getattr(cfg, "wandb", OFF))
+    if mode == OFF:
         return None
     if mode == "online" and not online_allowed():
         raise ValueError(f"--wandb online needs {API_KEY_ENV} in the environment; use --wandb offline and `wandb sync` later")

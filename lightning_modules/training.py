@@ -25,32 +25,43 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from fedseg.config import MODALITIES, StudyConfig
+from fedseg.config import MODALITIES, StudyConfig, TrainSettings
 from fedseg.lightning_modules.data.datalist import Datalist, merge_datalists, read_datalist, write_json_atomic
 from fedseg.lightning_modules.owner_only import owner_only_dir, owner_only_files
 from fedseg.lightning_modules.history import EpochLines, MetricsHistory, plot_curves, read_rows
 from fedseg.lightning_modules.tracking import make_wandb_logger
 
 
+#: ``fedseg train``'s options when none is given: the one place of their defaults and help
+_TRAIN_DEFAULTS = TrainSettings()
+
+
 @dataclass
 class TrainConfig:
-    """A centralized or local-only run: which datalists, where to, and the study settings
-    (``fedseg.config.StudyConfig``); saved as ``config.json`` in the run folder."""
+    """A centralized or local-only run: which datalists, where to, the study settings
+    (``fedseg.config.StudyConfig``) and the run's own settings (``fedseg.config.TrainSettings``,
+    where their defaults and meaning are written); saved as ``config.json`` in the run folder."""
 
     datalists: list[Path]
     out: Path
     study: StudyConfig = field(default_factory=StudyConfig)
-    #: epochs to train (default: the study's budget, rounds x local epochs)
-    epochs: int | None = None
-    data_root: Path | None = None
-    accelerator: str = "auto"
-    cache_dir: Path | None = None
+    #: None: the study's budget, rounds x local epochs
+    epochs: int | None = _TRAIN_DEFAULTS.epochs
+    data_root: Path | None = _TRAIN_DEFAULTS.data_root
+    accelerator: str = _TRAIN_DEFAULTS.accelerator
+    cache_dir: Path | None = _TRAIN_DEFAULTS.cache_dir
     check_data: bool = True
     progress: bool = True
     #: W&B tracking: "off", "offline" (RUN/wandb, upload later with `wandb sync`) or "online"
-    wandb: str = "off"
+    wandb: str = _TRAIN_DEFAULTS.wandb
     #: start from this checkpoint's weights (fine-tuning), not the seeded initial model
-    init_from: Path | None = None
+    init_from: Path | None = _TRAIN_DEFAULTS.init_from
+
+    @classmethod
+    def from_settings(cls, datalists: Sequence[Path], out: Path, study: StudyConfig,
+                      settings: TrainSettings) -> TrainConfig:
+        """The run ``fedseg train`` describes: its datalists, run folder, study and own settings."""
+        return cls(datalists=list(datalists), out=out, study=study, **dataclasses.asdict(settings))
 
     def __post_init__(self) -> None:
         if self.epochs is None:

@@ -3,15 +3,16 @@ lives in one place: the option ``--features`` is the field ``ModelSettings.featu
 is the field's, and its default is the chosen ``--profile``'s value.
 
 Options left out on the command line take the profile's value; ``study_from_args`` returns the
-profile with the given options applied. Also the options of the algorithms and add-ons, made
-the same way from their dataclasses (``add_dataclass_options``).
+profile with the given options applied. Also the options of the algorithms, the add-ons
+(``fedseg.jobs.addons.AddonSettings``), ``fedseg train`` (``TrainSettings``) and ``fedseg data
+split`` (``SplitSettings``), made the same way from their dataclasses (``add_dataclass_options``):
+no option of these is written by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +29,25 @@ def option_name(field_name: str) -> str:
 
 def add_field_option(parser: argparse.ArgumentParser | Any, f: dataclasses.Field, shown_default: Any,
                      prefix: str = "") -> None:
-    """One ``--<prefix><name>`` option for dataclass field ``f``; ``shown_default`` goes into its help."""
+    """One ``--<prefix><name>`` option for dataclass field ``f``; ``shown_default`` goes into its help.
+
+    The field's metadata past its help are argparse's (``choices``, ``nargs``, ``metavar``,
+    ``action="append"``; ``action="store_true"`` for a bool flag with no ``--no-`` form, which a
+    bool otherwise gets). A default of None, nothing or an absent flag is not shown."""
     meta = dict(f.metadata)
     help_text = meta.pop("help", "")
     kind = _field_type(f)
     kwargs: dict[str, Any] = {"default": _MISSING, "dest": prefix.replace("-", "_") + f.name}
     if kind is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs["action"] = meta.pop("action", argparse.BooleanOptionalAction)
     else:
-        kwargs["type"] = int if kind is int else float if kind is float else str
-        if "nargs" in meta:
-            kwargs["nargs"] = meta.pop("nargs")
-            kwargs["type"] = int if "int" in str(f.type) else str
-        if "choices" in meta:
-            kwargs["choices"] = meta.pop("choices")
-    if isinstance(shown_default, (tuple, list)):
-        shown = " ".join(map(str, shown_default))
+        kwargs["type"] = kind
+    nothing = shown_default is None or (isinstance(shown_default, (tuple, list)) and not shown_default)
+    if nothing or kwargs.get("action") == "store_true":
+        kwargs["help"] = help_text
     else:
-        shown = shown_default
-    kwargs["help"] = f"{help_text} (default: {shown})"
+        shown = " ".join(map(str, shown_default)) if isinstance(shown_default, (tuple, list)) else shown_default
+        kwargs["help"] = f"{help_text} (default: {shown})"
     parser.add_argument(option_name(prefix + f.name), **kwargs, **meta)
 
 
@@ -98,22 +99,28 @@ def dataclass_from_args(args: argparse.Namespace, cls: type, *, prefix: str = ""
     return cls(**{**given, **fixed})
 
 
+#: the annotations an option parses its values to (any other: str)
+_OPTION_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}
+
+
 def _field_type(f: dataclasses.Field) -> type:
-    text = str(f.type)
-    if text.startswith("bool"):
-        return bool
-    if text.startswith("int"):
-        return int
-    if text.startswith("float"):
-        return float
-    return str if "str" in text or "tuple" in text else typing.cast(type, str)
+    """The type of the option's values: the field's, or its items' (``tuple[int, ...]``: int), "| None" aside.
+
+    The annotations are read as written (``from __future__ import annotations`` keeps them text)."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kinds = [part.strip() for part in text.split("|") if part.strip() not in ("None", "")]
+    kind = kinds[0] if kinds else "str"
+    if "[" in kind:  # tuple[int, ...], list[str]: the items' type
+        kind = kind[kind.index("[") + 1:].split(",")[0].rstrip("]").strip()
+    return _OPTION_TYPES.get(kind, str)
 
 
 # ------------------------------------------------------------------------------ jobs
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
-    """``--job`` (the algorithm), each algorithm's own options, and the add-ons (``fedseg.jobs.addons``)."""
-    from fedseg.jobs.addons import PRIVACY_FILTERS, WANDB_MODES, ContributionWeights, SiteGroups
+    """``--job`` (the algorithm), each algorithm's own options, and the add-ons (``fedseg.jobs.addons``:
+    ``AddonSettings``, then the options of contribution weights and site groups)."""
+    from fedseg.jobs.addons import AddonSettings, ContributionWeights, SiteGroups
     from fedseg.jobs.base import algorithms, describe_algorithms
 
     group = parser.add_argument_group("federated job")
@@ -124,28 +131,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
         if algo.options is not None:
             add_dataclass_options(group, algo.options, seen=seen)
     addons = parser.add_argument_group("job add-ons")
-    addons.add_argument("--wandb", choices=list(WANDB_MODES), default="off",
-                        help="Weights & Biases tracking on the server, one run per site (sites need no credentials): "
-                        "offline writes W&B runs for `wandb sync`; online needs WANDB_API_KEY on the server")
-    addons.add_argument("--resume-from", type=Path, default=None,
-                        help="continue a study from its last global checkpoint: FL_global_model.pt, a run folder or a "
-                        "downloaded job; the rounds it holds are counted (--rounds is the study's total)")
-    addons.add_argument("--aggregation", choices=["cases", "contribution"], default="cases",
-                        help="site weights: training cases (FedAvg) or contribution (cases and how much the site's "
-                        "update lowered its own validation loss, FedCostWAvg-style, capped by --max-site-share)")
-    add_dataclass_options(addons, ContributionWeights)
-    addons.add_argument("--privacy", choices=["off", *PRIVACY_FILTERS], default="off",
-                        help="NVFlare privacy filter on every update a site sends (sites then send weight diffs)")
-    addons.add_argument("--privacy-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="privacy filter argument, repeatable (percentile: percentile, gamma; svt: fraction, "
-                        "epsilon, noise_var, gamma, tau, replace, epsilon_threshold, epsilon_query, epsilon_release)")
-    addons.add_argument("--quantize", choices=["off", "fp16", "int8"], default="off",
-                        help="the model exchange of every round, both directions: float32 (off), fp16 (half the "
-                        "bytes) or int8 (about a quarter: one int8 scale per channel, small tensors in float32, the sites "
-                        "send their update)")
-    addons.add_argument("--grouped", action="store_true",
-                        help="one global model per site group (each site declares its 'group' in its site config)")
-    add_dataclass_options(addons, SiteGroups)
+    for settings in (AddonSettings, ContributionWeights, SiteGroups):
+        add_dataclass_options(addons, settings)
 
 
 def algorithm_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,21 +145,12 @@ def algorithm_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def job_from_args(args: argparse.Namespace, study: StudyConfig, *, min_clients: int, name: str | None = None) -> Any:
     """The ``Job`` the options describe (``ValueError`` on a bad combination or value)."""
-    from fedseg.jobs.addons import Addons, ContributionWeights, PrivacyFilter, SiteGroups, parse_privacy_args
+    from fedseg.jobs.addons import Addons, AddonSettings, ContributionWeights, SiteGroups
     from fedseg.jobs.base import Job
 
-    if args.share_encoder and not args.grouped:
-        raise ValueError("--share-encoder needs --grouped")
-    if args.privacy_arg and args.privacy == "off":
-        raise ValueError("--privacy-arg given without a privacy filter (--privacy svt or percentile)")
-    addons = Addons(
-        privacy=PrivacyFilter(args.privacy, parse_privacy_args(args.privacy_arg)) if args.privacy != "off" else None,
-        contribution=dataclass_from_args(args, ContributionWeights) if args.aggregation == "contribution" else None,
-        groups=dataclass_from_args(args, SiteGroups) if args.grouped else None,
-        wandb=args.wandb,
-        resume_from=str(args.resume_from.resolve()) if args.resume_from else "",
-        quantize=args.quantize,
-    )
+    addons = Addons.from_settings(dataclass_from_args(args, AddonSettings),
+                                  contribution=dataclass_from_args(args, ContributionWeights),
+                                  groups=dataclass_from_args(args, SiteGroups))
     options = algorithm_options_from_args(args).get(args.job)
     return Job(algorithm=args.job, study=study, name=name or args.job, min_clients=min_clients, options=options,
                addons=addons)

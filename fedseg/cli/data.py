@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.cli import UserError, three_ints
-from fedseg.config import SynthSettings
+from fedseg.cli._options import add_dataclass_options, dataclass_from_args
+from fedseg.config import SplitSettings, SynthSettings
 
 _SYNTH = SynthSettings()
 
@@ -49,13 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     split.add_argument("data_root", type=Path)
     split.add_argument("--out", type=Path, required=True)
-    split.add_argument("--sites", type=int, default=None, help="number of sites (institution mode: default one per institution)")
-    split.add_argument("--mode", choices=["iid", "unequal", "dirichlet", "institution"], default="iid")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--val-fraction", type=float, default=0.2)
-    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
-    split.add_argument("--sizes", type=float, nargs="+", default=None, help="unequal mode: relative site sizes")
-    split.add_argument("--institutions", type=Path, default=None, help="institution mode: CSV case_id,institution")
+    add_dataclass_options(split, SplitSettings)  # --sites, --mode, --seed, --val-fraction, ... from their fields
     split.add_argument("--layout", default="auto")
     split.set_defaults(func=_split)
 
@@ -101,19 +96,20 @@ def _split(args: argparse.Namespace) -> int:
     from fedseg.lightning_modules.data.layouts import LayoutError, discover
     from fedseg.lightning_modules.data.splits import SplitError, format_summary, split_cases, write_split
 
+    chosen = dataclass_from_args(args, SplitSettings)
     try:
         dataset = discover(args.data_root, args.layout)
-        if args.sites is None and args.mode != "institution":
+        if chosen.sites is None and chosen.mode != "institution":
             raise UserError("--sites is required for this mode")
         datalists = split_cases(
             dataset.cases,
-            args.sites,
-            args.mode,
-            seed=args.seed,
-            val_fraction=args.val_fraction,
-            alpha=args.alpha,
-            sizes=args.sizes,
-            institutions_csv=args.institutions,
+            chosen.sites,
+            chosen.mode,
+            seed=chosen.seed,
+            val_fraction=chosen.val_fraction,
+            alpha=chosen.alpha,
+            sizes=chosen.sizes,
+            institutions_csv=chosen.institutions,
             data_root=dataset.root,
         )
         summary = write_split(datalists, args.out)

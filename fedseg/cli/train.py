@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from fedseg.cli import UserError
-from fedseg.cli._options import add_study_options, add_verbose_option
+from fedseg.cli._options import add_dataclass_options, add_study_options, add_verbose_option, dataclass_from_args
+from fedseg.config import TrainSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,18 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("datalists", type=Path, nargs="+", help="site datalist JSON file(s)")
     train.add_argument("--out", type=Path, required=True, help="run folder")
-    train.add_argument("--data-root", type=Path, default=None, help="override the datalists' data root")
-    train.add_argument("--epochs", type=int, default=None,
-                       help="epochs to train (default: the profile's budget, rounds x local epochs)")
-    train.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    train.add_argument("--cache-dir", type=Path, default=None, help="preprocessed-volume cache (default OUT/cache)")
-    train.add_argument("--init-from", type=Path, default=None,
-                       help="start from this checkpoint's weights (fine-tuning a global model on one site)")
-    train.add_argument(
-        "--wandb", choices=["off", "offline", "online"], default="off",
-        help="Weights & Biases tracking: offline writes OUT/wandb (upload later with `wandb sync`); "
-        "online needs WANDB_API_KEY in the environment",
-    )
+    add_dataclass_options(train, TrainSettings)  # --data-root, --epochs, --accelerator, ..., --wandb
     add_verbose_option(train)
     add_study_options(train, "study", sections=("model", "data", "federation"),
                       skip=("round_timeout", "min_sites_per_round", "poll_interval", "site_threads", "gpus_per_site"))
@@ -50,9 +40,7 @@ def run_train(args: argparse.Namespace) -> int:
     study = study_or_error(args)
     log_file = args.out / "logs" / "train.log"
     try:
-        cfg = TrainConfig(datalists=args.datalists, out=args.out, study=study, epochs=args.epochs,
-                          data_root=args.data_root, accelerator=args.accelerator, cache_dir=args.cache_dir,
-                          wandb=args.wandb, init_from=args.init_from)
+        cfg = TrainConfig.from_settings(args.datalists, args.out, study, dataclass_from_args(args, TrainSettings))
         with quiet_console(log_file, verbose=args.verbose) as console:
             if not args.verbose:
                 console.print(f"Lightning's logs: {log_file}")

@@ -29,10 +29,13 @@ from typing import Any, TypeVar
 import nibabel as nib
 import numpy as np
 
+from fedseg.config import SPLIT_MODES, SplitSettings
 from fedseg.lightning_modules.data.datalist import Case, Datalist, merge_datalists, write_datalist
 from fedseg.lightning_modules.owner_only import owner_only_dir, owner_only_files
 
-MODES: tuple[str, ...] = ("iid", "unequal", "dirichlet", "institution")
+MODES: tuple[str, ...] = SPLIT_MODES
+#: the split's defaults (seed, val_fraction, alpha), written once in ``fedseg.config.SplitSettings``
+_SPLIT_DEFAULTS = SplitSettings()
 #: Column names accepted for the case id and the institution in an institutions CSV.
 CASE_COLUMNS = ("case_id", "subject_id", "case", "subject", "brats21id", "brats2021_id")
 INSTITUTION_COLUMNS = ("institution", "partition_id", "site", "center", "centre")
@@ -114,10 +117,10 @@ def split_cases(
     n_sites: int | None,
     mode: str,
     *,
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    alpha: float = 0.5,
-    sizes: Sequence[float] | None = None,
+    seed: int = _SPLIT_DEFAULTS.seed,
+    val_fraction: float = _SPLIT_DEFAULTS.val_fraction,
+    alpha: float = _SPLIT_DEFAULTS.alpha,
+    sizes: Sequence[float] | None = _SPLIT_DEFAULTS.sizes,
     institutions_csv: Path | str | None = None,
     name_by_institution: bool = False,
     n_bins: int = 4,
