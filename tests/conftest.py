@@ -55,6 +55,12 @@ def tiny_job(algorithm: str = "fedavg", *, name: str | None = None, min_clients:
                study_name=study_name)
 
 
+#: the synthetic data of the end-to-end tests that call ``SynthConfig`` directly: the first generator's
+#: compact tumours and no held-out test cases, as their thresholds were measured (the default is the
+#: consortium's harder "varied" tumours with 16 test cases a site, docs/data.md)
+TEST_DATA = {"tumours": "classic", "test_cases": 0}
+
+
 def tiny_synth(folder, *, sites: int | None = None, cases: int | None = None, size: int | None = None, **kwargs):
     """The tiny profile's synthetic sites in ``folder`` (``SynthConfig`` overrides as keywords)."""
     from fedseg.config import profile

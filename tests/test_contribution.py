@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import TEST_DATA
+
 import json
 import math
 
@@ -79,7 +81,7 @@ def test_simulator_contribution_weights_are_the_defined_function_of_what_the_sit
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.run.simulate import simulate
 
-    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     job = tiny_job(name="contrib", rounds=2, min_clients=3, features=8, roi=(24, 24, 24), cross_site_eval=False,
                    addons=Addons(contribution=ContributionWeights(contribution_alpha=0.3, max_site_share=0.5)))
     simulate(job, synth.datalists, tmp_path / "run")

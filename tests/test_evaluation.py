@@ -16,7 +16,7 @@ from fedseg.lightning_modules.data.datamodule import DataConfig, SegDataModule
 from fedseg.lightning_modules.data.synth import SynthConfig, generate
 from fedseg.lightning_modules.evaluation import EvaluationError, evaluate_checkpoint, summarize
 from fedseg.lightning_modules.module import SegmentationModule
-from conftest import tiny_train_config
+from conftest import TEST_DATA, tiny_train_config
 from fedseg.lightning_modules.training import train
 
 METRIC_COLUMNS = ["dice", "iou", "precision", "recall", "vs", "hd95"]
@@ -26,7 +26,7 @@ METRIC_COLUMNS = ["dice", "iou", "precision", "recall", "vs", "hd95"]
 def trained(tmp_path_factory):
     """Synthetic sites and a 2-epoch tiny UNet trained on them (~3 s)."""
     root = tmp_path_factory.mktemp("trained")
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), root / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=3, shape=(32, 32, 32)), root / "synth")
     cfg = tiny_train_config([synth.datalists["site-1"], synth.datalists["site-2"]], root / "run", features=8,
                             roi=(32, 32, 32))
     train(cfg)

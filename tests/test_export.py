@@ -11,7 +11,7 @@ from fedseg.cli import main
 from fedseg.lightning_modules.data.synth import SynthConfig, generate
 from fedseg.lightning_modules.export import ExportError, export_checkpoint, verify_export
 from fedseg.lightning_modules.inference import load_model
-from conftest import tiny_train_config
+from conftest import TEST_DATA, tiny_train_config
 from fedseg.lightning_modules.training import train
 
 
@@ -20,7 +20,7 @@ from fedseg.lightning_modules.training import train
 def checkpoint(tmp_path_factory):
     """A 2-epoch tiny UNet trained on two modalities (so the metadata and input channels are checkable)."""
     root = tmp_path_factory.mktemp("trained")
-    synth = generate(SynthConfig(n_sites=1, cases_per_site=3, shape=(32, 32, 32)), root / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=1, cases_per_site=3, shape=(32, 32, 32)), root / "synth")
     cfg = tiny_train_config([synth.datalists["site-1"]], root / "run", features=8, roi=(32, 32, 32),
                             modalities=("flair", "t1ce"))
     train(cfg)

@@ -10,7 +10,7 @@ import torch
 from fedseg.app.fedper import personalize, shared_state
 from fedseg.app.global_model import SharedEncoder, personal_keys
 from fedseg.app.personal_store import PersonalModelStore
-from conftest import tiny_job
+from conftest import TEST_DATA, tiny_job
 from fedseg.lightning_modules.module import SegmentationModule
 from fedseg.lightning_modules.networks import partition_keys
 
@@ -100,7 +100,7 @@ def test_simulator_fedper_head_never_reaches_the_server_and_outlives_the_job(tmp
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.run.simulate import simulate
 
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=3, shape=(32, 32, 32)), tmp_path / "synth")
     job = tiny_job("fedper", rounds=2, features=8, roi=(32, 32, 32))
     head_keys = set(job.personal_keys())
     assert head_keys == EXPECTED_HEAD  # the code's split is the layout written out above

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import TEST_DATA
+
 import json
 
 import numpy as np
@@ -13,8 +15,8 @@ from fedseg.lightning_modules.data.synth import SynthConfig, SynthError, generat
 
 
 def test_synthetic_groups_image_the_same_anatomy_differently(tmp_path):
-    one = generate(SynthConfig(n_sites=3, cases_per_site=1, shape=(24, 24, 24), groups=1), tmp_path / "one")
-    two = generate(SynthConfig(n_sites=3, cases_per_site=1, shape=(24, 24, 24), groups=2), tmp_path / "two")
+    one = generate(SynthConfig(**TEST_DATA, n_sites=3, cases_per_site=1, shape=(24, 24, 24), groups=1), tmp_path / "one")
+    two = generate(SynthConfig(**TEST_DATA, n_sites=3, cases_per_site=1, shape=(24, 24, 24), groups=2), tmp_path / "two")
     assert one.site_groups == {"site-1": "a", "site-2": "a", "site-3": "a"}
     assert two.site_groups == {"site-1": "a", "site-2": "a", "site-3": "b"}
     assert json.loads(two.datalists["site-3"].read_text())["meta"]["group"] == "b"
@@ -69,7 +71,7 @@ def test_simulator_two_groups_keep_two_models_sites_of_a_group_share_one(tmp_pat
     from fedseg.jobs.base import _encoder_keys
     from fedseg.run.simulate import simulate
 
-    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24), groups=2), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=3, cases_per_site=3, shape=(24, 24, 24), groups=2), tmp_path / "synth")
     job = tiny_job(name="grouped", rounds=2, min_clients=3, features=8, roi=(24, 24, 24),
                    addons=Addons(groups=SiteGroups(share_encoder=True)))
     settings = {site: {"group": group} for site, group in synth.site_groups.items()}

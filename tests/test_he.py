@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import LEARNING, assert_learned, tiny_job
+from conftest import TEST_DATA, LEARNING, assert_learned, tiny_job
 from fedseg.jobs.base import Job
 from fedseg.run.poc import COMPLETED, PocDeployment, free_port, port_in_use, project_config
 
@@ -166,7 +166,7 @@ def test_poc_fedavg_he_aggregates_ciphertexts_and_sites_decrypt_a_trained_model(
 
     # the deployment's processes inherit this environment: the server imports the test's audit from here
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     datalists = dict(zip(SITES, (synth.datalists["site-1"], synth.datalists["site-2"])))
     n_train = {h: int(synth.site_stats[s]["n_train"]) for h, s in zip(SITES, ("site-1", "site-2"))}
     job = tiny_he_job(**LEARNING)  # learns in 2 rounds

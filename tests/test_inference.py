@@ -22,7 +22,7 @@ from fedseg.lightning_modules.inference import (
 )
 from fedseg.lightning_modules.labels import CONVENTIONS, to_internal
 from fedseg.lightning_modules.module import SegmentationModule
-from conftest import tiny_train_config
+from conftest import TEST_DATA, tiny_train_config
 from fedseg.lightning_modules.training import train
 
 MODS_2021 = ("t1", "t1ce", "t2", "flair")
@@ -32,7 +32,7 @@ MODS_2021 = ("t1", "t1ce", "t2", "flair")
 def checkpoint(tmp_path_factory) -> Path:
     """A 2-epoch tiny UNet trained by ``fedseg train`` on synthetic sites (~3 s)."""
     root = tmp_path_factory.mktemp("trained")
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(32, 32, 32)), root / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=3, shape=(32, 32, 32)), root / "synth")
     cfg = tiny_train_config([synth.datalists["site-1"], synth.datalists["site-2"]], root / "run", features=8,
                             roi=(32, 32, 32))
     train(cfg)

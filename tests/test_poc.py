@@ -6,6 +6,8 @@ here: the project file, site names, the isolated HOME, and the leftover-process 
 
 from __future__ import annotations
 
+from conftest import TEST_DATA
+
 import json
 import time
 from pathlib import Path
@@ -75,7 +77,7 @@ def test_prepare_provisions_named_kits_in_an_isolated_home(tmp_path):
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
 
     before = _user_nvflare_config()
-    datalist = generate(SynthConfig(n_sites=1, cases_per_site=1, shape=(16, 16, 16)), tmp_path / "synth").datalists["site-1"]
+    datalist = generate(SynthConfig(**TEST_DATA, n_sites=1, cases_per_site=1, shape=(16, 16, 16)), tmp_path / "synth").datalists["site-1"]
     port = free_port()
     with PocDeployment(tmp_path / "poc", SITES, port=port) as poc:
         poc.prepare()

@@ -22,6 +22,8 @@ One POC deployment (real server and site processes, mutual TLS, ``nvflare job su
 
 from __future__ import annotations
 
+from conftest import TEST_DATA
+
 import json
 import math
 import os
@@ -106,7 +108,7 @@ def read_report(download: Path) -> tuple[list[dict], dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_data(tmp_path):
-    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     datalists = dict(zip(SITES, synth.datalists.values()))
     n_train = {h: int(synth.site_stats[s]["n_train"]) for h, s in zip(SITES, synth.datalists)}
     home_config = _user_nvflare_config()

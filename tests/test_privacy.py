@@ -22,7 +22,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedseg.app.privacy_filters import TorchPercentilePrivacy, TorchSVTPrivacy, update_stats
-from conftest import tiny_job
+from conftest import TEST_DATA, tiny_job
 from fedseg.jobs.addons import Addons, PrivacyFilter, parse_privacy_args, validate_privacy_args
 from fedseg.jobs.base import export
 
@@ -224,7 +224,7 @@ def test_simulator_percentile_privacy_filters_what_the_server_receives(tmp_path)
     from fedseg.run.simulate import simulate
 
     percentile, gamma = 80, 2e-4
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     job = tiny_job(name="dp", rounds=2, features=8, roi=(24, 24, 24),
                    addons=Addons(privacy=PrivacyFilter("percentile", {"percentile": percentile, "gamma": gamma})))
     run = tmp_path / "run"

@@ -7,6 +7,8 @@ through the lead's kit, and shows a site of another consortium (another root CA)
 
 from __future__ import annotations
 
+from conftest import TEST_DATA
+
 import hashlib
 import json
 import math
@@ -428,7 +430,7 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     from fedseg.cli import main
 
     assert main(["provision", "server-storage", str(kits.server_kit), "--storage", str(kits.server_kit / "storage")]) == 0
-    synth = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(16, 16, 16)), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=3, shape=(16, 16, 16)), tmp_path / "synth")
     job_dir = _tiny_fedper_job(tmp_path / "jobs")
 
     # What each hospital accepts: hospital-a runs only jobs its admin approved, hospital-b at most 1 round.

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedseg.app.fault_drill import FaultDrill
-from conftest import tiny_job
+from conftest import TEST_DATA, tiny_job
 from fedseg.jobs.addons import Addons
 from fedseg.jobs.base import export
 from fedseg.jobs.resume import ResumeError, find_resume_point
@@ -114,7 +114,7 @@ def test_simulator_site_failures_stop_below_the_minimum_and_the_study_resumes_fr
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
     from fedseg.run.simulate import simulate
 
-    synth = generate(SynthConfig(n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
+    synth = generate(SynthConfig(**TEST_DATA, n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
     job = tiny_job("fedopt", name="study", rounds=3, min_clients=3, min_sites_per_round=2, round_timeout=120,
                    features=8, roi=(24, 24, 24), cross_site_eval=False)
     drills = {"site-2": {"fault_drill": {"raise_in_rounds": [3]}}, "site-3": {"fault_drill": {"raise_in_rounds": [2, 3]}}}

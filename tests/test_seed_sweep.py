@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import TEST_DATA
+
 import csv
 import json
 import statistics
@@ -81,7 +83,7 @@ def test_the_goal_is_above_fedavg_and_local_in_every_seed_with_no_site_far_below
 def test_a_seed_sweep_runs_one_comparison_per_seed_and_a_seed_reproduces_its_run(tmp_path, capsys):
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
 
-    sites = generate(SynthConfig(n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth").datalists
+    sites = generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth").datalists
     settings = tiny_settings(rounds=1, local_epochs=1, features=8, roi=(24, 24, 24))
     argv = ["compare", "--out", str(tmp_path / "sweep"), "--datalists", *map(str, sites.values()), "--methods", "local",
             "--profile", "tiny", "--rounds", "1", "--local-epochs", "1", "--features", "8", "--roi", "24",

@@ -11,13 +11,13 @@ from fedseg.cli import main
 from fedseg.lightning_modules.data.synth import SynthConfig, generate
 from fedseg.lightning_modules.history import read_rows
 from fedseg.lightning_modules.module import SegmentationModule
-from conftest import tiny_train_config
+from conftest import TEST_DATA, tiny_train_config
 from fedseg.lightning_modules.training import train
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    return generate(SynthConfig(n_sites=2, cases_per_site=4, shape=(32, 32, 32)), tmp_path_factory.mktemp("s") / "synth")
+    return generate(SynthConfig(**TEST_DATA, n_sites=2, cases_per_site=4, shape=(32, 32, 32)), tmp_path_factory.mktemp("s") / "synth")
 
 
 def _cfg(synth, out, epochs=2, **kw):
