@@ -21,7 +21,7 @@ from fedseg.jobs.base import Algorithm, Job
 @dataclass(frozen=True)
 class DittoOptions:
     ditto_lambda: float = setting(0.01, "ditto: weight of the pull of each personal model towards the global one")
-    personal_epochs: int = setting(0, "ditto: epochs of the personal model per round (0: the round's local epochs)")
+    personal_epochs: int = setting(0, "ditto/apfl: epochs of the personal model per round (0: the round's local epochs)")
 
     def __post_init__(self) -> None:
         if not self.ditto_lambda >= 0 or self.personal_epochs < 0:
