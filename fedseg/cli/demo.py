@@ -50,8 +50,8 @@ def run_demo(args: argparse.Namespace) -> int:
     log_file = args.out / "logs" / "demo.log"
     print(f"[3/4] federated statistics of the sites' images" + ("" if args.verbose else f" (NVFlare's logs: {log_file})"))
     with quiet_console(log_file, verbose=args.verbose):
-        # the synthetic sites hold 8 cases each: NVFlare's minimum count of 10 would withhold every
-        # per-case figure; a real study keeps the default
+        # the synthetic sites hold 24, 8 and 4 cases: NVFlare's minimum count of 10 would withhold the
+        # per-case figures of two of them (5 withholds the small site's); a real study keeps the default
         stats = simulate_stats(datalists, args.out / "stats", StatsSettings(modalities=study.data.modalities, min_count=5))
     print(format_stats(stats))
     fed = study.federation
