@@ -73,8 +73,10 @@ class MixedSegmentation(SegmentationModule):
     """A ``SegmentationModule`` whose network is APFL's mixture of a local and the global network.
 
     Its AdamW trains the local network only (the global one has no gradient); ``alpha`` takes its
-    own step before each optimizer step (``on_before_optimizer_step``: after any AMP unscaling) and
-    its gradient is then dropped, so AdamW leaves it alone.
+    own step before each optimizer step (``on_before_optimizer_step``) and its gradient is then
+    dropped, so AdamW leaves it alone. ``alpha`` stays in AdamW's parameter list on purpose: with
+    mixed precision (a GPU), Lightning unscales the gradients of the optimizer's parameters before
+    that hook (``MixedPrecision.optimizer_step``), so ``alpha``'s gradient is unscaled too.
     """
 
     def __init__(self, *, apfl_alpha: float, apfl_alpha_lr: float, **module_args: Any) -> None:
@@ -153,6 +155,11 @@ class ApflPlugin(SitePlugin):
         trainer.fit(self.model, datamodule=runner.datamodule)
         self.store.save(self.model, self.keys, global_round=round_no, job_id=runner.job_id)
         progress(f"[fedseg] {runner.site}: APFL mixing weight alpha={self.model.alpha:.4f} after round {round_no + 1}")
+
+    def after_failure(self, runner: SiteRunner) -> None:
+        """A failed round (e.g. in the personal phase): back to the stored ``v`` and ``alpha``."""
+        if self.store.exists():
+            self.store.load_into(self.model, self.keys)
 
     def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:
         """The mixture of this site's ``v`` and ``alpha`` with the final global model."""

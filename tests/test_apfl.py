@@ -72,10 +72,10 @@ def test_apfl_options_are_checked_and_reach_the_site_plugin():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A fake site runner on 3 synthetic 24^3 cases: what ``ApflPlugin`` reads from a ``SiteRunner``."""
+    from fedseg.app.site_runner import SiteJob
     from fedseg.lightning_modules.data.datalist import read_datalist
     from fedseg.lightning_modules.module import SegmentationModule
     from fedseg.lightning_modules.training import build_datamodule
-    from fedseg.app.site_runner import SiteJob
 
     root = tmp_path_factory.mktemp("apfl")
     synth = tiny_synth(root / "synth", sites=1, cases=3, size=24)
@@ -87,7 +87,7 @@ def site(tmp_path_factory):
     def runner(store):
         return SimpleNamespace(job=site_job, site="site-1", job_id="job-1", datamodule=datamodule,
                                model=SegmentationModule(**study.module_args()),
-                               config=SimpleNamespace(head_store=store))
+                               config=SimpleNamespace(head_store=store), test_datalist=synth.test_datalists["site-1"])
     return runner
 
 
@@ -122,6 +122,11 @@ def test_a_round_trains_v_and_alpha_keeps_them_in_the_store_and_leaves_the_globa
     assert sorted(saved["state"]) == sorted(mixed.personal_keys())
     assert float(saved["state"]["network.alpha"]) == pytest.approx(alpha)
     assert store.path.stat().st_mode & 0o077 == 0 and saved["record"]["global_round"] == 0
+    # a failed round drops what it half-changed: back to the stored v and alpha
+    with torch.no_grad():
+        mixed.network.alpha.fill_(0.0)
+    plugin.after_failure(runner)
+    assert mixed.alpha == pytest.approx(alpha)
 
     # a new process of the same study picks v and alpha up again; its personal model is the
     # mixture with the final global model, scored like any model
@@ -137,6 +142,11 @@ def test_a_round_trains_v_and_alpha_keeps_them_in_the_store_and_leaves_the_globa
     trainer = make_trainer(tmp_path / "personal", 1, logger=False, progress=False, enable_checkpointing=False)
     (metrics,) = trainer.validate(personal, datamodule=runner.datamodule, verbose=False)
     assert 0.0 <= metrics["val_dice"] <= 1.0
+    # and on the site's held-out test cases, as the personalize task scores it (the mixture segments)
+    from fedseg.lightning_modules.test_sets import score_test_set
+
+    scores = score_test_set(personal, runner.test_datalist, metrics=("dice",))
+    assert scores.n_cases == 2 and 0.0 <= scores.mean["overall"]["dice"] <= 1.0
 
 
 def _audited(server) -> list[dict]:
