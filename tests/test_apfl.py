@@ -185,3 +185,19 @@ def test_simulator_apfl_sites_report_personal_scores_and_keep_v_and_alpha(tmp_pa
         assert "APFL mixing weight alpha=" in log
     saved = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
     assert saved and not any(k.startswith(("network.local.", "network.alpha")) for k in saved)
+
+
+def test_fedseg_personalize_refuses_an_apfl_store_file(tmp_path):
+    """APFL's personal model is two networks and a weight, not one checkpoint (docs/training.md)."""
+    from fedseg.app.fedper import personalize
+    from fedseg.app.personal_store import PersonalModelStore
+    from fedseg.lightning_modules.module import SegmentationModule
+
+    final = SegmentationModule(**TINY)
+    torch.save({"state_dict": final.state_dict(), "hyper_parameters": dict(final.hparams)}, tmp_path / "final.ckpt")
+    mixed = _mixed()
+    store = PersonalModelStore(tmp_path / "store", "study", kind="apfl")
+    store.save(mixed, mixed.personal_keys(), global_round=1)
+    with pytest.raises(ValueError, match="unexpected .'network.alpha'"):
+        personalize(tmp_path / "final.ckpt", store.path, tmp_path / "out.ckpt")
+    assert not (tmp_path / "out.ckpt").exists()
