@@ -10,7 +10,7 @@ passes through the network the same number of times, ``rounds x local_epochs``:
 - every algorithm that runs in the simulator (``fedseg.jobs.base.algorithms()``: fedavg, fedprox,
   fedopt, ...) and the variants it declares (``Algorithm.compare_variants``, e.g. fedper-output and
   fedper-last, FedPer with smaller personal heads): ``R`` rounds of ``E`` local epochs in NVFlare's
-  simulator; a personalized one (``Algorithm.personal``: fedper, fedrep, ditto, finetune) ends with
+  simulator; a personalized one (``Algorithm.personal``: fedper, fedrep, ditto, apfl, finetune) ends with
   each site's own personal model (Ditto trains a second model per site and fine-tuning adds
   ``finetune_epochs``: their site compute is larger);
 - contribution, fedavg-svt, fedavg-percentile, grouped, grouped-shared: FedAvg with
