@@ -23,7 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not faults" $(PYTEST_ARGS)
 
-# the study's fault matrix (one POC deployment, about 8 min; docs/study.md); CI runs it after `make test`
+# the POC fault deployments: the study's fault matrix and a site's crash, kill and refusal (about 11 min;
+# docs/testing.md); CI runs it after `make test`
 test-faults: $(STAMP)
 	$(VENV)/bin/python -m pytest -m faults $(PYTEST_ARGS)
 

@@ -106,6 +106,7 @@ def read_report(download: Path) -> tuple[list[dict], dict]:
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.faults  # a POC fault deployment: `make test-faults`, which CI runs after `make test`
 @pytest.mark.timeout(900)
 def test_poc_fedavg_survives_a_crash_a_killed_site_and_a_site_that_refuses_its_data(tmp_path):
     synth = generate(SynthConfig(**TEST_DATA, n_sites=3, cases_per_site=3, shape=(24, 24, 24)), tmp_path / "synth")
