@@ -528,6 +528,9 @@ def test_hospitals_run_fedper_from_their_kits_a_foreign_root_ca_is_refused_and_a
     assert "Successfully registered" not in insider_log
     assert connected == sorted(HOSPITALS)
     server_log = (kits.server_kit / "log.txt").read_text()
+    # the server names every client that gets through the handshake and joins (the control that lets the
+    # next line fail: an intruder or insider that got in would be named the same way)
+    assert all(f"New client {h}@" in server_log for h in HOSPITALS), server_log[-3000:]
     assert "intruder" not in server_log and "insider" not in server_log
 
     # The job and its snapshots were stored in the server kit's own storage, owner-only, not in /tmp.
