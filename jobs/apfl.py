@@ -49,11 +49,6 @@ class Apfl(Algorithm):
     site_plugin = "fedseg.app.apfl:ApflPlugin"
     addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})
 
-    def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
-        from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
-
-        return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
-
     def finish(self, recipe: Any, job: Job) -> None:
         """The server's audit of every result's parameter names: it shows that no part of a site's
         local model or mixing weight reached the server (they are in another module at the site,

@@ -116,8 +116,11 @@ class Algorithm:
         return []
 
     def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
-        """The NVFlare recipe of this algorithm from the common recipe arguments and the round's."""
-        raise NotImplementedError
+        """The NVFlare recipe of this algorithm from the common recipe arguments and the round's;
+        by default fedseg's resilient FedAvg round (FedAvg, FedPer, Ditto, APFL and their kin)."""
+        from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
+
+        return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
 
     def finish(self, recipe: Any, job: Job) -> None:
         """Anything the algorithm adds to the assembled recipe (filters, audits)."""

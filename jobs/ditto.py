@@ -12,10 +12,9 @@ site compute with the defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from fedseg.config import setting
-from fedseg.jobs.base import Algorithm, Job
+from fedseg.jobs.base import Algorithm
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,6 @@ class Ditto(Algorithm):
     personal = True
     site_plugin = "fedseg.app.personalization:DittoPlugin"
     addons = frozenset({"privacy", "contribution", "wandb", "resume", "quantize"})
-
-    def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
-        from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
-
-        return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
 
 
 ALGORITHM = Ditto

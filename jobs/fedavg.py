@@ -7,9 +7,7 @@ participation report) or, with the ``groups`` add-on, ``GroupedFedAvg``.
 
 from __future__ import annotations
 
-from typing import Any
-
-from fedseg.jobs.base import Algorithm, Job
+from fedseg.jobs.base import Algorithm
 
 
 class FedAvg(Algorithm):
@@ -17,11 +15,7 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
     description = "federated averaging, weighted by each site's training cases"
-
-    def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
-        from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
-
-        return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
+    # its recipe is Algorithm's default: the resilient FedAvg round
 
 
 ALGORITHM = FedAvg

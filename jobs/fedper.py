@@ -55,11 +55,6 @@ class FedPer(Algorithm):
         module = SegmentationModule(**job.study.module_args())
         return personal_keys(module, job.options.keep_norm_local, job.options.personal_head)
 
-    def recipe(self, job: Job, common: dict[str, Any], round_args: dict[str, Any]) -> Any:
-        from fedseg.jobs.resilient_recipes import ResilientFedAvgRecipe
-
-        return ResilientFedAvgRecipe(key_metric="val_dice", key_metric_mode="max", **round_args, **common)
-
     def finish(self, recipe: Any, job: Job) -> None:
         """The second line of defence for the head, and the audit that shows it held."""
         from nvflare.app_common.filters.exclude_vars import ExcludeVars
