@@ -166,6 +166,9 @@ def _local_trainer(runner: SiteRunner, folder: str, epochs: int, callbacks: list
 class DittoPlugin(SitePlugin):
     """A personal model beside the global one, pulled towards the global model of each round."""
 
+    #: the store's kind (``<study>.ditto.pt``)
+    store_kind = "ditto"
+
     def __init__(self, options: DittoOptions) -> None:
         from nvflare.app_opt.lightning.callbacks import RestoreState
 
@@ -186,7 +189,7 @@ class DittoPlugin(SitePlugin):
         args = {**runner.job.study.module_args(), "max_epochs": runner.job.study.federation.rounds * epochs}
         self.model = SegmentationModule(**args)
         self.keys = list(self.model.state_dict())
-        self.store = _store(runner, kind="ditto")
+        self.store = _store(runner, kind=self.store_kind)
         record = self.store.load_into(self.model, self.keys)
         self.started = record is not None
         progress(f"[fedseg] {runner.site}: Ditto personal model " + (

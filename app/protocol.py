@@ -52,6 +52,11 @@ PERSONALIZE_TASK = "personalize"
 #: with the personal scores: ``test_dice`` (the regions' mean), ``test_dice_et`` ..., each with a
 #: ``_sem`` (standard error over the cases), and ``test_cases``
 TEST_PREFIX = "test_"
+#: per-site model selection (``fedseg.jobs.selection``): the candidates a site chooses among, and the
+#: scalar of the personal scores that names its choice (the index into ``SELECT_CANDIDATES``): the only
+#: thing about the choice that leaves the site
+SELECT_CANDIDATES: tuple[str, ...] = ("global", "personal", "local")
+SELECT_CHOICE_KEY = "select_choice"
 
 
 def test_set_metrics(mean: dict[str, dict[str, float]], sem: dict[str, dict[str, float]], n_cases: int) -> dict[str, float]:

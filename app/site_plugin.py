@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedseg.app.site_runner import SiteRunner
+    from fedseg.lightning_modules.data.datalist import Datalist
 
 
 def progress(line: str) -> None:
@@ -28,6 +29,10 @@ class SitePlugin:
 
     #: load the received global model strictly (every key) or keep local keys it lacks
     strict_load: bool = True
+
+    def datalist(self, runner: SiteRunner, datalist: Datalist) -> Datalist:
+        """The site's datalist as the job trains on it (e.g. with cases held out); once, before the data is loaded."""
+        return datalist
 
     def setup(self, runner: SiteRunner) -> None:
         """Once, after the model and data exist and before the Trainer is made."""
@@ -55,3 +60,7 @@ class SitePlugin:
     def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:
         """The site's personal model made from the final global model (``personalize`` task), or None."""
         return None
+
+    def personal_metrics(self) -> dict[str, float]:
+        """Scalars sent with the personal model's scores (after ``personal_model``), e.g. which model a site chose."""
+        return {}

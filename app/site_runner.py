@@ -185,6 +185,9 @@ class SiteRunner:
         self.config = load_site_config(self.site, script_file=sys.argv[0] if sys.argv and sys.argv[0] else None)
         self.datalist = read_datalist(self.config.datalist, self.config.data_root)
         refuse_unchecked_data(self.datalist, self.config.datalist, study.data.modalities)
+        plugins = plugins_for(self.job, self.config)
+        for plugin in plugins:  # e.g. cases a site holds out from training (per-site model selection)
+            self.datalist = plugin.datalist(self, self.datalist)
         self.datamodule = build_datamodule(study, self.datalist, self.config.cache_dir)
         # the constructor the server builds the global model with (fedseg.jobs.base)
         self.model = SegmentationModule(**study.module_args())
@@ -214,8 +217,7 @@ class SiteRunner:
 
             self.trainer_data = ShardedData(self.datamodule, env.rank, env.world, site_seed(study.seed, self.site))
         # a fault drill fails rank 0 alone: the other ranks are then left in the round (multi_device restarts them)
-        self.plugins = [p for p in plugins_for(self.job, self.config) if env is None or env.rank == 0
-                        or not isinstance(p, FaultDrillPlugin)]
+        self.plugins = [p for p in plugins if env is None or env.rank == 0 or not isinstance(p, FaultDrillPlugin)]
         for plugin in self.plugins:
             plugin.setup(self)
         strict = all(p.strict_load for p in self.plugins)
@@ -331,6 +333,8 @@ class SiteRunner:
         with rank_zero_metrics(model, self.solo_group):  # rank 0 alone (several devices)
             (metrics,) = trainer.validate(model, datamodule=self.datamodule, verbose=False)
         scores = {k: float(v) for k, v in metrics.items()}
+        for plugin in self.plugins:
+            scores.update(plugin.personal_metrics())
         if self.config.test_datalist is not None:
             scores.update(self.score_test_set(model))
         flapi.send(FLModel(metrics=scores))  # scalars only, like a cross-site validation answer

@@ -48,7 +48,7 @@ RESULT_TASKS = ("train", "validate", "submit_model", "personalize")
 #: the table of algorithms: the modules ``jobs/<module>.py``, each declaring one ``Algorithm`` subclass
 #: as its ``ALGORITHM``, in the order help texts and comparisons list them. A new algorithm is a new
 #: module and its name here (docs/design.md, "How to add an algorithm").
-ALGORITHM_MODULES: tuple[str, ...] = ("fedavg", "fedprox", "fedopt", "fedper", "fedrep", "ditto", "apfl", "finetune", "fedavg_he")
+ALGORITHM_MODULES: tuple[str, ...] = ("fedavg", "fedprox", "fedopt", "fedper", "fedrep", "ditto", "apfl", "selection", "finetune", "fedavg_he")
 
 
 class Algorithm:

@@ -42,7 +42,7 @@ def test_the_table_names_each_algorithm_once_with_what_the_help_needs():
         assert algo.name == name and algorithm(name) is algo
         assert algo.description and "\n" not in algo.description, f"{name}: a one-line description"
         assert not algo.personal or algo.site_plugin, f"{name} is personal: its site keeps its model with a plug-in"
-    assert personal_algorithms() == ("fedper", "fedrep", "ditto", "apfl", "finetune")
+    assert personal_algorithms() == ("fedper", "fedrep", "ditto", "apfl", "select", "finetune")
 
 
 def test_the_job_options_list_every_algorithm_with_its_description(capsys):

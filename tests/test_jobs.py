@@ -34,7 +34,7 @@ def test_checked_in_job_folders_are_up_to_date():
     from fedseg.jobs.catalog import JOBS_DIR, STUDY_JOBS, stale_jobs
 
     assert stale_jobs() == [], "run `fedseg jobs export` and commit jobs/<name>/"
-    assert set(STUDY_JOBS) == {"fedavg", "fedprox", "fedopt", "fedper", "fedrep", "ditto", "apfl", "finetune"}
+    assert set(STUDY_JOBS) == {"fedavg", "fedprox", "fedopt", "fedper", "fedrep", "ditto", "apfl", "select", "finetune"}
     assert (JOBS_DIR / "stats" / "meta.json").is_file()  # and the federated statistics job
 
 

@@ -63,7 +63,7 @@ def test_ditto_adds_the_gradient_of_its_proximal_term():
     assert torch.allclose(layer.weight.grad, torch.tensor([[0.1 + 0.25, 0.1 - 1.0]]))
 
 
-@pytest.mark.parametrize("algorithm", ["fedper", "fedrep", "ditto", "apfl", "finetune"])
+@pytest.mark.parametrize("algorithm", ["fedper", "fedrep", "ditto", "apfl", "select", "finetune"])
 def test_personalized_jobs_end_with_the_personal_scores_and_tell_the_sites_their_options(algorithm, tmp_path):
     job = tiny_job(algorithm, local_epochs=2)
     folder = export(job, tmp_path)

@@ -168,6 +168,9 @@ class MethodScores:
     #: with test sets: site -> region -> standard error of the test Dice over that site's test cases
     sem: dict[str, dict[str, float]] = field(default_factory=dict)
     test_cases: dict[str, int] = field(default_factory=dict)
+    #: per-site model selection: site -> the model it chose (``protocol.SELECT_CANDIDATES``); the
+    #: choice's name is all that leaves a site about it
+    choices: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))
@@ -182,7 +185,7 @@ class MethodScores:
         return cls(doc["method"], table(doc["scores"]), doc["seconds"], doc["source"], doc.get("fingerprint", {}),
                    table(doc["validation"]) if doc.get("validation") else None,
                    {s: {r: _nan(v) for r, v in rs.items()} for s, rs in (doc.get("sem") or {}).items()},
-                   dict(doc.get("test_cases") or {}))
+                   dict(doc.get("test_cases") or {}), dict(doc.get("choices") or {}))
 
 
 @dataclass
@@ -259,6 +262,10 @@ class ComparisonResults:
         for method, ms in self.methods.items():
             for region in REGIONS:
                 lines.append(f"{method:<14}{region:<8}" + "".join(f"{ms.scores[s][region]['dice']:>{width}.4f}" for s in self.sites))
+        for method, ms in self.methods.items():
+            if ms.choices:
+                lines += ["", f"{method}: each site kept its " + ", ".join(f"{s} {ms.choices.get(s, '?')}" for s in self.sites)
+                          + " model (chosen on training cases it held out)"]
         lines += ["", "wall time: " + ", ".join(f"{m} {ms.seconds:.0f} s" for m, ms in self.methods.items())]
         return "\n".join(lines)
 
@@ -389,7 +396,8 @@ def compare(
             scores, source, models = _run_local(sites, run_dir, settings, root, progress)
         else:
             scores, source, models = _run_federated(method, sites, run_dir, settings, root, console, tests)
-        result = MethodScores(method, scores, round(time.time() - started, 1), source, method_fingerprint)
+        result = MethodScores(method, scores, round(time.time() - started, 1), source, method_fingerprint,
+                              choices=_choices(models))
         if tests:
             result = _with_test_scores(result, models, tests, run_dir, root)
         write_json_atomic(run_dir / SCORES_FILE, result.to_json())
@@ -401,6 +409,14 @@ def compare(
     results = ComparisonResults(out, list(sites), done, settings)
     results.write()
     return results
+
+
+def _choices(models: Mapping[str, Any]) -> dict[str, str]:
+    """Which model each site of a per-site model selection kept (empty for every other method)."""
+    from fedseg.app.protocol import SELECT_CANDIDATES, SELECT_CHOICE_KEY
+
+    return {site: SELECT_CANDIDATES[int(sent[SELECT_CHOICE_KEY])] for site, sent in models.items()
+            if isinstance(sent, Mapping) and SELECT_CHOICE_KEY in sent}
 
 
 def _plan(method: str, s: CompareSettings, n_sites: int) -> str:
