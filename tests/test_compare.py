@@ -150,7 +150,8 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
     out = tmp_path / "cmp"
     settings = tiny_settings(rounds=2, local_epochs=1, features=8, roi=(32, 32, 32))
     lines: list[str] = []
-    methods = ("centralized", "local", "fedavg", "ditto")  # a personalized method: Ditto's personal models
+    # personalized methods: Ditto's personal models, and per-site model selection (which trains Ditto's too)
+    methods = ("centralized", "local", "fedavg", "ditto", "select")
     results = compare(sites, out, settings, methods=methods, progress=lines.append)
 
     # every method x site x region, overlap scores in [0, 1]
@@ -214,17 +215,41 @@ def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path,
         assert sent[site]["test_dice"] == pytest.approx(results.methods["ditto"].scores[site]["mean"]["dice"])
         assert sent[site]["test_cases"] == 2 and not any(isinstance(v, str) for v in sent[site].values())
     assert results.methods["ditto"].scores != results.methods["fedavg"].scores  # its own models, not the global one
+    # per-site model selection: each site reports which model it kept, and nothing else about the choice;
+    # its train results hold the global model's keys only, its last answer scalars only
+    from fedseg.app.protocol import SELECT_CANDIDATES
+
+    chose = results.methods["select"].choices
+    assert set(chose) == set(sites) and set(chose.values()) <= set(SELECT_CANDIDATES)
+    server = out / "select" / "nvflare" / "select" / "server" / "simulate_job"
+    audited = [json.loads(line) for line in (server / "metrics" / "payload_keys.jsonl").read_text().splitlines()]
+    import torch
+
+    global_keys = set(torch.load(server / "app_server" / "FL_global_model.pt", weights_only=False)["model"])
+    assert {p["task"] for p in audited} >= {"train", "personalize"}
+    assert all(set(p["keys"]) <= global_keys for p in audited if p["task"] == "train")
+    assert all(p["kind"] == "DataKind.METRICS" and all(k.startswith(("val_", "test_", "select_choice")) for k in p["keys"])
+               for p in audited if p["task"] == "personalize")
+    server_log = (server.parent / "log.txt").read_text()
+    assert "personalize" in server_log and "chose its" not in server_log  # the choice's scores stayed at the site
+    for site in sites:
+        site_dir = out / "select" / "heads" / site
+        inner = json.loads((site_dir / "select.select.json").read_text())
+        assert inner["choice"] == chose[site]
+        site_log = (out / "select" / "nvflare" / "select" / site / "log.txt").read_text()
+        assert f"chose its {chose[site]} model on 1 held-out training case" in site_log
 
     # resumable: a second run (here through the CLI) trains nothing and reproduces the scores
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("scores.json", "last.ckpt", "ditto.ditto.pt")}
-    assert len(stamps) == 4 + 3 + 2  # four methods' scores, three last.ckpt, the sites' Ditto models
+    assert len(stamps) == 5 + 3 + 2  # five methods' scores, three last.ckpt, the sites' Ditto models
     capsys.readouterr()
     argv = ["compare", "--out", str(out), "--datalists", *map(str, sites.values()), "--profile", "tiny",
             "--rounds", "2", "--local-epochs", "1", "--features", "8", "--roi", "32", "--methods", *methods]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("not run again") == 4
+    assert printed.count("not run again") == 5
     assert "mean Dice (ET, TC, WT averaged)" in printed and "ditto - local: mean" in printed
+    assert "select: each site kept its " + ", ".join(f"{s} {chose[s]}" for s in sites) + " model" in printed
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads((out / "comparison.json").read_text())["rows"]
     assert again == json.loads(json.dumps(results.to_json()))["rows"]
