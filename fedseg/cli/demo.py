@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "annotation style), checks them with `fedseg data check`, shows how each site images with "
         "NVFlare's federated statistics (OUT/stats/), trains FedAvg across them in NVFlare's simulator "
         "and prints the per-site result table (OUT/results.json, OUT/val_dice_per_round.png, "
-        "OUT/cross_site.png). The `demo` profile's settings.",
+        "OUT/cross_site.png); then trains the smallest site on its own cases and scores both on each site's "
+        "held-out test cases: what federation buys it. The `demo` profile's settings.",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--data-only", action="store_true", help="stop after generating and checking the data")
@@ -32,14 +33,15 @@ def run_demo(args: argparse.Namespace) -> int:
 
     study = study_or_error(args)
     synth_dir = args.out / "synth"
-    print(f"[1/4] generating {study.synth.sites} synthetic hospitals in {synth_dir}")
+    print(f"[1/5] generating {study.synth.sites} synthetic hospitals in {synth_dir}")
     datalists = site_datalists(args, study, synth_dir)
-    print(f"[2/4] checking {synth_dir / 'data'}")
+    print(f"[2/5] checking {synth_dir / 'data'}")
     report = check_dataset(synth_dir / "data")
     print(report.format())
     if not report.ok or args.data_only:
         return 0 if report.ok else 1
 
+    from fedseg.jobs.base import algorithm
     from fedseg.jobs.stats import StatsSettings
     from fedseg.run.console import quiet_console
     from fedseg.run.results import format_table
@@ -48,19 +50,29 @@ def run_demo(args: argparse.Namespace) -> int:
 
     job = build_job(args, study, min_clients=len(datalists))
     log_file = args.out / "logs" / "demo.log"
-    print(f"[3/4] federated statistics of the sites' images" + ("" if args.verbose else f" (NVFlare's logs: {log_file})"))
+    print(f"[3/5] federated statistics of the sites' images" + ("" if args.verbose else f" (NVFlare's logs: {log_file})"))
     with quiet_console(log_file, verbose=args.verbose):
         # the synthetic sites hold 24, 8 and 4 cases: NVFlare's minimum count of 10 would withhold the
         # per-case figures of two of them (5 withholds the small site's); a real study keeps the default
         stats = simulate_stats(datalists, args.out / "stats", StatsSettings(modalities=study.data.modalities, min_count=5))
     print(format_stats(stats))
     fed = study.federation
-    print(f"[4/4] {job.algorithm} in the NVFlare simulator: {len(datalists)} sites x {fed.rounds} rounds x "
+    print(f"[4/5] {job.algorithm} in the NVFlare simulator: {len(datalists)} sites x {fed.rounds} rounds x "
           f"{fed.local_epochs} local epochs")
     with quiet_console(log_file, verbose=args.verbose) as console:
         results = simulate(job, datalists, args.out, site_settings=site_group_settings(args.site_group), console=console)
     print()
     print(format_table(results))
-    print(f"\nresults: {args.out.resolve()}: results.json|csv, val_dice_per_round.png, cross_site.png, checkpoints/; "
-          "stats/: stats.txt, stats_intensity.png")
+    final = results.checkpoints.get("final")
+    if final and not algorithm(job.algorithm).personal and job.addons.groups is None:
+        from fedseg.run.federation_gain import federation_gain, format_gain
+
+        print(f"\n[5/5] the smallest site alone ({study.epochs} epochs on its own cases), then every model "
+              "on each site's held-out test cases")
+        with quiet_console(log_file, verbose=args.verbose):
+            gains = federation_gain(final, datalists, study, args.out)
+        if gains:
+            print(format_gain(gains, study.epochs, job.algorithm))
+    print(f"\nresults: {args.out.resolve()}: results.json|csv, val_dice_per_round.png, cross_site.png, checkpoints/, "
+          "local/ (the smallest site alone); stats/: stats.txt, stats_intensity.png")
     return 0
