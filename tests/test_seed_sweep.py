@@ -102,3 +102,18 @@ def test_a_seed_sweep_runs_one_comparison_per_seed_and_a_seed_reproduces_its_run
     # the same seed in another folder: the same training, to the last digit
     again = compare(sites, tmp_path / "again", settings, methods=["local"], progress=lambda _: None)
     assert [again.mean_dice("local", s) for s in again.sites] == [sweep.dice("local", s)[0] for s in sweep.sites]
+
+
+def test_the_summary_names_the_model_each_site_kept_in_each_seed(tmp_path):
+    runs = []
+    for seed, kept in enumerate((("global", "local"), ("global", "personal"), ("local", "local"))):
+        run = _run(tmp_path, seed, {"site-1": 0.5, "site-2": 0.4}, {"site-1": 0.5, "site-2": 0.4})
+        run.methods["select"] = MethodScores("select", _scores({"site-1": 0.5, "site-2": 0.45}), 1.0, "test",
+                                             choices=dict(zip(("site-1", "site-2"), kept)))
+        runs.append(run)
+    sweep = SeedSweep(tmp_path, [0, 1, 2], runs)
+    assert sweep.choices("select") == {"site-1": ["global", "global", "local"], "site-2": ["local", "personal", "local"]}
+    assert sweep.choices("fedavg") == {}
+    assert ("select: the model each site kept (chosen on training cases it held out), seeds 0, 1, 2: "
+            "site-1 global global local; site-2 local personal local") in sweep.format_table()
+    assert sweep.to_json()["choices"] == {"select": sweep.choices("select")}

@@ -77,6 +77,12 @@ class SeedSweep:
         (same seed, same start)."""
         return [a - b for a, b in zip(self.dice(method, site), self.dice(reference, site))]
 
+    def choices(self, method: str) -> dict[str, list[str]]:
+        """Per-site model selection: the model each site kept, one per seed (empty for other methods)."""
+        if not any(run.methods[method].choices for run in self.runs):
+            return {}
+        return {site: [run.methods[method].choices.get(site, "?") for run in self.runs] for site in self.sites}
+
     def goal(self, method: str) -> tuple[bool, str]:
         """Whether ``method`` beats FedAvg and local-only training on the mean in every seed, with no
         site more than ``LOCAL_TOLERANCE`` below its own local-only model in any seed; and why not."""
@@ -123,6 +129,10 @@ class SeedSweep:
                     mean, sd = mean_sd(diffs)
                     cells.append(f"{mean:+.4f} ± {sd:.4f} ({sum(d > 0 for d in diffs)})")
                 lines.append(f"{method:<18}" + "".join(f"{c:>{width}}" for c in cells))
+        for method in self.methods:
+            if chosen := self.choices(method):
+                lines += ["", f"{method}: the model each site kept (chosen on training cases it held out), seeds "
+                          f"{', '.join(map(str, self.seeds))}: " + "; ".join(f"{s} {' '.join(c)}" for s, c in chosen.items())]
         if all(r in self.methods for r in REFERENCES):
             lines += ["", f"goal: above {' and '.join(REFERENCES)} on the mean in every seed, no site more than "
                       f"{LOCAL_TOLERANCE} below its local-only model"]
@@ -141,7 +151,8 @@ class SeedSweep:
         return json_safe({"seeds": self.seeds, "sites": self.sites, "methods": self.methods,
                           "settings": self.runs[0].settings.to_json(),
                           "rows": self.rows(), f"difference_to_{REFERENCE}": paired, "differences": by_site,
-                          "goal": goal, "runs": [str(run.out) for run in self.runs]})
+                          "goal": goal, "choices": {m: c for m in self.methods if (c := self.choices(m))},
+                          "runs": [str(run.out) for run in self.runs]})
 
     def write(self) -> dict[str, Path]:
         """``seeds.json|csv|txt`` in ``out``."""
