@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedseg.config import OFF
+
 #: the client config inside a job's app folder: what runs at a site
 CLIENT_CONFIG = "config_fed_client.json"
 SERVER_CONFIG = "config_fed_server.json"
@@ -111,7 +113,7 @@ class SitePolicy:
                 out.append(f"reads only {', '.join(self.modalities)}; the job asks for {', '.join(extra)} too")
         if self.require_privacy_filter and not job.privacy_filter:
             out.append("requires a privacy filter on every update it sends; the job has none")
-        if not self.allow_wandb and job.wandb != "off":
+        if not self.allow_wandb and job.wandb != OFF:
             out.append(f"does not allow its metrics in Weights & Biases; the job tracks to W&B ({job.wandb})")
         return out
 
@@ -159,11 +161,11 @@ class JobFacts:
             # W&B: what the server will run decides, when the site sees it; else what the job says
             receivers = [c for c in (server_config or {}).get("components", [])
                          if "wandb" in str(c.get("path", "")).lower()]
-            wandb = str(document.get("wandb", "off"))
+            wandb = str(document.get("wandb", OFF))
             if receivers:
                 wandb = str(receivers[0].get("args", {}).get("mode") or "on")
             elif server_config is not None:
-                wandb = "off"
+                wandb = OFF
             return cls(
                 name=str(document.get("study_name") or ""),
                 algorithm=str(document.get("algorithm", "")),
@@ -179,7 +181,7 @@ class JobFacts:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             return cls(name=str(document.get("study_name") or ""), algorithm=str(document.get("algorithm", "")),
-                       network="", rounds=0, local_epochs=0, modalities=(), wandb="off", privacy_filter=False,
+                       network="", rounds=0, local_epochs=0, modalities=(), wandb=OFF, privacy_filter=False,
                        fingerprint=fingerprint, unreadable=f"{type(err).__name__}: {err}")
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fedseg.config import StudyConfig, profile
+from fedseg.config import OFF, StudyConfig, profile
 from fedseg.jobs.addons import Addons, contribution_aggregator
 
 APP_DIR = Path(__file__).resolve().parents[1] / "app"
@@ -347,7 +347,7 @@ def build_recipe(job: Job) -> Any:
             )
         fed_job = nvflare_internals.fed_job(recipe)
         fed_job.to_server(JsonlMetricsReceiver(), id="fedseg_metrics_receiver")
-        if job.addons.wandb != "off":
+        if job.addons.wandb != OFF:
             from fedseg.app.wandb_receiver import FedsegWandBReceiver
 
             receiver = FedsegWandBReceiver(run_name=job.name, run_config=job.wandb_config(), mode=job.addons.wandb)

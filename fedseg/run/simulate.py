@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedseg.config import OFF
 from fedseg.app.site_config import ENV_VAR, write_site_config
 from fedseg.run.progress import FederatedProgress, simulator_logs
 from fedseg.jobs.base import Job, build_recipe, execute
@@ -71,7 +72,7 @@ def simulate(
         workspace_root=str(run_dir / "nvflare"),
     )
     # the simulated sites inherit the site configs; the server's W&B receiver writes RUN/wandb
-    overrides = {ENV_VAR: str(configs), **({"WANDB_DIR": str(run_dir)} if job.addons.wandb != "off" else {})}
+    overrides = {ENV_VAR: str(configs), **({"WANDB_DIR": str(run_dir)} if job.addons.wandb != OFF else {})}
     previous = {name: os.environ.get(name) for name in overrides}
     os.environ.update(overrides)
     started = time.time()
