@@ -3,7 +3,10 @@
 The algorithm is declared in ``fedseg.jobs.selection``. A site running it:
 
 1. holds out its inner split before anything trains (``inner_split``: ``select_fraction`` of its
-   training cases, at least one, fixed by the cases' ids so a restarted site holds out the same);
+   training cases, at least one, picked by the cases' ids) and keeps it for the whole study: the
+   held-out ids are written to its store folder (``<study>.select-split.json``) at its first job and
+   reused by every restart and later job, so no case its stored models trained on becomes a case
+   it chooses on (a stored split whose cases left the datalist is an error naming the file);
 2. each round trains the global model (FedAvg's update, sent), then Ditto's personal model
    (``DittoPlugin``, which this plug-in extends), then its local-only model (never sent);
 3. in the ``personalize`` task scores the final global model, the personal and the local model on
@@ -15,6 +18,7 @@ The algorithm is declared in ``fedseg.jobs.selection``. A site running it:
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +63,23 @@ class SelectionPlugin(DittoPlugin):
         self.choice = ""
 
     def datalist(self, runner: SiteRunner, datalist: Datalist) -> Datalist:
-        kept, self.inner = inner_split(datalist.training, self.select_fraction)
+        from fedseg.lightning_modules.data.datalist import write_json_atomic
+        from fedseg.lightning_modules.owner_only import owner_only_dir
+
+        split_file = _store(runner).folder / f"{runner.job.study_name}.select-split.json"
+        if split_file.is_file():  # the study's split: its stored models never trained on these cases
+            held = set(json.loads(split_file.read_text())["held_out"])
+            missing = sorted(held - {c.case_id for c in datalist.training})
+            if missing:
+                raise ValueError(f"{split_file}: {len(missing)} case(s) held out earlier in this study are no longer among "
+                                 "the datalist's training cases; the stored models trained on the others. Move the "
+                                 "file and the study's select-* stores away to start a new split")
+            kept = [c for c in datalist.training if c.case_id not in held]
+            self.inner = [c for c in datalist.training if c.case_id in held]
+        else:
+            kept, self.inner = inner_split(datalist.training, self.select_fraction)
+            owner_only_dir(split_file.parent)
+            write_json_atomic(split_file, {"held_out": [c.case_id for c in self.inner], "fraction": self.select_fraction})
         progress(f"[fedseg] {runner.site}: {len(self.inner)} of its {len(datalist.training)} training cases held out "
                  "to choose its model on (no candidate trains on them)")
         return replace(datalist, training=kept)
@@ -90,14 +110,18 @@ class SelectionPlugin(DittoPlugin):
         self.local_store.save(self.local, list(self.local.state_dict()), global_round=round_no, job_id=runner.job_id)
 
     def after_failure(self, runner: SiteRunner) -> None:
-        """A failed round: back to the stored personal and local models."""
-        if self.store.exists():
+        """A failed round: back to the stored personal and local models; with none stored yet, both start
+        again from the next global model the site receives."""
+        self.started = self.store.exists()
+        if self.started:
             self.store.load_into(self.model, self.keys)
-        if self.local_store.exists():
+        self.local_started = self.local_store.exists()
+        if self.local_started:
             self.local_store.load_into(self.local, list(self.local.state_dict()))
 
     def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:
         """The best of the final global model, the personal and the local model on the inner split."""
+        from fedseg.app.multi_device import rank_zero_metrics
         from fedseg.lightning_modules.data.datalist import write_json_atomic
         from fedseg.lightning_modules.module import SegmentationModule
         from fedseg.lightning_modules.training import build_datamodule, make_trainer
@@ -114,14 +138,19 @@ class SelectionPlugin(DittoPlugin):
         trainer = make_trainer(Path.cwd() / "select", 1, logger=False, progress=False, enable_checkpointing=False)
         scores: dict[str, float] = {}
         for name, model in candidates.items():
-            (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
+            with rank_zero_metrics(model, getattr(runner, "solo_group", None)):  # rank 0 alone (several devices)
+                (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
             scores[name] = float(metrics["val_dice"])
         self.choice = max(SELECT_CANDIDATES, key=lambda n: (scores[n], -SELECT_CANDIDATES.index(n)))
         chosen = candidates[self.choice]
         store = _store(runner, kind="select-chosen")
-        store.save(chosen, list(chosen.state_dict()), global_round=input_model.current_round or 0, job_id=runner.job_id)
+        round_no = input_model.current_round or 0
+        # the record first, naming the round and job of the model saved after it: a crash between the
+        # two leaves a record that does not match the model's own record, never a silent mismatch
         write_json_atomic(store.path.with_name(f"{runner.job.study_name}.select.json"),
-                          {"choice": self.choice, "inner_dice": scores, "inner_cases": len(self.inner), "job_id": runner.job_id})
+                          {"choice": self.choice, "inner_dice": scores, "inner_cases": len(self.inner),
+                           "global_round": round_no, "job_id": runner.job_id})
+        store.save(chosen, list(chosen.state_dict()), global_round=round_no, job_id=runner.job_id)
         # the site's own log (and console): the scores never leave the site
         progress(f"[fedseg] {runner.site}: chose its {self.choice} model on {len(self.inner)} held-out training case(s) "
                  "(" + ", ".join(f"{n} {s:.4f}" for n, s in scores.items()) + f"); kept at {store.path}")

@@ -42,3 +42,8 @@ def test_the_global_model_and_the_smallest_site_alone_are_scored_on_each_site_s_
         path.write_text(synth.datalists[site].read_text())
     assert federation_gain(final, no_tests, job.study, tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
+
+    # a run of other settings in the folder (an earlier demo) is trained again, not resumed
+    again = federation_gain(final, dict(synth.datalists), job.study.override(rounds=1), tmp_path)
+    assert json.loads((tmp_path / "local" / "site-1" / "results.json").read_text())["epochs_done"] == 4
+    assert again[0].global_dice == rows[0].global_dice

@@ -6,6 +6,7 @@ tests/test_compare.py (the same deployment as Ditto's)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -95,6 +96,15 @@ def test_a_site_trains_three_candidates_and_keeps_the_best_on_cases_none_trained
     assert all(torch.equal(kept[k], v) for k, v in chosen.state_dict().items())
     # what leaves the site about the choice: its index only
     assert plugin.personal_metrics() == {SELECT_CHOICE_KEY: float(SELECT_CANDIDATES.index(record["choice"]))}
+
+    # the study's split is kept: a later job (here with another fraction) holds out the same case
+    split = json.loads((tmp_path / "store" / "study.select-split.json").read_text())
+    assert split["held_out"] == sorted(held) and (tmp_path / "store" / "study.select-split.json").stat().st_mode & 0o077 == 0
+    later = SelectionPlugin(SelectOptions(select_fraction=0.6))
+    assert {c.case_id for c in later.datalist(runner, full).training} == {c.case_id for c in runner.datalist.training}
+    shrunk = replace(full, training=[c for c in full.training if c.case_id not in held])
+    with pytest.raises(ValueError, match="study.select-split.json: 1 case.s. held out earlier in this study are no longer"):
+        later.datalist(runner, shrunk)
 
     # a failed round drops what it half-changed: back to the stored local model
     with torch.no_grad():

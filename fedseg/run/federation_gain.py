@@ -9,6 +9,8 @@ training every site alone would double the demo's time (``fedseg compare`` does 
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,12 @@ def federation_gain(final_checkpoint: Path | str, datalists: dict[str, Path], st
         own: Any = None
         if site == smallest:
             # the table is Dice only: no HD95 in the run's per-epoch validation (slow on a CPU)
-            run = train(TrainConfig(datalists=[datalists[site]], out=out / "local" / site, study=study.override(hd95=False),
-                                    progress=False))
+            cfg = TrainConfig(datalists=[datalists[site]], out=out / "local" / site, study=study.override(hd95=False),
+                              progress=False)
+            saved = cfg.out / "config.json"
+            if saved.is_file() and json.loads(saved.read_text()) != cfg.to_json():
+                shutil.rmtree(cfg.out)  # a run of other settings (an earlier demo in this folder): not resumed
+            run = train(cfg)
             own = score_test_set(run["last_checkpoint"], test)
         rows.append(SiteGain(site, train_cases[site], scores.n_cases, scores.mean["overall"]["dice"],
                              scores.sem["overall"]["dice"], own.mean["overall"]["dice"] if own else None,
