@@ -55,6 +55,7 @@ class SelectionPlugin(DittoPlugin):
 
         super().__init__(options)
         self.select_fraction = options.select_fraction
+        self.select_on = options.select_on
         self.inner: list[Case] = []
         self.local: Any = None
         self.local_store: Any = None
@@ -65,6 +66,11 @@ class SelectionPlugin(DittoPlugin):
     def datalist(self, runner: SiteRunner, datalist: Datalist) -> Datalist:
         from fedseg.lightning_modules.data.datalist import write_json_atomic
         from fedseg.lightning_modules.owner_only import owner_only_dir
+
+        if self.select_on == "validation":  # no candidate trains on them either; nothing is held out
+            self.inner = list(datalist.validation)
+            progress(f"[fedseg] {runner.site}: chooses its model on its {len(self.inner)} validation cases")
+            return datalist
 
         split_file = _store(runner).folder / f"{runner.job.study_name}.select-split.json"
         if split_file.is_file():  # the study's split: its stored models never trained on these cases
@@ -152,7 +158,8 @@ class SelectionPlugin(DittoPlugin):
                            "global_round": round_no, "job_id": runner.job_id})
         store.save(chosen, list(chosen.state_dict()), global_round=round_no, job_id=runner.job_id)
         # the site's own log (and console): the scores never leave the site
-        progress(f"[fedseg] {runner.site}: chose its {self.choice} model on {len(self.inner)} held-out training case(s) "
+        where = "validation case(s)" if self.select_on == "validation" else "held-out training case(s)"
+        progress(f"[fedseg] {runner.site}: chose its {self.choice} model on {len(self.inner)} {where} "
                  "(" + ", ".join(f"{n} {s:.4f}" for n, s in scores.items()) + f"); kept at {store.path}")
         return chosen
 

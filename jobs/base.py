@@ -76,6 +76,11 @@ class Algorithm:
     #: variants ``fedseg compare`` also runs: method name -> the options it changes
     compare_variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
+    def selects_on_validation(self, options: Any) -> bool:
+        """True when these options make each site choose its model on its validation cases: its scores
+        there are then biased, and ``fedseg compare`` runs the method only where it reports on test cases."""
+        return False
+
     def default_options(self) -> Any:
         return self.options() if self.options else None
 

@@ -135,6 +135,12 @@ def test_bad_methods_and_settings_are_refused(tmp_path):
         tiny_settings(rounds=0)
     with pytest.raises(ValueError, match="unknown setting 'epochs'"):
         compare({}, tmp_path / "out", epochs=3)  # not a setting: the budget is rounds x local_epochs
+    # a method that chooses each site's model on its validation cases needs test sets to be scored on
+    from conftest import tiny_synth
+
+    plain = tiny_synth(tmp_path / "plain", sites=2, cases=3, size=16, test_cases=0)
+    with pytest.raises(ComparisonError, match="select-val choose.s. each site's model on its validation cases"):
+        compare(plain.datalists, tmp_path / "out", tiny_settings(), methods=["fedavg", "select-val"])
 
 
 @pytest.mark.e2e

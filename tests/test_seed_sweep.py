@@ -114,6 +114,6 @@ def test_the_summary_names_the_model_each_site_kept_in_each_seed(tmp_path):
     sweep = SeedSweep(tmp_path, [0, 1, 2], runs)
     assert sweep.choices("select") == {"site-1": ["global", "global", "local"], "site-2": ["local", "personal", "local"]}
     assert sweep.choices("fedavg") == {}
-    assert ("select: the model each site kept (chosen on training cases it held out), seeds 0, 1, 2: "
+    assert ("select: the model each site kept (chosen on cases it did not train on), seeds 0, 1, 2: "
             "site-1 global global local; site-2 local personal local") in sweep.format_table()
     assert sweep.to_json()["choices"] == {"select": sweep.choices("select")}

@@ -45,6 +45,12 @@ def test_select_options_are_checked_and_reach_the_site_plugin():
         SelectOptions(select_fraction=1.0)
     with pytest.raises(ValueError, match="ditto_lambda and personal_epochs must be >= 0"):
         SelectOptions(ditto_lambda=-1.0)
+    with pytest.raises(ValueError, match="select_on must be one of inner, validation"):
+        SelectOptions(select_on="test")
+    assert algorithm("select").selects_on_validation(SelectOptions(select_on="validation"))
+    assert not algorithm("select").selects_on_validation(SelectOptions())
+    assert not any(algorithm(name).selects_on_validation(algorithm(name).default_options())
+                   for name in ("fedavg", "ditto", "apfl"))
     plugin = algorithm("select").make_site_plugin({"select_fraction": 0.5, "ditto_lambda": 0.1})
     assert (plugin.select_fraction, plugin.ditto_lambda, plugin.store_kind) == (0.5, 0.1, "select-personal")
 
@@ -105,6 +111,12 @@ def test_a_site_trains_three_candidates_and_keeps_the_best_on_cases_none_trained
     shrunk = replace(full, training=[c for c in full.training if c.case_id not in held])
     with pytest.raises(ValueError, match="study.select-split.json: 1 case.s. held out earlier in this study are no longer"):
         later.datalist(runner, shrunk)
+
+    # choosing on the validation cases instead: nothing is held out from training, no split is stored
+    on_validation = SelectionPlugin(SelectOptions(select_on="validation"))
+    other = SimpleNamespace(**{**vars(runner), "config": SimpleNamespace(head_store=tmp_path / "other", cache_dir=None)})
+    assert on_validation.datalist(other, full) is full and on_validation.inner == full.validation
+    assert not (tmp_path / "other").exists()
 
     # a failed round drops what it half-changed: back to the stored local model
     with torch.no_grad():

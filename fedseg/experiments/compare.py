@@ -265,7 +265,7 @@ class ComparisonResults:
         for method, ms in self.methods.items():
             if ms.choices:
                 lines += ["", f"{method}: each site kept its " + ", ".join(f"{s} {ms.choices.get(s, '?')}" for s in self.sites)
-                          + " model (chosen on training cases it held out)"]
+                          + " model (chosen on cases it did not train on)"]
         lines += ["", "wall time: " + ", ".join(f"{m} {ms.seconds:.0f} s" for m, ms in self.methods.items())]
         return "\n".join(lines)
 
@@ -369,6 +369,14 @@ def compare(
     root = Path(data_root).resolve() if data_root is not None else None
     _check_sites(sites, root)
     tests = _test_sets(sites, test_sets, root)
+    if not tests:
+        from fedseg.jobs.base import algorithm
+
+        biased = [m for m in methods if m in FL_METHOD_JOBS
+                  and algorithm(FL_METHOD_JOBS[m]["algorithm"]).selects_on_validation(settings.job(m, len(sites)).options)]
+        if biased:
+            raise ComparisonError(f"{', '.join(biased)} choose(s) each site's model on its validation cases, and without "
+                                  "held-out test sets the comparison reports on those very cases; give test sets or drop it")
     from fedseg.lightning_modules.owner_only import owner_only_dir
 
     owner_only_dir(out)  # per-site scores of patient data: like every other fedseg output, owner-only

@@ -131,7 +131,7 @@ class SeedSweep:
                 lines.append(f"{method:<18}" + "".join(f"{c:>{width}}" for c in cells))
         for method in self.methods:
             if chosen := self.choices(method):
-                lines += ["", f"{method}: the model each site kept (chosen on training cases it held out), seeds "
+                lines += ["", f"{method}: the model each site kept (chosen on cases it did not train on), seeds "
                           f"{', '.join(map(str, self.seeds))}: " + "; ".join(f"{s} {' '.join(c)}" for s, c in chosen.items())]
         if all(r in self.methods for r in REFERENCES):
             lines += ["", f"goal: above {' and '.join(REFERENCES)} on the mean in every seed, no site more than "
