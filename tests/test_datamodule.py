@@ -198,3 +198,35 @@ def test_training_case_without_label_is_a_clear_error(tmp_path, site):
     dm = SegDataModule(Datalist([unlabeled], [], site.data_root), config(tmp_path))
     with pytest.raises(ValueError, match="T1: no label"):
         dm.train_dataloader()
+
+
+def _augmented(dm: SegDataModule) -> list[tuple[list[str], float]]:
+    """One pass of a new train loader: each batch's case order and the sum of its augmented crops."""
+    return [(list(b["case_id"]), round(float(b["image"].sum()), 3)) for b in dm.train_dataloader()]
+
+
+def test_each_train_loader_draws_new_augmentations_and_a_run_repeats_them(tmp_path, site):
+    """Pins the work-around in ``SegDataModule._loader``: MONAI's DataLoader (num_workers=0) reseeds
+    the transforms and resets torch's default generator whenever a loader is made, so without a
+    generator per loader a federated site's rounds (a new loader each) repeated one round's
+    augmentations. Each loader differs now; the same seed still gives the same run."""
+    import pytorch_lightning as pl
+
+    def three_rounds() -> list[list[tuple[list[str], float]]]:
+        pl.seed_everything(3, verbose=False)
+        dm = SegDataModule(site, config(tmp_path))
+        dm.setup("fit")
+        return [_augmented(dm) for _ in range(3)]
+
+    rounds = three_rounds()
+    # a new round's loader: new crops, flips and intensity shifts (before, the second and every later
+    # loader repeated one stream: MONAI drew their seed right after resetting the generator)
+    assert rounds[0] != rounds[1] != rounds[2] != rounds[0]
+    assert three_rounds() == rounds  # reproducible from the seed
+    # torch's default generator is left alone: making a loader does not rewind it
+    pl.seed_everything(3, verbose=False)
+    dm = SegDataModule(site, config(tmp_path))
+    dm.setup("fit")
+    before = torch.rand(1)
+    dm.train_dataloader()
+    assert not torch.equal(torch.rand(1), before)

@@ -129,6 +129,10 @@ class SegDataModule(pl.LightningDataModule):
         self.val_ds: Dataset | None = None
         self.predict_ds: Dataset | None = None
         self.predict_transforms = build_transforms(self.config.preprocess, "predict")
+        # each loader's own random stream: the run's seed (set before the datamodule is made) and
+        # how many loaders came before it (see ``_loader``)
+        self._seed = torch.initial_seed()
+        self._loaders_made = 0
         if self.config.use_cache:
             check_cache_dir(self.config.resolved_cache_dir(), datalist)
 
@@ -183,6 +187,15 @@ class SegDataModule(pl.LightningDataModule):
         return self.predict_ds
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # Around MONAI's DataLoader: with num_workers=0 it reseeds the dataset's random transforms from
+        # its generator and then resets that generator to its initial seed (monai/data/dataloader.py),
+        # so every loader made from torch's default generator repeats the last one's augmentations and
+        # order. A federated site makes a new train loader every round (a new Trainer.fit): without a
+        # generator of its own per loader, all rounds would see the same two augmented epochs. Each
+        # loader gets one, seeded by the run's seed and the loaders made before it: a run is as
+        # reproducible as before, and torch's default generator is never reset.
+        generator = torch.Generator().manual_seed(self._seed + self._loaders_made)
+        self._loaders_made += 1
         workers = self.config.num_workers
         return DataLoader(
             dataset,
@@ -191,6 +204,7 @@ class SegDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:
