@@ -226,8 +226,10 @@ class ShardedData(pl.LightningDataModule):
         full = self.data.train_dataloader()
         sampler = DistributedSampler(full.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
                                      seed=self.seed)
+        # the site's loader's own generator: new augmentations every round (see SegDataModule._loader);
+        # the shards' order comes from the sampler's seed, the same on every rank
         return DataLoader(full.dataset, batch_size=full.batch_size, sampler=sampler, num_workers=full.num_workers,
-                          persistent_workers=full.num_workers > 0, pin_memory=full.pin_memory)
+                          persistent_workers=full.num_workers > 0, pin_memory=full.pin_memory, generator=full.generator)
 
     def val_dataloader(self) -> Any:
         from monai.data import DataLoader
@@ -236,7 +238,7 @@ class ShardedData(pl.LightningDataModule):
         full = self.data.val_dataloader()
         shard = Subset(full.dataset, list(range(self.rank, len(full.dataset), self.world)))
         return DataLoader(shard, batch_size=1, shuffle=False, num_workers=full.num_workers,
-                          persistent_workers=full.num_workers > 0, pin_memory=full.pin_memory)
+                          persistent_workers=full.num_workers > 0, pin_memory=full.pin_memory, generator=full.generator)
 
 
 # ------------------------------------------------------------------------------ rank 0
