@@ -230,3 +230,25 @@ def test_each_train_loader_draws_new_augmentations_and_a_run_repeats_them(tmp_pa
     before = torch.rand(1)
     dm.train_dataloader()
     assert not torch.equal(torch.rand(1), before)
+
+
+def test_a_stream_draws_apart_and_leaves_the_sites_own_draws_as_they_were(tmp_path, site):
+    """A personal model's loaders (``stream``) do not shift the global model's: the site's own loaders
+    draw the same with or without a stream's loaders made between them."""
+    import pytorch_lightning as pl
+
+    def site_draws(with_stream: bool) -> tuple[list, list]:
+        pl.seed_everything(5, verbose=False)
+        dm = SegDataModule(site, config(tmp_path))
+        dm.setup("fit")
+        personal = dm.stream("ditto")
+        own, theirs = [], []
+        for _ in range(2):  # two rounds: the global model's epoch, then the personal model's
+            own.append(_augmented(dm))
+            if with_stream:
+                theirs.append(_augmented(personal))
+        return own, theirs
+
+    own, theirs = site_draws(with_stream=True)
+    assert site_draws(with_stream=False)[0] == own
+    assert theirs[0] != own[0] and theirs[0] != theirs[1]

@@ -11,7 +11,9 @@ stale one. Entries are not garbage-collected; delete the cache folder to reclaim
 
 from __future__ import annotations
 
+import copy
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,16 @@ class SegDataModule(pl.LightningDataModule):
         self._loaders_made = 0
         if self.config.use_cache:
             check_cache_dir(self.config.resolved_cache_dir(), datalist)
+
+    def stream(self, name: str) -> SegDataModule:
+        """This datamodule (the same cases, datasets and cache) with a random stream of its own,
+        ``name``'s: its loaders draw augmentations and order apart from this one's. A site's personal
+        models train on their own streams, so the global model's training at the site draws exactly
+        what it would under FedAvg, however many personal models train beside it."""
+        twin = copy.copy(self)
+        twin._seed = (self._seed + zlib.crc32(name.encode()) * 1_000_003) % 2**63
+        twin._loaders_made = 0
+        return twin
 
     @property
     def n_train_cases(self) -> int:
