@@ -252,3 +252,11 @@ def test_a_stream_draws_apart_and_leaves_the_sites_own_draws_as_they_were(tmp_pa
     own, theirs = site_draws(with_stream=True)
     assert site_draws(with_stream=False)[0] == own
     assert theirs[0] != own[0] and theirs[0] != theirs[1]
+
+
+def test_a_loader_is_made_whatever_the_processs_seed(tmp_path, site):
+    """An unseeded process's initial seed can be any 64-bit number: the loaders' seeds stay in range."""
+    torch.manual_seed(2**64 - 1)
+    dm = SegDataModule(site, config(tmp_path))
+    dm.setup("fit")
+    assert _augmented(dm) and _augmented(dm.stream("ditto"))

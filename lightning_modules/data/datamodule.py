@@ -206,7 +206,7 @@ class SegDataModule(pl.LightningDataModule):
         # generator of its own per loader, all rounds would see the same two augmented epochs. Each
         # loader gets one, seeded by the run's seed and the loaders made before it: a run is as
         # reproducible as before, and torch's default generator is never reset.
-        generator = torch.Generator().manual_seed(self._seed + self._loaders_made)
+        generator = torch.Generator().manual_seed((self._seed + self._loaders_made) % 2**63)
         self._loaders_made += 1
         workers = self.config.num_workers
         return DataLoader(
