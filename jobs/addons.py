@@ -298,9 +298,11 @@ class Addons:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Addons:
         return cls(
-            privacy=PrivacyFilter(**doc["privacy"]) if doc.get("privacy") else None,
-            contribution=ContributionWeights(**doc["contribution"]) if doc.get("contribution") else None,
-            groups=SiteGroups(**doc["groups"]) if doc.get("groups") else None,
+            # ``is not None``: an empty document is the add-on with its defaults (compare's ``grouped``
+            # and ``contribution`` are ``{}``), not the add-on left out
+            privacy=PrivacyFilter(**doc["privacy"]) if doc.get("privacy") is not None else None,
+            contribution=ContributionWeights(**doc["contribution"]) if doc.get("contribution") is not None else None,
+            groups=SiteGroups(**doc["groups"]) if doc.get("groups") is not None else None,
             wandb=doc.get("wandb", _CHOSEN_BY_DEFAULT.wandb),
             resume_from=doc.get("resume_from", ""),
             quantize=doc.get("quantize", _CHOSEN_BY_DEFAULT.quantize),

@@ -129,6 +129,14 @@ def test_bad_methods_and_settings_are_refused(tmp_path):
     assert {j.algorithm for j in jobs.values()} <= set(algorithms())
     assert set(algorithms()) - {j.algorithm for j in jobs.values()} == {"fedavg-he"}  # HE runs in POC only
     assert len({json.dumps(j.to_json(), sort_keys=True) for j in jobs.values()}) == len(FL_METHODS)
+    # an add-on method runs with its add-on, never as plain FedAvg (an empty add-on document, as
+    # grouped's and contribution's, is the add-on with its defaults: until 2026-12-07 it was dropped)
+    from fedseg.experiments.methods import ADDON_METHOD_JOBS
+
+    fedavg_addons = jobs["fedavg"].addons.to_json()
+    for method, spec in ADDON_METHOD_JOBS.items():
+        got = jobs[method].addons.to_json()
+        assert all(got[name] not in (None, fedavg_addons[name]) for name in spec["addons"]), (method, got)
     with pytest.raises(ComparisonError, match="unknown methods.*'fedsgd'"):
         compare({"a": tmp_path / "a.json", "b": tmp_path / "b.json"}, tmp_path / "out", methods=["fedsgd"])
     with pytest.raises(ValueError, match="rounds must be > 0"):
