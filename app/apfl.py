@@ -128,7 +128,6 @@ class ApflPlugin(SitePlugin):
         self.started = False
         # v's AdamW moments and cosine schedule go on from round to round, as Ditto's do
         self.optimizer_state = RestoreState()
-        self.data: Any = None  # the site's cases on v's own random stream
 
     def setup(self, runner: SiteRunner) -> None:
         study = runner.job.study
@@ -153,9 +152,8 @@ class ApflPlugin(SitePlugin):
         round_no = input_model.current_round or 0
         self.model.schedule_offset = round_no * self.personal_epochs
         trainer = _local_trainer(runner, "apfl", self.personal_epochs, [self.optimizer_state])
-        if self.data is None:  # its own stream: the global model's training draws what it would under FedAvg
-            self.data = runner.datamodule.stream("apfl")
-        trainer.fit(self.model, datamodule=self.data)
+        # its own random stream: the global model's training draws what it would under FedAvg
+        trainer.fit(self.model, datamodule=runner.datamodule.stream("apfl"))
         self.store.save(self.model, self.keys, global_round=round_no, job_id=runner.job_id)
         progress(f"[fedseg] {runner.site}: APFL mixing weight alpha={self.model.alpha:.4f} after round {round_no + 1}")
 

@@ -61,7 +61,6 @@ class SelectionPlugin(DittoPlugin):
         self.local_store: Any = None
         self.local_started = False
         self.local_optimizer_state = RestoreState()  # the local model's AdamW and schedule go on across rounds
-        self.local_data: Any = None  # the site's cases on the local model's own random stream
         self.choice = ""
 
     def datalist(self, runner: SiteRunner, datalist: Datalist) -> Datalist:
@@ -113,9 +112,8 @@ class SelectionPlugin(DittoPlugin):
         epochs = runner.job.study.federation.local_epochs
         round_no = input_model.current_round or 0
         self.local.schedule_offset = round_no * epochs
-        if self.local_data is None:
-            self.local_data = runner.datamodule.stream("select-local")
-        _local_trainer(runner, "select-local", epochs, [self.local_optimizer_state]).fit(self.local, datamodule=self.local_data)
+        _local_trainer(runner, "select-local", epochs, [self.local_optimizer_state]).fit(
+            self.local, datamodule=runner.datamodule.stream("select-local"))
         self.local_store.save(self.local, list(self.local.state_dict()), global_round=round_no, job_id=runner.job_id)
 
     def after_failure(self, runner: SiteRunner) -> None:

@@ -180,7 +180,6 @@ class DittoPlugin(SitePlugin):
         # the personal model's AdamW moments and cosine schedule go on from round to round, as the
         # global model's do at the site (NVFlare's Lightning patch keeps them with the same callback)
         self.optimizer_state = RestoreState()
-        self.data: Any = None  # the site's cases on the personal model's own random stream
 
     def setup(self, runner: SiteRunner) -> None:
         from fedseg.lightning_modules.module import SegmentationModule
@@ -205,9 +204,8 @@ class DittoPlugin(SitePlugin):
         self.model.schedule_offset = (input_model.current_round or 0) * self.personal_epochs
         trainer = _local_trainer(runner, "ditto", self.personal_epochs,
                                  [ProximalTerm(received, self.ditto_lambda), self.optimizer_state])
-        if self.data is None:  # its own stream: the global model's training draws what it would under FedAvg
-            self.data = runner.datamodule.stream(self.store_kind)
-        trainer.fit(self.model, datamodule=self.data)
+        # its own random stream: the global model's training draws what it would under FedAvg
+        trainer.fit(self.model, datamodule=runner.datamodule.stream(self.store_kind))
         self.store.save(self.model, self.keys, global_round=input_model.current_round or 0, job_id=runner.job_id)
 
     def personal_model(self, runner: SiteRunner, input_model: Any) -> Any:

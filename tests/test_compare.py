@@ -154,11 +154,11 @@ def test_bad_methods_and_settings_are_refused(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_compare_all_methods_same_budget_scored_per_site_and_resumable(tmp_path, capsys):
+    import torch
+
     from fedseg.cli import main
     from fedseg.run.results import FINAL_MODEL
     from fedseg.lightning_modules.data.synth import SynthConfig, generate
-    import torch
-
     from fedseg.lightning_modules.evaluation import evaluate_checkpoint
 
     synth = generate(SynthConfig(n_sites=2, cases_per_site=3, test_cases=2, shape=(32, 32, 32)), tmp_path / "synth")

@@ -251,7 +251,13 @@ def test_a_stream_draws_apart_and_leaves_the_sites_own_draws_as_they_were(tmp_pa
 
     own, theirs = site_draws(with_stream=True)
     assert site_draws(with_stream=False)[0] == own
-    assert theirs[0] != own[0] and theirs[0] != theirs[1]
+    assert theirs[0] != own[0] and theirs[0] != theirs[1]  # and it goes on from round to round
+
+
+def test_a_stream_is_one_object_per_name(tmp_path, site):
+    """A plug-in asks for its stream every round: the same name gives the same, going-on stream."""
+    dm = SegDataModule(site, config(tmp_path))
+    assert dm.stream("ditto") is dm.stream("ditto") and dm.stream("apfl") is not dm.stream("ditto")
 
 
 def test_a_loader_is_made_whatever_the_processs_seed(tmp_path, site):

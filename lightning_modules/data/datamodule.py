@@ -135,18 +135,23 @@ class SegDataModule(pl.LightningDataModule):
         # how many loaders came before it (see ``_loader``)
         self._seed = torch.initial_seed()
         self._loaders_made = 0
+        self._streams: dict[str, SegDataModule] = {}
         if self.config.use_cache:
             check_cache_dir(self.config.resolved_cache_dir(), datalist)
 
     def stream(self, name: str) -> SegDataModule:
         """This datamodule (the same cases, datasets and cache) with a random stream of its own,
-        ``name``'s: its loaders draw augmentations and order apart from this one's. A site's personal
-        models train on their own streams, so the global model's training at the site draws exactly
-        what it would under FedAvg, however many personal models train beside it."""
-        twin = copy.copy(self)
-        twin._seed = (self._seed + zlib.crc32(name.encode()) * 1_000_003) % 2**63
-        twin._loaders_made = 0
-        return twin
+        ``name``'s: its loaders draw augmentations and order apart from this one's, and go on from
+        call to call (the same object for the same name). A site's personal models train on their own
+        streams, so the global model's training at the site draws exactly what it would under FedAvg,
+        however many personal models train beside it."""
+        if name not in self._streams:
+            twin = copy.copy(self)
+            twin._seed = (self._seed + zlib.crc32(name.encode()) * 1_000_003) % 2**63
+            twin._loaders_made = 0
+            twin._streams = {}
+            self._streams[name] = twin
+        return self._streams[name]
 
     @property
     def n_train_cases(self) -> int:
